@@ -94,7 +94,11 @@ export class HostTensor<D extends DType = DType> implements TensorMeta {
     }
     const need = storageExtent(shape, st);
     if (data.length < need) {
-      throw new ValidationError('data', `${data.length} elements`, `at least ${need} for shape [${shape.join(', ')}]`);
+      throw new ValidationError(
+        'data',
+        `${data.length} elements`,
+        `at least ${need} for shape [${shape.join(', ')}]`,
+      );
     }
     this.dtype = dtype;
     this.shape = Object.freeze([...shape]);
@@ -102,7 +106,11 @@ export class HostTensor<D extends DType = DType> implements TensorMeta {
     this.data = data;
   }
 
-  static empty<D extends DType>(dtype: D, shape: readonly number[], options: HostTensorOptions = {}): HostTensor<D> {
+  static empty<D extends DType>(
+    dtype: D,
+    shape: readonly number[],
+    options: HostTensorOptions = {},
+  ): HostTensor<D> {
     checkShape('shape', shape);
     const n = numel(shape);
     const bytes = n * dtypeSize(dtype);
@@ -111,7 +119,11 @@ export class HostTensor<D extends DType = DType> implements TensorMeta {
   }
 
   /** Same as `empty`: host allocations are zero-filled. */
-  static zeros<D extends DType>(dtype: D, shape: readonly number[], options: HostTensorOptions = {}): HostTensor<D> {
+  static zeros<D extends DType>(
+    dtype: D,
+    shape: readonly number[],
+    options: HostTensorOptions = {},
+  ): HostTensor<D> {
     return HostTensor.empty(dtype, shape, options);
   }
 
