@@ -1,0 +1,80 @@
+// Device-side building blocks shared by every tsep kernel. Header-free on purpose (no cuda_bf16.h or
+// cuda_fp8.h), so NVRTC needs no include path: number formats are done with PTX conversions that match
+// the host reference in src/device/dtypes.ts bit for bit.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+namespace tsep {
+
+// ---------------------------------------------------------------- number formats
+
+// float32 -> bf16, round to nearest even (NaN stays NaN).
+__device__ __forceinline__ u16 f32_to_bf16(float x) {
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
+
+// Two float32 -> two fp8 e4m3 (lo in the low byte), round to nearest even, saturating to +-448.
+__device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ u8 f32_to_e4m3(float x) { return (u8)(f32x2_to_e4m3x2(x, 0.0f) & 0xff); }
+
+// Rounds a positive normal float up to a power of two (itself if it is one).
+__device__ __forceinline__ float ceil_pow2(float x) {
+  u32 b = __float_as_uint(x);
+  if (b & 0x007fffffu) b = (b & 0xff800000u) + 0x00800000u;
+  return __uint_as_float(b);
+}
+
+// The FP8 block scale from a block's max |x|: amax floor 1e-4, scale = amax / 448 (IEEE divide),
+// optionally a power of two. Mirrors quantizeFp8Block on the host.
+__device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
+  float s = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+  return round_scale ? ceil_pow2(s) : s;
+}
+
+// The multiplier applied before the e4m3 conversion: 1/scale rounded to float32.
+__device__ __forceinline__ float fp8_mult(float scale) { return __frcp_rn(scale); }
+
+__device__ __forceinline__ u8 fp8_quantize(float x, float mult) { return f32_to_e4m3(__fmul_rn(x, mult)); }
+
+// ---------------------------------------------------------------- memory ordering
+
+// Stores and loads that other GPUs or the host observe: system scope, no caching in L1.
+__device__ __forceinline__ void st_release_sys(int *p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_acquire_sys(const int *p) {
+  int v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_sys(int *p, int v) {
+  asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_volatile(const int *p) {
+  int v;
+  asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Nanosecond clock shared by all SMs, for bounded waits.
+__device__ __forceinline__ u64 globaltimer_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+}  // namespace tsep

@@ -1,0 +1,168 @@
+// Device and pinned host memory. DeviceBuffer owns a cuMemAlloc region; HostBuffer owns pinned host memory
+// mapped into the device's address space, so a running kernel can write a counter the host polls.
+
+import { DisposedError, ValidationError } from '../errors.ts';
+import { cu, hostAllocMapped, hostFree, viewNative } from '../native/cuda.ts';
+import { Device } from './context.ts';
+import type { Stream } from './stream.ts';
+
+function checkRange(what: string, offset: number, bytes: number, size: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
+    throw new ValidationError(
+      what,
+      `offset ${offset}, ${bytes} bytes`,
+      'non-negative integer offset and size',
+    );
+  }
+  if (offset + bytes > size) {
+    throw new ValidationError(
+      what,
+      `bytes [${offset}, ${offset + bytes})`,
+      `a range inside the ${size}-byte buffer`,
+    );
+  }
+}
+
+function hostBytes(src: ArrayBufferView): Uint8Array {
+  return new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
+}
+
+export class DeviceBuffer {
+  readonly device: Device;
+  readonly bytes: number;
+  private p: bigint;
+
+  private constructor(device: Device, ptr: bigint, bytes: number) {
+    this.device = device;
+    this.p = ptr;
+    this.bytes = bytes;
+  }
+
+  /** Allocates `bytes` of device memory (contents undefined). */
+  static alloc(bytes: number, device: Device = Device.current()): DeviceBuffer {
+    if (!Number.isSafeInteger(bytes) || bytes < 0) {
+      throw new ValidationError('bytes', String(bytes), 'a non-negative integer');
+    }
+    device.makeCurrent();
+    const out = new BigUint64Array(1);
+    // cuMemAlloc rejects 0 bytes; a 0-byte buffer still gets a valid, distinct address.
+    cu('cuMemAlloc_v2', out, Math.max(bytes, 1));
+    return new DeviceBuffer(device, out[0]!, bytes);
+  }
+
+  /** Device address of the first byte. */
+  get ptr(): bigint {
+    if (this.p === 0n) throw new DisposedError('DeviceBuffer');
+    return this.p;
+  }
+
+  get disposed(): boolean {
+    return this.p === 0n;
+  }
+
+  /** Sets `bytes` bytes from `offset` to `value` (stream-ordered when a stream is given). */
+  fill(value: number, stream?: Stream, offset = 0, bytes = this.bytes - offset): void {
+    checkRange('fill range', offset, bytes, this.bytes);
+    this.device.makeCurrent();
+    cu('cuMemsetD8Async', this.ptr + BigInt(offset), value & 0xff, bytes, stream?.handle ?? 0n);
+  }
+
+  /** Copies host bytes in, synchronously (the call returns when the copy is done). */
+  copyFromHost(src: ArrayBufferView, offset = 0): void {
+    checkRange('copy destination', offset, src.byteLength, this.bytes);
+    if (src.byteLength === 0) return;
+    this.device.makeCurrent();
+    cu('cuMemcpyHtoD_v2', this.ptr + BigInt(offset), hostBytes(src), src.byteLength);
+  }
+
+  /** Copies bytes out into `dst`, synchronously. */
+  copyToHost(dst: ArrayBufferView, offset = 0): void {
+    checkRange('copy source', offset, dst.byteLength, this.bytes);
+    if (dst.byteLength === 0) return;
+    this.device.makeCurrent();
+    cu('cuMemcpyDtoH_v2', hostBytes(dst), this.ptr + BigInt(offset), dst.byteLength);
+  }
+
+  /**
+   * Stream-ordered copy from host memory. The host memory must stay alive and unchanged until the stream
+   * reaches the copy; pass pinned memory (HostBuffer.view) for a truly asynchronous copy.
+   */
+  copyFromHostAsync(src: ArrayBufferView, stream: Stream, offset = 0): void {
+    checkRange('copy destination', offset, src.byteLength, this.bytes);
+    if (src.byteLength === 0) return;
+    cu('cuMemcpyHtoDAsync_v2', this.ptr + BigInt(offset), hostBytes(src), src.byteLength, stream.handle);
+  }
+
+  /** Stream-ordered copy to host memory (pinned memory recommended); read `dst` only after the stream. */
+  copyToHostAsync(dst: ArrayBufferView, stream: Stream, offset = 0): void {
+    checkRange('copy source', offset, dst.byteLength, this.bytes);
+    if (dst.byteLength === 0) return;
+    cu('cuMemcpyDtoHAsync_v2', hostBytes(dst), this.ptr + BigInt(offset), dst.byteLength, stream.handle);
+  }
+
+  /** Stream-ordered device-to-device copy (peer addresses allowed). */
+  static copyAsync(dst: bigint, src: bigint, bytes: number, stream: Stream): void {
+    if (bytes > 0) cu('cuMemcpyDtoDAsync_v2', dst, src, bytes, stream.handle);
+  }
+
+  dispose(): void {
+    if (this.p === 0n) return;
+    this.device.makeCurrent();
+    cu('cuMemFree_v2', this.p);
+    this.p = 0n;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/** Pinned host memory, mapped into the device: `view` for the host, `devicePtr` for kernels. */
+export class HostBuffer {
+  readonly bytes: number;
+  readonly devicePtr: bigint;
+  private external: unknown;
+  private buffer: ArrayBuffer | undefined;
+
+  private constructor(external: unknown, devicePtr: bigint, bytes: number) {
+    this.external = external;
+    this.devicePtr = devicePtr;
+    this.bytes = bytes;
+    this.buffer = viewNative(external, Math.max(bytes, 1));
+  }
+
+  static alloc(bytes: number, device: Device = Device.current()): HostBuffer {
+    if (!Number.isSafeInteger(bytes) || bytes < 0) {
+      throw new ValidationError('bytes', String(bytes), 'a non-negative integer');
+    }
+    device.makeCurrent();
+    const { external } = hostAllocMapped(Math.max(bytes, 1));
+    const dptr = new BigUint64Array(1);
+    cu('cuMemHostGetDevicePointer_v2', dptr, external, 0);
+    const hb = new HostBuffer(external, dptr[0]!, bytes);
+    new Uint8Array(hb.arrayBuffer).fill(0);
+    return hb;
+  }
+
+  /** The memory as an ArrayBuffer; reads see what kernels wrote once their stores reach system scope. */
+  get arrayBuffer(): ArrayBuffer {
+    if (!this.buffer) throw new DisposedError('HostBuffer');
+    return this.buffer;
+  }
+
+  /** An Int32Array over the memory, for counters and flags. */
+  int32(): Int32Array {
+    return new Int32Array(this.arrayBuffer, 0, this.bytes >> 2);
+  }
+
+  dispose(): void {
+    if (!this.buffer) return;
+    this.buffer = undefined;
+    hostFree(this.external);
+    this.external = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

@@ -1,0 +1,27 @@
+// Waiting for the GPU without blocking the event loop: poll a cheap query with a short, growing delay.
+
+import { EpTimeoutError } from '../errors.ts';
+
+export interface PollOptions {
+  /** Give up after this many milliseconds (default: no limit). */
+  timeoutMs?: number;
+  /** What is being waited for, for the timeout message. */
+  what?: string;
+}
+
+/** Resolves once `done()` returns true; spins briefly on setImmediate, then backs off to 1 ms timers. */
+export async function pollUntil(done: () => boolean, options: PollOptions = {}): Promise<void> {
+  if (done()) return;
+  const start = performance.now();
+  let spins = 0;
+  for (;;) {
+    // The first few hundred polls ride the event loop's check phase (µs apart); after that, timers.
+    await new Promise<void>((r) => (spins++ < 200 ? setImmediate(r) : setTimeout(r, 1)));
+    if (done()) return;
+    if (options.timeoutMs !== undefined && performance.now() - start > options.timeoutMs) {
+      throw new EpTimeoutError(
+        `Timed out after ${Math.round(options.timeoutMs)} ms waiting for ${options.what ?? 'the GPU'}.`,
+      );
+    }
+  }
+}

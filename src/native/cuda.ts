@@ -1,0 +1,215 @@
+// CUDA driver API through koffi. Raw functions are bound lazily on first use; every call goes through
+// `cu(...)`, which turns a non-zero CUresult into a CudaError with the call name, code, name and text.
+// Pointers cross this boundary as bigint (device addresses, handles) so nothing above sees a koffi type.
+
+import koffi, { type LibraryHandle as KoffiLibrary } from 'koffi';
+import { CudaError } from '../errors.ts';
+import { CUDA_DRIVER, loadLibrary } from './loader.ts';
+
+// Opaque handles are declared as `void *` and handled as koffi externals internally; the layers above
+// get bigint addresses. Out-parameters are typed arrays so results come back without koffi wrappers.
+const DECLS = {
+  cuInit: 'int cuInit(unsigned int flags)',
+  cuDriverGetVersion: 'int cuDriverGetVersion(int *version)',
+  cuGetErrorName: 'int cuGetErrorName(int error, _Out_ const char **str)',
+  cuGetErrorString: 'int cuGetErrorString(int error, _Out_ const char **str)',
+  cuDeviceGetCount: 'int cuDeviceGetCount(int *count)',
+  cuDeviceGet: 'int cuDeviceGet(int *device, int ordinal)',
+  cuDeviceGetName: 'int cuDeviceGetName(uint8_t *name, int len, int dev)',
+  cuDeviceGetAttribute: 'int cuDeviceGetAttribute(int *pi, int attrib, int dev)',
+  cuDeviceTotalMem_v2: 'int cuDeviceTotalMem_v2(uint64_t *bytes, int dev)',
+  cuDeviceGetPCIBusId: 'int cuDeviceGetPCIBusId(uint8_t *pciBusId, int len, int dev)',
+  cuDeviceCanAccessPeer: 'int cuDeviceCanAccessPeer(int *canAccessPeer, int dev, int peerDev)',
+  cuDevicePrimaryCtxRetain: 'int cuDevicePrimaryCtxRetain(uint64_t *pctx, int dev)',
+  cuDevicePrimaryCtxRelease_v2: 'int cuDevicePrimaryCtxRelease_v2(int dev)',
+  cuCtxSetCurrent: 'int cuCtxSetCurrent(uint64_t ctx)',
+  cuCtxSynchronize: 'int cuCtxSynchronize()',
+  cuCtxEnablePeerAccess: 'int cuCtxEnablePeerAccess(uint64_t peerContext, unsigned int flags)',
+  cuMemGetInfo_v2: 'int cuMemGetInfo_v2(uint64_t *free, uint64_t *total)',
+  cuMemAlloc_v2: 'int cuMemAlloc_v2(uint64_t *dptr, size_t bytesize)',
+  cuMemFree_v2: 'int cuMemFree_v2(uint64_t dptr)',
+  cuMemHostAlloc: 'int cuMemHostAlloc(_Out_ void **pp, size_t bytesize, unsigned int flags)',
+  cuMemFreeHost: 'int cuMemFreeHost(void *p)',
+  cuMemHostGetDevicePointer_v2:
+    'int cuMemHostGetDevicePointer_v2(uint64_t *pdptr, void *p, unsigned int flags)',
+  cuMemsetD8Async: 'int cuMemsetD8Async(uint64_t dstDevice, uint8_t uc, size_t n, uint64_t stream)',
+  cuMemsetD32Async: 'int cuMemsetD32Async(uint64_t dstDevice, unsigned int ui, size_t n, uint64_t stream)',
+  cuMemcpyHtoD_v2: 'int cuMemcpyHtoD_v2(uint64_t dst, const void *src, size_t bytes)',
+  cuMemcpyDtoH_v2: 'int cuMemcpyDtoH_v2(void *dst, uint64_t src, size_t bytes)',
+  cuMemcpyDtoD_v2: 'int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes)',
+  cuMemcpyHtoDAsync_v2:
+    'int cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t bytes, uint64_t stream)',
+  cuMemcpyDtoHAsync_v2: 'int cuMemcpyDtoHAsync_v2(void *dst, uint64_t src, size_t bytes, uint64_t stream)',
+  cuMemcpyDtoDAsync_v2: 'int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, uint64_t stream)',
+  cuStreamCreateWithPriority:
+    'int cuStreamCreateWithPriority(uint64_t *stream, unsigned int flags, int priority)',
+  cuStreamDestroy_v2: 'int cuStreamDestroy_v2(uint64_t stream)',
+  cuStreamSynchronize: 'int cuStreamSynchronize(uint64_t stream)',
+  cuStreamQuery: 'int cuStreamQuery(uint64_t stream)',
+  cuStreamWaitEvent: 'int cuStreamWaitEvent(uint64_t stream, uint64_t event, unsigned int flags)',
+  cuStreamBeginCapture_v2: 'int cuStreamBeginCapture_v2(uint64_t stream, int mode)',
+  cuStreamEndCapture: 'int cuStreamEndCapture(uint64_t stream, uint64_t *graph)',
+  cuCtxGetStreamPriorityRange: 'int cuCtxGetStreamPriorityRange(int *least, int *greatest)',
+  cuEventCreate: 'int cuEventCreate(uint64_t *event, unsigned int flags)',
+  cuEventRecord: 'int cuEventRecord(uint64_t event, uint64_t stream)',
+  cuEventQuery: 'int cuEventQuery(uint64_t event)',
+  cuEventSynchronize: 'int cuEventSynchronize(uint64_t event)',
+  cuEventElapsedTime_v2: 'int cuEventElapsedTime_v2(float *ms, uint64_t start, uint64_t end)',
+  cuEventDestroy_v2: 'int cuEventDestroy_v2(uint64_t event)',
+  cuModuleLoadData: 'int cuModuleLoadData(uint64_t *module, const void *image)',
+  cuModuleUnload: 'int cuModuleUnload(uint64_t module)',
+  cuModuleGetFunction: 'int cuModuleGetFunction(uint64_t *fn, uint64_t module, const char *name)',
+  cuModuleGetGlobal_v2:
+    'int cuModuleGetGlobal_v2(uint64_t *dptr, uint64_t *bytes, uint64_t module, const char *name)',
+  cuFuncSetAttribute: 'int cuFuncSetAttribute(uint64_t fn, int attrib, int value)',
+  cuFuncGetAttribute: 'int cuFuncGetAttribute(int *pi, int attrib, uint64_t fn)',
+  cuOccupancyMaxActiveBlocksPerMultiprocessor:
+    'int cuOccupancyMaxActiveBlocksPerMultiprocessor(int *numBlocks, uint64_t fn, int blockSize, size_t smem)',
+  cuLaunchKernel:
+    'int cuLaunchKernel(uint64_t f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz, unsigned int smem, uint64_t stream, void *params, uint64_t extra)',
+  cuGraphInstantiateWithFlags:
+    'int cuGraphInstantiateWithFlags(uint64_t *exec, uint64_t graph, uint64_t flags)',
+  cuGraphLaunch: 'int cuGraphLaunch(uint64_t exec, uint64_t stream)',
+  cuGraphExecUpdate_v2: 'int cuGraphExecUpdate_v2(uint64_t exec, uint64_t graph, uint8_t *resultInfo)',
+  cuGraphExecDestroy: 'int cuGraphExecDestroy(uint64_t exec)',
+  cuGraphDestroy: 'int cuGraphDestroy(uint64_t graph)',
+  cuIpcGetMemHandle: 'int cuIpcGetMemHandle(uint8_t *handle, uint64_t dptr)',
+  cuIpcCloseMemHandle: 'int cuIpcCloseMemHandle(uint64_t dptr)',
+  cuPointerGetAttribute: 'int cuPointerGetAttribute(void *data, int attribute, uint64_t ptr)',
+} as const;
+
+type Name = keyof typeof DECLS;
+// koffi's bound functions are untyped; the checked wrappers below give each use a real signature.
+// biome-ignore lint/suspicious/noExplicitAny: FFI boundary
+type Raw = (...args: any[]) => any;
+
+let lib: KoffiLibrary | undefined;
+let libPath = '';
+const bound = new Map<Name, Raw>();
+let initialized = false;
+
+function library(): KoffiLibrary {
+  if (!lib) {
+    const loaded = loadLibrary(CUDA_DRIVER);
+    lib = loaded.lib;
+    libPath = loaded.path;
+  }
+  return lib;
+}
+
+/** Binds (once) and returns a raw driver function. */
+export function raw(name: Name): Raw {
+  let f = bound.get(name);
+  if (!f) {
+    f = library().func(DECLS[name]) as Raw;
+    bound.set(name, f);
+  }
+  return f;
+}
+
+export function driverPath(): string {
+  library();
+  return libPath;
+}
+
+function errorText(status: number): { name: string; text: string } {
+  const n: (string | null)[] = [null];
+  const s: (string | null)[] = [null];
+  const okName = raw('cuGetErrorName')(status, n) === 0;
+  const okText = raw('cuGetErrorString')(status, s) === 0;
+  return {
+    name: okName && n[0] ? n[0] : `CUDA_ERROR_${status}`,
+    text: okText && s[0] ? s[0] : 'unknown CUDA error',
+  };
+}
+
+const HINTS: Record<number, string> = {
+  2: 'The GPU is out of memory: free tensors or buffers you no longer need, or use smaller shapes',
+  100: 'No CUDA-capable GPU is visible: check CUDA_VISIBLE_DEVICES and the driver (nvidia-smi)',
+  101: 'The device ordinal does not exist: check CUDA_VISIBLE_DEVICES and LOCAL_RANK',
+  209: 'The kernel was not compiled for this GPU: clear the kernel cache (TSEP_CACHE_DIR) and retry',
+  700: 'A kernel accessed invalid memory; the CUDA context is now unusable: restart the process',
+  35: 'The installed NVIDIA driver is older than this CUDA version needs: update the driver',
+};
+
+/** Throws CudaError unless `status` is CUDA_SUCCESS. */
+export function check(call: string, status: number): void {
+  if (status === 0) return;
+  const { name, text } = errorText(status);
+  throw new CudaError(call, status, name, text, HINTS[status]);
+}
+
+/** Calls a driver function and checks its status. */
+export function cu(name: Name, ...args: unknown[]): void {
+  check(name, raw(name)(...args) as number);
+}
+
+/** Initializes the driver once per process. */
+export function ensureInit(): void {
+  if (initialized) return;
+  cu('cuInit', 0);
+  initialized = true;
+}
+
+/** Driver version as [major, minor]. */
+export function driverVersion(): [number, number] {
+  const v = new Int32Array(1);
+  cu('cuDriverGetVersion', v);
+  return [Math.floor(v[0]! / 1000), (v[0]! % 1000) / 10];
+}
+
+/** Address of a koffi external pointer (used for host allocations). */
+export function addressOf(ptr: unknown): bigint {
+  return koffi.address(ptr);
+}
+
+/** An ArrayBuffer over native memory (pinned host allocations). */
+export function viewNative(ptr: unknown, bytes: number): ArrayBuffer {
+  return koffi.view(ptr, bytes);
+}
+
+/** Allocates pinned, device-mapped host memory; returns the external pointer and its address. */
+export function hostAllocMapped(bytes: number): { external: unknown; address: bigint } {
+  const out: unknown[] = [null];
+  // CU_MEMHOSTALLOC_PORTABLE (1) | CU_MEMHOSTALLOC_DEVICEMAP (2)
+  cu('cuMemHostAlloc', out, bytes, 3);
+  return { external: out[0], address: koffi.address(out[0]) };
+}
+
+export function hostFree(external: unknown): void {
+  cu('cuMemFreeHost', external);
+}
+
+/** Native scratch memory for kernel argument blocks: stable address, writable through an ArrayBuffer. */
+export function allocNative(bytes: number): { external: unknown; address: bigint; view: ArrayBuffer } {
+  const external = koffi.alloc('uint8_t', bytes);
+  return { external, address: koffi.address(external), view: koffi.view(external, bytes) };
+}
+
+export function freeNative(external: unknown): void {
+  koffi.free(external);
+}
+
+/** Device attributes used by tsep (CUdevice_attribute values). */
+export const DEVICE_ATTR = {
+  MAX_THREADS_PER_BLOCK: 1,
+  MAX_SHARED_MEMORY_PER_BLOCK: 8,
+  CLOCK_RATE: 13,
+  MULTIPROCESSOR_COUNT: 16,
+  CAN_MAP_HOST_MEMORY: 19,
+  PCI_BUS_ID: 33,
+  PCI_DEVICE_ID: 34,
+  UNIFIED_ADDRESSING: 41,
+  COMPUTE_CAPABILITY_MAJOR: 75,
+  COMPUTE_CAPABILITY_MINOR: 76,
+  MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 97,
+  L2_CACHE_SIZE: 38,
+} as const;
+
+/** CUfunction_attribute values. */
+export const FUNC_ATTR = {
+  MAX_THREADS_PER_BLOCK: 0,
+  SHARED_SIZE_BYTES: 1,
+  NUM_REGS: 4,
+  MAX_DYNAMIC_SHARED_SIZE_BYTES: 8,
+} as const;

@@ -1,0 +1,31 @@
+// Shared by the GPU tests: whether a GPU is usable here, and why not. Tests pass `{ skip: gpuSkip }` so a
+// machine without a GPU reports a skip with the reason, never a pass.
+
+import { Device } from '../../src/device/context.ts';
+
+function probe(): string | false {
+  try {
+    const n = Device.count();
+    return n > 0 ? false : 'no GPU is visible (cuDeviceGetCount returned 0)';
+  } catch (e) {
+    return `no usable GPU: ${(e as Error).message.split('\n')[0]}`;
+  }
+}
+
+/** False when a GPU is usable, else the reason to skip. */
+export const gpuSkip: string | false = probe();
+
+if (gpuSkip) process.stdout.write(`# GPU tests skipped: ${gpuSkip}\n`);
+
+/** A seeded generator (mulberry32); the seed is printed so a failure can be replayed with TSEP_TEST_SEED. */
+export function seededRandom(label: string): () => number {
+  let a = Number(process.env.TSEP_TEST_SEED ?? Math.floor(Math.random() * 2 ** 31)) >>> 0;
+  process.stdout.write(`# ${label}: seed ${a}\n`);
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
