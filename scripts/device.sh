@@ -34,8 +34,8 @@ pack() {
     mkdir -p "$bundle/node_modules/$(dirname "$d")"
     cp -r "$root/node_modules/$d" "$bundle/node_modules/$d"
   done <<<"$deps"
-  # koffi ships sources and prebuilds for every platform; the GPU machine needs linux x64 only.
-  rm -rf "$bundle/node_modules/koffi/src" "$bundle/node_modules/koffi/vendor" "$bundle/node_modules/koffi/doc"
+  # koffi ships vendored C++ libraries and docs that nothing loads at run time.
+  rm -rf "$bundle/node_modules/koffi/vendor" "$bundle/node_modules/koffi/doc"
   echo "device.sh: packed $(du -sh "$bundle" | cut -f1) in .device/ (carry it: [\".device\"])"
 }
 

@@ -102,7 +102,7 @@ export class Kernel {
     header[2] = 2n; // CU_LAUNCH_PARAM_BUFFER_SIZE
     header[3] = base + 40n;
     header[4] = 0n; // CU_LAUNCH_PARAM_END
-    header[5] = BigInt(Math.ceil(off / 8) * 8);
+    header[5] = BigInt(off); // must equal the kernel's parameter bytes exactly, without tail padding
     this.argView = new DataView(block.view, 64, MAX_ARG_BYTES);
     this.extraAddress = base;
     // The block lives as long as the kernel object; modules are few and long-lived.

@@ -21,7 +21,7 @@ import { jitStats, loadKernelModule } from '../../src/jit/compile.ts';
 import { gpuSkip, seededRandom } from './gpu.ts';
 
 // A fresh cache per run, so the first compile really compiles and the cache test sees its own entries.
-process.env.TSEP_CACHE_DIR ??= mkdtempSync(join(tmpdir(), 'tsep-cache-'));
+process.env.TSEP_CACHE_DIR = mkdtempSync(join(tmpdir(), 'tsep-cache-'));
 
 let mod: Module | undefined;
 async function smoke(): Promise<Module> {
