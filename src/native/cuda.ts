@@ -213,3 +213,32 @@ export const FUNC_ATTR = {
   NUM_REGS: 4,
   MAX_DYNAMIC_SHARED_SIZE_BYTES: 8,
 } as const;
+
+export const IPC_HANDLE_BYTES = 64;
+let ipcOpenFn: Raw | undefined;
+
+/** The 64-byte CUDA IPC handle of a cuMemAlloc'd device pointer. */
+export function ipcGetMemHandle(ptr: bigint): Uint8Array {
+  const h = new Uint8Array(IPC_HANDLE_BYTES);
+  cu('cuIpcGetMemHandle', h, ptr);
+  return h;
+}
+
+/** Maps another process's allocation into this context (peer access enabled lazily by the driver). */
+export function ipcOpenMemHandle(handle: Uint8Array): bigint {
+  if (!ipcOpenFn) {
+    // CUipcMemHandle is passed by value: a 64-byte struct.
+    const t = koffi.struct('tsep_CUipcMemHandle', {
+      reserved: koffi.array('uint8_t', IPC_HANDLE_BYTES, 'Typed'),
+    });
+    ipcOpenFn = library().func('cuIpcOpenMemHandle_v2', 'int', ['uint64_t *', t, 'unsigned int']) as Raw;
+  }
+  const out = new BigUint64Array(1);
+  // CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS (1)
+  check('cuIpcOpenMemHandle_v2', ipcOpenFn(out, { reserved: handle }, 1) as number);
+  return out[0]!;
+}
+
+export function ipcCloseMemHandle(ptr: bigint): void {
+  cu('cuIpcCloseMemHandle', ptr);
+}

@@ -121,13 +121,15 @@ test('per-128-channel FP8 quantization: scales, codes, round trip and UE8M0 pack
   const rows = 3;
   const hidden = 300; // two full blocks and a partial one
   const x = new Float32Array(rows * hidden);
-  for (let i = 0; i < x.length; i++) x[i] = Math.fround(Math.sin(i * 0.37) * (1 + (i % 7)) * (i % 128 === 5 ? 50 : 1));
+  for (let i = 0; i < x.length; i++)
+    x[i] = Math.fround(Math.sin(i * 0.37) * (1 + (i % 7)) * (i % 128 === 5 ? 50 : 1));
   const q = quantizeFp8(x, rows, hidden);
   assert.equal(q.scales.length, rows * 3);
   for (let r = 0; r < rows; r++) {
     for (let b = 0; b < 3; b++) {
       let amax = 0;
-      for (let c = b * 128; c < Math.min(hidden, (b + 1) * 128); c++) amax = Math.max(amax, Math.abs(x[r * hidden + c]!));
+      for (let c = b * 128; c < Math.min(hidden, (b + 1) * 128); c++)
+        amax = Math.max(amax, Math.abs(x[r * hidden + c]!));
       assert.equal(q.scales[r * 3 + b], Math.fround(Math.max(amax, Math.fround(1e-4)) / 448));
     }
   }
@@ -135,7 +137,10 @@ test('per-128-channel FP8 quantization: scales, codes, round trip and UE8M0 pack
   for (let i = 0; i < x.length; i++) {
     const s = q.scales[Math.floor(i / hidden) * 3 + Math.floor((i % hidden) / 128)]!;
     // e4m3 keeps 3 mantissa bits: relative error ≤ 2^-4 for normals, absolute ≤ half a subnormal step.
-    assert.ok(Math.abs(back[i]! - x[i]!) <= Math.max(Math.abs(x[i]!) / 16, s * 2 ** -10) + 1e-12, `element ${i}`);
+    assert.ok(
+      Math.abs(back[i]! - x[i]!) <= Math.max(Math.abs(x[i]!) / 16, s * 2 ** -10) + 1e-12,
+      `element ${i}`,
+    );
   }
   const u = quantizeFp8(x, rows, hidden, { ue8m0: true });
   for (const s of u.scales) assert.equal(ceilPow2F32(s), s, 'UE8M0 implies power-of-two scales');

@@ -9,7 +9,13 @@ import { cacheKey, cachePath, readCached, writeCached } from '../../src/jit/cach
 import { archFor } from '../../src/jit/compile.ts';
 import { kernelsDir, readKernelSource } from '../../src/jit/sources.ts';
 
-const base = { source: 'k', headers: { 'a.cuh': 'A' }, options: ['-DX=1'], compiler: 'nvrtc 13.0', arch: 'sm_90a' };
+const base = {
+  source: 'k',
+  headers: { 'a.cuh': 'A' },
+  options: ['-DX=1'],
+  compiler: 'nvrtc 13.0',
+  arch: 'sm_90a',
+};
 
 test('the cache key changes with every input that changes the cubin', () => {
   const k = cacheKey(base);
@@ -26,7 +32,10 @@ test('the cache key changes with every input that changes the cubin', () => {
     assert.notEqual(cacheKey(variant), k, JSON.stringify(variant));
   }
   // Field boundaries are length-prefixed: moving text between fields changes the key.
-  assert.notEqual(cacheKey({ ...base, source: 'ab', options: ['c'] }), cacheKey({ ...base, source: 'a', options: ['bc'] }));
+  assert.notEqual(
+    cacheKey({ ...base, source: 'ab', options: ['c'] }),
+    cacheKey({ ...base, source: 'a', options: ['bc'] }),
+  );
 });
 
 test('the disk cache stores and returns cubins; missing keys return undefined', () => {
@@ -36,7 +45,11 @@ test('the disk cache stores and returns cubins; missing keys return undefined', 
   const cubin = Uint8Array.from({ length: 1000 }, (_, i) => (i * 7) & 0xff);
   writeCached(key, cubin);
   assert.deepEqual(readCached(key), cubin);
-  assert.deepEqual(readdirSync(process.env.TSEP_CACHE_DIR).filter((f) => f.endsWith('.tmp')), [], 'no temp files left');
+  assert.deepEqual(
+    readdirSync(process.env.TSEP_CACHE_DIR).filter((f) => f.endsWith('.tmp')),
+    [],
+    'no temp files left',
+  );
 });
 
 test('concurrent writers of one key never leave a torn file', async () => {
@@ -47,19 +60,22 @@ test('concurrent writers of one key never leave a torn file', async () => {
     const { writeCached } = await import(${JSON.stringify(new URL('../../src/jit/cache.ts', import.meta.url).href)});
     const n = ${payload}; const b = new Uint8Array(n); for (let i = 0; i < n; i++) b[i] = (i * 31 + 7) & 0xff;
     for (let r = 0; r < 20; r++) writeCached('${key}', b);`;
-  const runs = Array.from({ length: 4 }, () =>
-    new Promise<number>((resolve) => {
-      const p = spawn(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, TSEP_CACHE_DIR: dir }, stdio: 'inherit' });
-      p.on('exit', (code) => resolve(code ?? -1));
-    }),
+  const runs = Array.from(
+    { length: 4 },
+    () =>
+      new Promise<number>((resolve) => {
+        const p = spawn(process.execPath, ['--input-type=module', '-e', script], {
+          env: { ...process.env, TSEP_CACHE_DIR: dir },
+          stdio: 'inherit',
+        });
+        p.on('exit', (code) => resolve(code ?? -1));
+      }),
   );
   // Read while they write: every read sees either nothing or the whole file.
-  let reads = 0;
   const reader = setInterval(() => {
     process.env.TSEP_CACHE_DIR = dir;
     const got = readCached(key);
     if (got) {
-      reads++;
       assert.equal(got.length, payload, 'torn read');
     }
   }, 5);

@@ -26,7 +26,14 @@ test('a library that cannot load raises LibraryNotFoundError listing every place
   const dir = mkdtempSync(join(tmpdir(), 'tsep-lib-'));
   const fake = join(dir, 'libfake.so');
   writeFileSync(fake, 'not an ELF file');
-  const spec = { name: 'libfake', envVar: 'TSEP_FAKE_LIB', sonames: ['libtsep-does-not-exist.so.9'], cudaSubdirs: ['lib64'], wheelPackages: [], extraDirs: [dir] };
+  const spec = {
+    name: 'libfake',
+    envVar: 'TSEP_FAKE_LIB',
+    sonames: ['libtsep-does-not-exist.so.9'],
+    cudaSubdirs: ['lib64'],
+    wheelPackages: [],
+    extraDirs: [dir],
+  };
   assert.throws(
     () => loadLibrary(spec),
     (e: unknown) =>
@@ -40,7 +47,8 @@ test('a library that cannot load raises LibraryNotFoundError listing every place
   try {
     assert.throws(
       () => loadLibrary(spec),
-      (e: unknown) => e instanceof LibraryNotFoundError && e.searched.length === 1 && e.message.includes(fake),
+      (e: unknown) =>
+        e instanceof LibraryNotFoundError && e.searched.length === 1 && e.message.includes(fake),
     );
   } finally {
     delete process.env.TSEP_FAKE_LIB;
