@@ -4,12 +4,14 @@
 import { Command } from 'commander';
 import { TsepError } from '../errors.ts';
 import { registerDoctor } from './doctor.ts';
+import { registerLaunch } from './launch.ts';
 
 const program = new Command('tsep')
   .description('Mixture-of-Experts expert-parallel dispatch and combine for Node.js')
   .showHelpAfterError();
 
 registerDoctor(program);
+registerLaunch(program);
 
 try {
   await program.parseAsync(process.argv);
