@@ -71,14 +71,14 @@ export class LocalGroup implements Group {
 
   async allGather(data: Uint8Array): Promise<Uint8Array[]> {
     // Copy so that a rank mutating its input afterwards cannot change what the others received.
-    return this.next(data.slice());
+    return this.next(new Uint8Array(data));
   }
 
   async broadcast(data: Uint8Array | undefined, root: number): Promise<Uint8Array> {
     if (!Number.isSafeInteger(root) || root < 0 || root >= this.size) {
       throw new ValidationError('root', String(root), `a rank in [0, ${this.size})`);
     }
-    const all = await this.next(this.rank === root ? (data ?? new Uint8Array(0)).slice() : undefined);
+    const all = await this.next(this.rank === root ? new Uint8Array(data ?? new Uint8Array(0)) : undefined);
     return all[root]!;
   }
 
