@@ -248,17 +248,19 @@ class CpuBackend implements EpBackend {
     // The exchange goes ahead without the hook; track it so destroy() waits and a failure is handled.
     this.track(gathered).catch(() => undefined);
     if (!withHook) return { done: this.track(receive()) };
-    let started: Promise<void> | undefined;
+    let started = false;
     let settle!: (work: Promise<void>) => void;
     const done = new Promise<void>((resolve) => {
       settle = resolve;
     });
+    // Returning `done` itself (which the event already watches) makes the event complete by the time
+    // the caller's await of the hook returns.
     const hook = (): Promise<void> => {
       if (!started) {
-        started = this.track(receive());
-        settle(started);
+        started = true;
+        settle(this.track(receive()));
       }
-      return started;
+      return done;
     };
     return { done, hook };
   }
