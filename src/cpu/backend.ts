@@ -4,12 +4,13 @@
 // Like a stream, a call reads what an earlier call produces only after that call finished: a
 // low-latency combine waits for its dispatch, a call with previousEvent for that event.
 
-import { HostTensor } from '../device/tensor.ts';
+import { describe, HostTensor } from '../device/tensor.ts';
 import type {
   BackendContext,
   CombineRequest,
   CombineResult,
   DispatchHandle,
+  DispatchLayout,
   DispatchRequest,
   DispatchResult,
   EpBackend,
@@ -21,6 +22,7 @@ import type {
   LowLatencyDispatchResult,
   LowLatencyHandle,
   RecvHook,
+  Tensor,
 } from '../ep/types.ts';
 import { ValidationError } from '../errors.ts';
 import { CpuEvent } from './event.ts';
@@ -61,10 +63,22 @@ class CpuBackend implements EpBackend {
   }
 
   getDispatchLayout(topkIdx: HostTensor): ReturnType<EpBackend['getDispatchLayout']> {
+    requireHost({ topkIdx });
     return referenceLayout(topkIdx, this.ctx.options.numExperts, this.numRanks);
   }
 
   dispatch(req: DispatchRequest): Promise<DispatchResult> {
+    requireHost(
+      req.kind === 'fresh'
+        ? {
+            x: req.x,
+            scales: req.scales,
+            topkIdx: req.topkIdx,
+            topkWeights: req.topkWeights,
+            ...layoutTensors(req.layout),
+          }
+        : { x: req.x, scales: req.scales },
+    );
     const encode = (): Uint8Array =>
       req.kind === 'fresh'
         ? encodeMessage(
@@ -137,6 +151,7 @@ class CpuBackend implements EpBackend {
   }
 
   combine(req: CombineRequest): Promise<CombineResult> {
+    requireHost({ x: req.x, topkWeights: req.topkWeights, bias: req.bias });
     const encode = (): Uint8Array => {
       // Only the rows actually received travel back; worst-case padding stays home.
       const R = this.numRanks;
@@ -164,6 +179,7 @@ class CpuBackend implements EpBackend {
   }
 
   lowLatencyDispatch(req: LowLatencyDispatchRequest): LowLatencyDispatchResult {
+    requireHost({ x: req.x, topkIdx: req.topkIdx });
     const { numExperts, maxTokensPerRank, hidden } = this.ctx.options;
     const config: LowLatencyConfig = {
       numExperts,
@@ -202,6 +218,7 @@ class CpuBackend implements EpBackend {
   }
 
   lowLatencyCombine(req: LowLatencyCombineRequest): LowLatencyCombineResult {
+    requireHost({ x: req.x, topkIdx: req.topkIdx, topkWeights: req.topkWeights });
     const { numExperts, hidden } = this.ctx.options;
     const out = HostTensor.zeros('bf16', [req.handle.numTokens, hidden]);
     // The handle's tensors (and usually x) are filled by the dispatch: read them once it is done.
@@ -286,6 +303,27 @@ class CpuBackend implements EpBackend {
     work.then(forget, forget);
     return work;
   }
+}
+
+/** The CPU backend computes on host memory: every tensor argument must be a HostTensor. */
+function requireHost(tensors: Record<string, Tensor | readonly Tensor[] | undefined>): void {
+  for (const [argument, value] of Object.entries(tensors)) {
+    const list = Array.isArray(value) ? value : value === undefined ? [] : [value as Tensor];
+    list.forEach((t, i) => {
+      if (!(t instanceof HostTensor)) {
+        const name = Array.isArray(value) ? `${argument}[${i}]` : argument;
+        throw new ValidationError(name, describe(t), 'a HostTensor: the CPU backend works on host memory');
+      }
+    });
+  }
+}
+
+function layoutTensors(layout: DispatchLayout): Record<string, Tensor> {
+  return {
+    'layout.numTokensPerRank': layout.numTokensPerRank,
+    'layout.numTokensPerExpert': layout.numTokensPerExpert,
+    'layout.isTokenInRank': layout.isTokenInRank,
+  };
 }
 
 /** Throws the same ValidationError on every rank when ranks made mismatched calls. */

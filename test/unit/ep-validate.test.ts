@@ -278,6 +278,14 @@ describe('dispatch rejects bad input', () => {
       () => ({ x: randomBf16(rng, 1, H), topkIdx: i32([1, 1], [E]) }),
     ],
     ['arguments not an object', 'args', () => undefined as never],
+    [
+      'a tensor not in host memory (CPU backend)',
+      'x',
+      () => ({
+        x: { dtype: 'bf16', shape: [T, H], strides: [H, 1], device: { kind: 'cuda', ordinal: 0 } } as never,
+        topkIdx: idx0(),
+      }),
+    ],
   ];
   for (const [name, argument, bad] of cases) {
     it(name, async () => {
