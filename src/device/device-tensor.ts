@@ -69,6 +69,17 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     return t;
   }
 
+  /** Copies a host tensor's storage as is, keeping its strides (e.g. a column-major view stays one). */
+  static fromHostStorage<D extends DType>(
+    host: HostTensor<D>,
+    device: Device = Device.current(),
+  ): DeviceTensor<D> {
+    const bytes = storageExtent(host.shape, host.strides) * dtypeSize(host.dtype);
+    const buf = DeviceBuffer.alloc(bytes, device);
+    buf.copyFromHost(host.bytes().subarray(0, bytes));
+    return new DeviceTensor(host.dtype, host.shape, buf.ptr, { owner: buf, strides: host.strides });
+  }
+
   /** Copies a host tensor of the same dtype and shape into this (contiguous) tensor, synchronously. */
   copyFromHost(host: HostTensor): void {
     if (host.dtype !== this.dtype || host.shape.join() !== this.shape.join()) {

@@ -7,19 +7,17 @@ import { check, cu, raw } from '../native/cuda.ts';
 import type { Stream } from './stream.ts';
 
 const CAPTURE_MODE_RELAXED = 2;
+const NO_FAILURE = Symbol('no failure');
 
-function capture(stream: Stream, enqueue: () => void): bigint {
+function beginCapture(stream: Stream): void {
   cu('cuStreamBeginCapture_v2', stream.handle, CAPTURE_MODE_RELAXED);
+}
+
+// Always ends the capture, even when the enqueueing code failed, so the stream is usable again.
+function endCapture(stream: Stream, failure: unknown): bigint {
   const graph = new BigUint64Array(1);
-  let failure: unknown;
-  try {
-    enqueue();
-  } catch (e) {
-    failure = e;
-  }
-  // Always end the capture, even if `enqueue` threw, so the stream is usable again.
   const status = raw('cuStreamEndCapture')(stream.handle, graph) as number;
-  if (failure !== undefined) {
+  if (failure !== NO_FAILURE) {
     if (graph[0]) cu('cuGraphDestroy', graph[0]);
     throw failure;
   }
@@ -27,21 +25,50 @@ function capture(stream: Stream, enqueue: () => void): bigint {
   return graph[0]!;
 }
 
+function capture(stream: Stream, enqueue: () => void): bigint {
+  beginCapture(stream);
+  let failure: unknown = NO_FAILURE;
+  try {
+    enqueue();
+  } catch (e) {
+    failure = e;
+  }
+  return endCapture(stream, failure);
+}
+
+function instantiate(graph: bigint): bigint {
+  const exec = new BigUint64Array(1);
+  cu('cuGraphInstantiateWithFlags', exec, graph, 0n);
+  return exec[0]!;
+}
+
 export class Graph {
   private exec: bigint;
   private graph: bigint;
 
-  private constructor(graph: bigint, exec: bigint) {
+  private constructor(graph: bigint) {
     this.graph = graph;
-    this.exec = exec;
+    this.exec = instantiate(graph);
   }
 
   /** Captures everything `enqueue` puts on `stream` (it must not synchronize) and instantiates it. */
   static capture(stream: Stream, enqueue: () => void): Graph {
-    const g = capture(stream, enqueue);
-    const exec = new BigUint64Array(1);
-    cu('cuGraphInstantiateWithFlags', exec, g, 0n);
-    return new Graph(g, exec[0]!);
+    return new Graph(capture(stream, enqueue));
+  }
+
+  /**
+   * Like `capture`, for an async `enqueue` (e.g. an EP call that awaits a warm kernel cache). Nothing else
+   * may enqueue on `stream` until the returned Promise settles.
+   */
+  static async captureAsync(stream: Stream, enqueue: () => Promise<void>): Promise<Graph> {
+    beginCapture(stream);
+    let failure: unknown = NO_FAILURE;
+    try {
+      await enqueue();
+    } catch (e) {
+      failure = e;
+    }
+    return new Graph(endCapture(stream, failure));
   }
 
   /** Replays the graph on `stream`. */

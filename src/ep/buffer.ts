@@ -62,7 +62,7 @@ export class EpBuffer {
    */
   static async create(group: Group, options: EpBufferOptions): Promise<EpBuffer> {
     const resolved = await agreeOnOptions(group, options);
-    const factory = await selectBackend(resolved.backend);
+    const factory = await selectBackend(resolved.backend, group);
     const owner: HandleOwner = {
       label: `EpBuffer #${++buffersCreated} (rank ${group.rank} of ${group.size}, ${factory.name} backend)`,
     };

@@ -66,10 +66,11 @@ const tick = () => new Promise((r) => setTimeout(r, 5));
 
 describe('backend selection', () => {
   it("'auto' and 'cpu' give the CPU backend; 'gpu' throws TSEP_NO_GPU", async () => {
-    assert.equal((await selectBackend('auto')).name, 'cpu');
-    assert.equal((await selectBackend('cpu')).name, 'cpu');
+    const [one] = LocalGroup.create(1);
+    assert.equal((await selectBackend('auto', one!)).name, 'cpu');
+    assert.equal((await selectBackend('cpu', one!)).name, 'cpu');
     await assert.rejects(
-      selectBackend('gpu'),
+      selectBackend('gpu', one!),
       (e: unknown) => e instanceof TsepError && e.code === 'TSEP_NO_GPU',
     );
     const auto = await createWorld(R, OPTIONS);

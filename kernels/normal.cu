@@ -1,0 +1,414 @@
+// Normal (high-throughput) mode over NVLink: dispatch and combine between the GPUs of one host
+// (the layout kernel is kernels/layout.cu).
+//
+// Every rank owns a symmetric buffer (mapped by all peers) laid out as
+//   [control block | x rows | scale rows | source index | top-k ids | top-k weights]
+// Dispatch PUSHES each token once to every rank that holds any of its experts, straight into the final
+// row of the receiver's buffer (offset of the sender's block + the token's position among the sender's
+// tokens for that receiver, both known after the count exchange). An epilogue on the receiver copies the
+// rows out into freshly allocated tensors. Combine pushes each received row back into the owner's buffer
+// at [expert rank][token]; the owner sums the rows of every token in ascending rank order in float32.
+//
+// Specialized at compile time (-D):
+//   TSEP_R ranks, TSEP_EL experts per rank, TSEP_H hidden, TSEP_ELT bytes per x element (1 fp8, 2 bf16),
+//   TSEP_SW scale words per row (0 = no scales), TSEP_K top-k slots (0 = no top-k), TSEP_IDX64 (int64 ids),
+//   TSEP_WEIGHTS (weights present), TSEP_TMAX (rows per source block in the combine stage).
+#include "ep_sync.cuh"
+
+#ifndef TSEP_R
+#define TSEP_R 2
+#endif
+#ifndef TSEP_EL
+#define TSEP_EL 4
+#endif
+#ifndef TSEP_H
+#define TSEP_H 128
+#endif
+#ifndef TSEP_ELT
+#define TSEP_ELT 2
+#endif
+#ifndef TSEP_SW
+#define TSEP_SW 0
+#endif
+#ifndef TSEP_K
+#define TSEP_K 8
+#endif
+#ifndef TSEP_IDX64
+#define TSEP_IDX64 1
+#endif
+#ifndef TSEP_WEIGHTS
+#define TSEP_WEIGHTS 1
+#endif
+#ifndef TSEP_TMAX
+#define TSEP_TMAX 128
+#endif
+
+#if TSEP_IDX64
+typedef long long idx_t;
+#else
+typedef int idx_t;
+#endif
+
+constexpr int R = TSEP_R;
+constexpr int EL = TSEP_EL;
+constexpr int H = TSEP_H;
+constexpr int K = TSEP_K;
+constexpr int ROW_BYTES = H * TSEP_ELT;
+constexpr int ROW_VECS = ROW_BYTES / 16;
+static_assert(ROW_BYTES % 16 == 0, "rows must be whole 16-byte vectors");
+
+// Control block at the start of every rank's buffer (mirrored in src/ep/gpu/normal-layout.ts).
+struct Ctrl {
+  int barrier[8];              // rank p writes its barrier round into slot p
+  int round;                   // this rank's barrier round (private)
+  int pad0[7];
+  u64 arrive_dispatch;         // +1 per (sender block) when its rows for this rank are written
+  u64 expect_dispatch;         // private: arrivals expected so far
+  u64 arrive_combine;
+  u64 expect_combine;
+  int pad1[8];
+  int count_matrix[8][8];      // [src][dst] tokens src sends to dst, written by src into every rank
+  int expert_counts[8][1024];  // [src][local expert] tokens src sends to each of this rank's experts
+};
+
+struct Areas {  // byte offsets of the data areas inside every buffer
+  u64 x, scales, src_idx, topk, weights;
+};
+
+enum { KERNEL_NOTIFY = 1, KERNEL_SEND = 2, KERNEL_RECV = 3, KERNEL_BARRIER = 4, KERNEL_COMBINE_SEND = 5, KERNEL_REDUCE = 6 };
+
+__device__ __forceinline__ Ctrl *ctrl_of(const u64 *peers, int r) { return reinterpret_cast<Ctrl *>(peers[r]); }
+
+__device__ __forceinline__ bool barrier_all(const u64 *peers, int me, u64 timeout_ns, tsep::ErrorRecord *err,
+                                            int kernel) {
+  int *slots[R];
+#pragma unroll
+  for (int p = 0; p < R; ++p) slots[p] = ctrl_of(peers, p)->barrier;
+  Ctrl *mine = ctrl_of(peers, me);
+  return tsep::rank_barrier(slots, mine->barrier, &mine->round, me, R, timeout_ns, err, kernel, 0);
+}
+
+// ------------------------------------------------------------------------------------------ notify
+// Blocks 0..R-1: block r numbers this rank's tokens bound for rank r (send_pos[t][r], -1 if not sent).
+// Block R: barrier, publish this rank's counts into every peer, barrier, then read everybody's counts:
+// the rank prefix matrix, the received row count, the aligned per-expert counts for the host.
+extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, int me, int num_tokens,
+                                                              const u8 *in_rank, const int *per_rank,
+                                                              const int *per_expert, int *rank_prefix, int *send_pos,
+                                                              int *recv_count, int *host, int seq, int alignment,
+                                                              int send_blocks, u64 timeout_ns, tsep::ErrorRecord *err) {
+  __shared__ int warp_sums[8];
+  __shared__ int ok;
+  if (blockIdx.x < R) {
+    // Block-wide exclusive scan of in_rank[:, r] over contiguous per-thread chunks.
+    const int r = blockIdx.x;
+    const int per = (num_tokens + blockDim.x - 1) / blockDim.x;
+    const int t0 = min(num_tokens, (int)threadIdx.x * per), t1 = min(num_tokens, t0 + per);
+    int mine = 0;
+    for (int t = t0; t < t1; ++t) mine += in_rank[(size_t)t * R + r];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    int base = 0;
+    for (int w = 0; w < warp; ++w) base += warp_sums[w];
+    int pos = base + incl - mine;
+    for (int t = t0; t < t1; ++t) send_pos[(size_t)t * R + r] = in_rank[(size_t)t * R + r] ? pos++ : -1;
+    return;
+  }
+  Ctrl *mine = ctrl_of(peers, me);
+  if (threadIdx.x == 0) ok = barrier_all(peers, me, timeout_ns, err, KERNEL_NOTIFY);
+  __syncthreads();
+  if (!ok) return;
+  for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
+    const int p = i / R, dst = i % R;
+    tsep::st_relaxed_sys(&ctrl_of(peers, p)->count_matrix[me][dst], per_rank[dst]);
+  }
+  for (int i = threadIdx.x; i < R * EL; i += blockDim.x) {
+    const int dst = i / EL, e = i % EL;
+    tsep::st_relaxed_sys(&ctrl_of(peers, dst)->expert_counts[me][e], per_expert[i]);
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) ok = barrier_all(peers, me, timeout_ns, err, KERNEL_NOTIFY);
+  __syncthreads();
+  if (!ok) return;
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int dst = 0; dst < R; ++dst) {
+      int acc = 0;
+      for (int src = 0; src < R; ++src) {
+        acc += tsep::ld_volatile(&mine->count_matrix[src][dst]);
+        rank_prefix[src * R + dst] = acc;
+      }
+      if (dst == me) total = acc;
+    }
+    *recv_count = total;
+    host[1] = total;
+    mine->expect_dispatch += (u64)R * send_blocks;
+  }
+  for (int e = threadIdx.x; e < EL; e += blockDim.x) {
+    int c = 0;
+    for (int src = 0; src < R; ++src) c += tsep::ld_volatile(&mine->expert_counts[src][e]);
+    host[2 + e] = (c + alignment - 1) / alignment * alignment;
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) tsep::st_release_sys(&host[0], seq);
+}
+
+// A cached dispatch or a combine starts with this: every rank has finished with its buffer's data areas
+// (stream order puts the previous epilogue or reduce before it), so peers may write into them.
+extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, int send_blocks, u64 timeout_ns,
+                                        tsep::ErrorRecord *err) {
+  if (threadIdx.x != 0) return;
+  if (!barrier_all(peers, me, timeout_ns, err, KERNEL_BARRIER)) return;
+  Ctrl *mine = ctrl_of(peers, me);
+  if (which == 0) mine->expect_dispatch += (u64)R * send_blocks;
+  else mine->expect_combine += (u64)R * send_blocks;
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+// Warps walk tokens; each token's row is read once and stored to every destination rank's buffer.
+extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
+    const u64 *peers, int me, int num_tokens, const u8 *x, const u8 *scales, long long scale_s0,
+    long long scale_s1, const idx_t *topk, const float *weights, const int *send_pos, const int *rank_prefix,
+    Areas areas) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
+    u8 *dst_base[R];
+    int row[R];
+    int n = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int pos = send_pos[(size_t)t * R + r];
+      dst_base[r] = nullptr;
+      row[r] = -1;
+      if (pos >= 0) {
+        row[r] = (me > 0 ? rank_prefix[(me - 1) * R + r] : 0) + pos;
+        dst_base[r] = reinterpret_cast<u8 *>(peers[r]);
+        ++n;
+      }
+    }
+    if (n == 0) continue;
+    const int4 *src = reinterpret_cast<const int4 *>(x + (size_t)t * ROW_BYTES);
+    constexpr int UNROLL = 4;
+    for (int v0 = 0; v0 < ROW_VECS; v0 += 32 * UNROLL) {
+      int4 buf[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int v = v0 + u * 32 + lane;
+        if (v < ROW_VECS) buf[u] = __ldg(src + v);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (row[r] < 0) continue;
+        int4 *dst = reinterpret_cast<int4 *>(dst_base[r] + areas.x + (size_t)row[r] * ROW_BYTES);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int v = v0 + u * 32 + lane;
+          if (v < ROW_VECS) dst[v] = buf[u];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (row[r] < 0) continue;
+#if TSEP_SW > 0
+      for (int j = lane; j < TSEP_SW; j += 32) {
+        const int w = *reinterpret_cast<const int *>(scales + 4 * ((long long)t * scale_s0 + (long long)j * scale_s1));
+        reinterpret_cast<int *>(dst_base[r] + areas.scales)[(size_t)row[r] * TSEP_SW + j] = w;
+      }
+#endif
+      if (lane == 0) reinterpret_cast<int *>(dst_base[r] + areas.src_idx)[row[r]] = t;
+#if TSEP_K > 0
+      if (lane < K) {
+        const long long e = topk[(size_t)t * K + lane];
+        const bool local = e >= 0 && e / EL == r;
+        reinterpret_cast<idx_t *>(dst_base[r] + areas.topk)[(size_t)row[r] * K + lane] = local ? (idx_t)(e - r * EL) : (idx_t)-1;
+#if TSEP_WEIGHTS
+        reinterpret_cast<float *>(dst_base[r] + areas.weights)[(size_t)row[r] * K + lane] =
+            local ? weights[(size_t)t * K + lane] : 0.0f;
+#endif
+      }
+#endif
+    }
+  }
+  // Publish: this block's rows for every rank are written.
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) atomicAdd_system(&ctrl_of(peers, r)->arrive_dispatch, 1ull);
+  }
+}
+
+__device__ __forceinline__ void copy_bytes(u8 *dst, const u8 *src, size_t bytes, size_t tid, size_t nthreads) {
+  const size_t n16 = bytes / 16;
+  const int4 *s = reinterpret_cast<const int4 *>(src);
+  int4 *d = reinterpret_cast<int4 *>(dst);
+  for (size_t i = tid; i < n16; i += nthreads) d[i] = s[i];
+  for (size_t i = n16 * 16 + tid; i < bytes; i += nthreads) dst[i] = src[i];
+}
+
+__device__ __forceinline__ void fill_bytes(u8 *dst, u8 value, size_t bytes, size_t tid, size_t nthreads) {
+  for (size_t i = tid; i < bytes; i += nthreads) dst[i] = value;
+}
+
+// Receiver epilogue: wait until every sender block has published, then copy rows [0, N) out of the buffer
+// (they are already in final order). Rows [N, rows) of a worst-case output get zeros and -1 ids.
+extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const int *recv_count, int rows, u8 *out_x,
+                                              u8 *out_scales, int *out_src_idx, idx_t *out_topk,
+                                              float *out_weights, Areas areas, u64 timeout_ns,
+                                              tsep::ErrorRecord *err) {
+  __shared__ int ok;
+  Ctrl *mine = ctrl_of(peers, me);
+  if (threadIdx.x == 0) {
+    const u64 expect = *(volatile u64 *)&mine->expect_dispatch;
+    ok = tsep::wait_geq_u64(&mine->arrive_dispatch, expect, timeout_ns, err, me, KERNEL_RECV, 0, -1);
+  }
+  __syncthreads();
+  if (!ok) return;
+  const int n = *recv_count;
+  const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
+  const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
+  copy_bytes(out_x, base + areas.x, (size_t)n * ROW_BYTES, tid, nth);
+  fill_bytes(out_x + (size_t)n * ROW_BYTES, 0, (size_t)(rows - n) * ROW_BYTES, tid, nth);
+#if TSEP_SW > 0
+  copy_bytes(out_scales, base + areas.scales, (size_t)n * TSEP_SW * 4, tid, nth);
+  fill_bytes(out_scales + (size_t)n * TSEP_SW * 4, 0, (size_t)(rows - n) * TSEP_SW * 4, tid, nth);
+#endif
+  copy_bytes(reinterpret_cast<u8 *>(out_src_idx), base + areas.src_idx, (size_t)n * 4, tid, nth);
+  for (size_t i = n + tid; i < (size_t)rows; i += nth) out_src_idx[i] = -1;
+#if TSEP_K > 0
+  if (out_topk != nullptr) {
+    copy_bytes(reinterpret_cast<u8 *>(out_topk), base + areas.topk, (size_t)n * K * sizeof(idx_t), tid, nth);
+    for (size_t i = (size_t)n * K + tid; i < (size_t)rows * K; i += nth) out_topk[i] = -1;
+  }
+#if TSEP_WEIGHTS
+  if (out_weights != nullptr) {
+    copy_bytes(reinterpret_cast<u8 *>(out_weights), base + areas.weights, (size_t)n * K * 4, tid, nth);
+    fill_bytes(reinterpret_cast<u8 *>(out_weights + (size_t)n * K), 0, (size_t)(rows - n) * K * 4, tid, nth);
+  }
+#endif
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ combine
+// Expert side: row i of x came from source rank s (the block of the rank prefix column it falls in) and
+// was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token].
+extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const int *recv_count,
+                                                                   const u8 *x, const int *src_idx,
+                                                                   const int *rank_prefix, const float *weights,
+                                                                   Areas areas) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  const int n = *recv_count;
+  int bound[R];
+#pragma unroll
+  for (int s = 0; s < R; ++s) bound[s] = rank_prefix[s * R + me];
+  for (int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < n; i += warps) {
+    int s = 0;
+#pragma unroll
+    for (int q = 0; q < R - 1; ++q) s += i >= bound[q];
+    const int t = src_idx[i];
+    u8 *base = reinterpret_cast<u8 *>(peers[s]);
+    const size_t slot = (size_t)me * TSEP_TMAX + t;
+    const int4 *src = reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES);
+    int4 *dst = reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES);
+    constexpr int UNROLL = 4;
+    for (int v0 = 0; v0 < ROW_VECS; v0 += 32 * UNROLL) {
+      int4 buf[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int v = v0 + u * 32 + lane;
+        if (v < ROW_VECS) buf[u] = __ldg(src + v);
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int v = v0 + u * 32 + lane;
+        if (v < ROW_VECS) dst[v] = buf[u];
+      }
+    }
+#if TSEP_WEIGHTS
+    if (weights != nullptr && lane < K)
+      reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = weights[(size_t)i * K + lane];
+#endif
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) atomicAdd_system(&ctrl_of(peers, r)->arrive_combine, 1ull);
+  }
+}
+
+// Owner side: one warp per token; out = bf16(bias0 + bias1 + Σ_{ranks r, ascending} row[r][t]) in float32.
+extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
+                                                                     const u8 *in_rank, const u16 *bias0,
+                                                                     const u16 *bias1, u16 *out, float *out_weights,
+                                                                     Areas areas, u64 timeout_ns,
+                                                                     tsep::ErrorRecord *err) {
+  __shared__ int ok;
+  Ctrl *mine = ctrl_of(peers, me);
+  if (threadIdx.x == 0) {
+    const u64 expect = *(volatile u64 *)&mine->expect_combine;
+    ok = tsep::wait_geq_u64(&mine->arrive_combine, expect, timeout_ns, err, me, KERNEL_REDUCE, 0, -1);
+  }
+  __syncthreads();
+  if (!ok) return;
+  const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  constexpr int HV = H / 8;  // 8 bf16 per 16-byte vector
+  static_assert(H % 8 == 0, "hidden must be a multiple of 8");
+  for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
+    unsigned mask = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
+    for (int v = lane; v < HV; v += 32) {
+      float acc[8];
+      uint4 b0 = make_uint4(0, 0, 0, 0), b1 = make_uint4(0, 0, 0, 0);
+      if (bias0 != nullptr) b0 = reinterpret_cast<const uint4 *>(bias0 + (size_t)t * H)[v];
+      if (bias1 != nullptr) b1 = reinterpret_cast<const uint4 *>(bias1 + (size_t)t * H)[v];
+      const u32 *p0 = &b0.x, *p1 = &b1.x;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[2 * j] = __fadd_rn(__uint_as_float(p0[j] << 16), __uint_as_float(p1[j] << 16));
+        acc[2 * j + 1] = __fadd_rn(__uint_as_float(p0[j] & 0xffff0000u), __uint_as_float(p1[j] & 0xffff0000u));
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (!((mask >> r) & 1)) continue;
+        const uint4 row = reinterpret_cast<const uint4 *>(base + areas.x + ((size_t)r * TSEP_TMAX + t) * ROW_BYTES)[v];
+        const u32 *q = &row.x;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(q[j] << 16));
+          acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(q[j] & 0xffff0000u));
+        }
+      }
+      uint4 o;
+      u32 *po = &o.x;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        po[j] = (u32)tsep::f32_to_bf16(acc[2 * j]) | ((u32)tsep::f32_to_bf16(acc[2 * j + 1]) << 16);
+      reinterpret_cast<uint4 *>(out + (size_t)t * H)[v] = o;
+    }
+#if TSEP_WEIGHTS
+    if (out_weights != nullptr && lane < K) {
+      float w = 0.0f;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if ((mask >> r) & 1)
+          w = __fadd_rn(w, reinterpret_cast<const float *>(base + areas.weights)[((size_t)r * TSEP_TMAX + t) * K + lane]);
+      out_weights[(size_t)t * K + lane] = w;
+    }
+#endif
+  }
+}

@@ -1,0 +1,89 @@
+// The GPU backend: one process per GPU, NVLink between the GPUs of a host. It composes the normal path
+// and the low-latency path (each owns its symmetric buffer), as the buffer's `mode` asks.
+
+import { TsepError } from '../../errors.ts';
+import type {
+  BackendContext,
+  CombineRequest,
+  CombineResult,
+  DispatchLayout,
+  DispatchRequest,
+  DispatchResult,
+  EpBackend,
+  EpBackendFactory,
+  EpSizeHint,
+  LowLatencyCombineRequest,
+  LowLatencyCombineResult,
+  LowLatencyDispatchRequest,
+  LowLatencyDispatchResult,
+  Tensor,
+} from '../types.ts';
+import { NormalPath } from './normal.ts';
+import { GpuRuntime } from './runtime.ts';
+
+export const gpuBackendFactory: EpBackendFactory = {
+  name: 'gpu',
+  create: (context) => GpuBackend.create(context),
+};
+
+class GpuBackend implements EpBackend {
+  readonly name = 'gpu';
+  private readonly rt: GpuRuntime;
+  private readonly normal: NormalPath | undefined;
+
+  private constructor(rt: GpuRuntime, normal: NormalPath | undefined) {
+    this.rt = rt;
+    this.normal = normal;
+  }
+
+  static async create(context: BackendContext): Promise<GpuBackend> {
+    const rt = GpuRuntime.create(context);
+    const mode = context.options.mode;
+    const normal = mode === 'low-latency' ? undefined : await NormalPath.create(rt);
+    return new GpuBackend(rt, normal);
+  }
+
+  private normalPath(call: string): NormalPath {
+    if (!this.normal) {
+      throw new TsepError('TSEP_UNSUPPORTED', `${call} needs a buffer created with mode 'normal' or 'both'.`);
+    }
+    return this.normal;
+  }
+
+  getDispatchLayout(topkIdx: Tensor): DispatchLayout {
+    return this.normalPath('getDispatchLayout').layout(topkIdx);
+  }
+
+  dispatch(request: DispatchRequest): Promise<DispatchResult> {
+    return this.normalPath('dispatch').dispatch(request);
+  }
+
+  combine(request: CombineRequest): Promise<CombineResult> {
+    return this.normalPath('combine').combine(request);
+  }
+
+  lowLatencyDispatch(_request: LowLatencyDispatchRequest): LowLatencyDispatchResult {
+    throw new TsepError(
+      'TSEP_UNSUPPORTED',
+      'The low-latency mode is not available on the GPU backend in this build.',
+    );
+  }
+
+  lowLatencyCombine(_request: LowLatencyCombineRequest): LowLatencyCombineResult {
+    throw new TsepError(
+      'TSEP_UNSUPPORTED',
+      'The low-latency mode is not available on the GPU backend in this build.',
+    );
+  }
+
+  cleanLowLatencyBuffer(): void {}
+
+  sizeHint(): EpSizeHint {
+    return { normalBytes: this.normal?.bytes() ?? 0, lowLatencyBytes: 0 };
+  }
+
+  async destroy(): Promise<void> {
+    await this.normal?.destroy();
+    this.rt.stream.dispose();
+  }
+}

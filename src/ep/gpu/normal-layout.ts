@@ -1,0 +1,50 @@
+// Byte layout of a rank's normal-mode symmetric buffer; kernels/normal.cu's `Ctrl` and `Areas` mirror it.
+// The receive area holds R·T_max rows (every source's whole batch), so a dispatch never waits for space;
+// combine reuses the same rows as its [source rank][token] stage.
+
+import { fp8ScaleCount } from '../../device/dtypes.ts';
+
+/** Control block size (barrier slots, arrival counters, count matrix, per-expert counts). */
+export const CTRL_BYTES = 64 * 1024;
+/** Largest rank count and experts per rank the control block has room for. */
+export const MAX_RANKS = 8;
+export const MAX_LOCAL_EXPERTS = 1024;
+
+export interface NormalAreas {
+  x: number;
+  scales: number;
+  srcIdx: number;
+  topk: number;
+  weights: number;
+  /** Total bytes of the buffer. */
+  bytes: number;
+  /** Rows of the receive area (R · T_max). */
+  rows: number;
+}
+
+const align = (n: number, a = 256) => Math.ceil(n / a) * a;
+
+export function normalAreas(
+  numRanks: number,
+  maxTokensPerRank: number,
+  hidden: number,
+  numTopk: number,
+): NormalAreas {
+  const rows = numRanks * maxTokensPerRank;
+  const x = CTRL_BYTES;
+  const scales = align(x + rows * hidden * 2); // room for bf16 rows; fp8 rows use half
+  const srcIdx = align(scales + rows * fp8ScaleCount(hidden) * 4);
+  const topk = align(srcIdx + rows * 4);
+  const weights = align(topk + rows * numTopk * 8);
+  const bytes = align(weights + rows * numTopk * 4, 4096);
+  return { x, scales, srcIdx, topk, weights, bytes, rows };
+}
+
+/** Offsets in the host-mapped signal page. */
+export const SIGNAL_BYTES = 16 * 1024;
+/** int32 index of the sequence number, received rows and the first aligned per-expert count. */
+export const SIGNAL_SEQ = 0;
+export const SIGNAL_ROWS = 1;
+export const SIGNAL_EXPERTS = 2;
+/** Byte offset of the device error record (kernels/ep_sync.cuh ErrorRecord). */
+export const ERROR_RECORD = 8 * 1024;

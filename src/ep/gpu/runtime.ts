@@ -1,0 +1,76 @@
+// What both GPU paths (normal and low-latency) share: the rank's device, its communication stream, the
+// group, the buffer options, kernel loading, and ordering against the caller's events.
+
+import { Device } from '../../device/context.ts';
+import { DeviceTensor } from '../../device/device-tensor.ts';
+import type { Module } from '../../device/module.ts';
+import { Stream } from '../../device/stream.ts';
+import type { TensorMeta } from '../../device/tensor.ts';
+import { describe } from '../../device/tensor.ts';
+import type { Group } from '../../dist/group.ts';
+import { ValidationError } from '../../errors.ts';
+import { type Define, loadKernelModule } from '../../jit/compile.ts';
+import type { BackendContext, EpEvent, HandleOwner, ResolvedEpBufferOptions } from '../types.ts';
+import { GpuEvent } from './event.ts';
+
+export class GpuRuntime {
+  readonly group: Group;
+  readonly options: ResolvedEpBufferOptions;
+  /** Put into every handle this backend makes. */
+  readonly owner: HandleOwner;
+  readonly device: Device;
+  /** High-priority stream every tsep kernel of this buffer runs on. */
+  readonly stream: Stream;
+
+  private constructor(context: BackendContext, device: Device) {
+    this.group = context.group;
+    this.options = context.options;
+    this.owner = context.owner;
+    this.device = device;
+    this.stream = Stream.create(device, { priority: 'high' });
+  }
+
+  /** The GPU of this rank: LOCAL_RANK-th visible GPU (modulo the count, so one GPU per process also works). */
+  static create(context: BackendContext): GpuRuntime {
+    const n = Device.count();
+    return new GpuRuntime(context, Device.get(context.group.localRank % n));
+  }
+
+  get smCount(): number {
+    return this.device.info.smCount;
+  }
+
+  kernels(file: string, defines: Record<string, Define> = {}): Promise<Module> {
+    return loadKernelModule(this.device, file, defines);
+  }
+
+  /** Orders the next work on the communication stream after `previous` (a GpuEvent of any stream). */
+  after(previous: EpEvent | undefined): void {
+    if (previous === undefined) return;
+    if (!(previous instanceof GpuEvent)) {
+      throw new ValidationError(
+        'previousEvent',
+        'an event from another backend',
+        'an event returned by a GPU EpBuffer call',
+      );
+    }
+    previous.streamWait(this.stream);
+  }
+
+  /** An event after everything enqueued so far on the communication stream. */
+  record(after?: Promise<void>): GpuEvent {
+    return new GpuEvent(this.stream, after);
+  }
+
+  /** The device tensor behind an argument, checked to be on this rank's GPU. */
+  onDevice(argument: string, t: TensorMeta): DeviceTensor {
+    if (!(t instanceof DeviceTensor) || t.device.ordinal !== this.device.ordinal) {
+      throw new ValidationError(
+        argument,
+        describe(t),
+        `a DeviceTensor on cuda:${this.device.ordinal} (this rank's GPU)`,
+      );
+    }
+    return t;
+  }
+}
