@@ -120,27 +120,28 @@ class CpuBackend implements EpBackend {
       isTokenInRank: m.tensors.isTokenInRank!,
       ...pick(m.tensors, ['scales', 'topkIdx', 'topkWeights', 'numTokensPerExpert']),
     }));
-    const fresh = req.kind === 'fresh';
-    const handleIn = fresh ? undefined : req.handle;
+    // A cached dispatch replays the alignment and row count of the dispatch that made its handle.
+    const replayed = req.kind === 'fresh' ? req : req.handle;
     const received = dispatchToRank(sources, this.rank, {
       numExperts: this.ctx.options.numExperts,
-      expertAlignment: fresh ? req.expertAlignment : handleIn!.expertAlignment,
-      worstCaseTokens: fresh ? req.worstCaseTokens : handleIn!.worstCaseTokens,
+      expertAlignment: replayed.expertAlignment,
+      worstCaseTokens: replayed.worstCaseTokens,
     });
-    const handle: DispatchHandle = fresh
-      ? {
-          kind: 'dispatch',
-          owner: this.ctx.owner,
-          numTokens: req.x.shape[0]!,
-          numRecvRows: received.recvX.shape[0]!,
-          worstCaseTokens: req.worstCaseTokens,
-          expertAlignment: req.expertAlignment,
-          numRecvTokensPerExpert: received.numRecvTokensPerExpert,
-          isTokenInRank: req.layout.isTokenInRank,
-          rankPrefixMatrix: received.rankPrefixMatrix,
-          recvSrcIdx: received.recvSrcIdx,
-        }
-      : handleIn!;
+    const handle: DispatchHandle =
+      req.kind === 'cached'
+        ? req.handle
+        : {
+            kind: 'dispatch',
+            owner: this.ctx.owner,
+            numTokens: req.x.shape[0]!,
+            numRecvRows: received.recvX.shape[0]!,
+            worstCaseTokens: req.worstCaseTokens,
+            expertAlignment: req.expertAlignment,
+            numRecvTokensPerExpert: received.numRecvTokensPerExpert,
+            isTokenInRank: req.layout.isTokenInRank,
+            rankPrefixMatrix: received.rankPrefixMatrix,
+            recvSrcIdx: received.recvSrcIdx,
+          };
     return {
       recvX: received.recvX,
       ...pick(received, ['recvScales', 'recvTopkIdx', 'recvTopkWeights']),

@@ -12,6 +12,8 @@ import {
 } from '../../src/cpu/reference.ts';
 import type { Group } from '../../src/dist/group.ts';
 import { LocalGroup } from '../../src/dist/local-group.ts';
+import { StoreClient, StoreServer } from '../../src/dist/store.ts';
+import { StoreGroup } from '../../src/dist/store-group.ts';
 import { EpBuffer } from '../../src/ep/buffer.ts';
 import { selectBackend } from '../../src/ep/select.ts';
 import type { EpBufferOptions, EpEvent } from '../../src/ep/types.ts';
@@ -254,6 +256,58 @@ describe('ranks that make mismatched calls', () => {
     for (const res of mixed)
       assert.equal(((res as PromiseRejectedResult).reason as ValidationError).argument, 'x');
     await destroyWorld(buffers);
+  });
+});
+
+describe('groups', () => {
+  it('the CPU backend runs over a TCP-store group (StoreGroup), not only LocalGroup', async () => {
+    const inputs = makeInputs(11);
+    const server = await StoreServer.listen();
+    const groups = await Promise.all(
+      inputs.map(
+        async (_, rank) =>
+          new StoreGroup(await StoreClient.connect('127.0.0.1', server.port, { timeoutMs: 10_000 }), {
+            rank,
+            size: R,
+            localRank: rank,
+            localSize: R,
+            namespace: 'ep-buffer-test',
+          }),
+      ),
+    );
+    try {
+      const buffers = await Promise.all(
+        groups.map((g) => EpBuffer.create(g, { ...OPTIONS, backend: 'cpu' })),
+      );
+      const out = await onAllRanks(buffers, async (b, r) => {
+        const d = await b.dispatch(inputs[r]!);
+        const ll = b.lowLatencyDispatch({ ...inputs[r]!, fp8: true, ue8m0: true });
+        await ll.event.wait();
+        return { d, ll };
+      });
+      const expected = expectedDispatch(inputs);
+      const ll = referenceLowLatencyDispatch(inputs, {
+        numExperts: 8,
+        maxTokensPerRank: 4,
+        fp8: true,
+        roundScale: true,
+        ue8m0: true,
+      });
+      for (let r = 0; r < R; r++) {
+        assertTensorEqual(out[r]!.d.recvX, expected[r]!.recvX, `rank ${r} recvX`);
+        assertTensorEqual(
+          out[r]!.d.recvTopkWeights,
+          expected[r]!.recvTopkWeights,
+          `rank ${r} recvTopkWeights`,
+        );
+        assertTensorEqual(out[r]!.ll.recvX, ll[r]!.recvX, `rank ${r} low-latency recvX`);
+        assertTensorEqual(out[r]!.ll.recvScales, ll[r]!.recvScales, `rank ${r} low-latency scales`);
+      }
+      await destroyWorld(buffers);
+    } finally {
+      await Promise.all(groups.map((g) => g.destroy()));
+      await server.close();
+    }
   });
 });
 
