@@ -1,5 +1,7 @@
 // tsep's public API: re-exports only.
 
+export { Device, type DeviceInfo } from './device/context.ts';
+export { DeviceTensor } from './device/device-tensor.ts';
 export {
   bf16ArrayToF32,
   bf16ToF32,
@@ -21,9 +23,18 @@ export {
   ue8m0WordCount,
   unpackUe8m0,
 } from './device/dtypes.ts';
+export { Graph } from './device/graph.ts';
+export { DeviceBuffer, HostBuffer } from './device/memory.ts';
+export { Event, Stream } from './device/stream.ts';
 export { HostTensor, type HostTensorOptions, type TensorMeta } from './device/tensor.ts';
 export type { Group } from './dist/group.ts';
+export { type InitProcessGroupOptions, initProcessGroup } from './dist/init.ts';
+export { type LaunchOptions, type LaunchResult, launch } from './dist/launcher.ts';
 export { LocalGroup } from './dist/local-group.ts';
+export { NcclCommunicator, type ReduceOp } from './dist/nccl-comm.ts';
+export { StoreClient, StoreServer } from './dist/store.ts';
+export { StoreGroup } from './dist/store-group.ts';
+export { SymmetricBuffer, type SymmetricOptions } from './dist/symmetric.ts';
 export { EpBuffer } from './ep/buffer.ts';
 export type {
   BackendKind,

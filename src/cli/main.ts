@@ -3,6 +3,7 @@
 
 import { Command } from 'commander';
 import { TsepError } from '../errors.ts';
+import { registerBench } from './bench.ts';
 import { registerDemo } from './demo.ts';
 import { registerDoctor } from './doctor.ts';
 import { registerLaunch } from './launch.ts';
@@ -11,6 +12,7 @@ const program = new Command('tsep')
   .description('Mixture-of-Experts expert-parallel dispatch and combine for Node.js')
   .showHelpAfterError();
 
+registerBench(program);
 registerDemo(program);
 registerDoctor(program);
 registerLaunch(program);
