@@ -74,7 +74,7 @@ export class NcclCommunicator {
     checkNcclVersion();
     const id = await group.broadcast(group.rank === 0 ? ncclGetUniqueId() : undefined, 0);
     device.makeCurrent();
-    const comm = await ncclCommInitRank(group.size, id, group.rank);
+    const comm = ncclCommInitRank(group.size, id, group.rank);
     return new NcclCommunicator(comm, group.rank, group.size, device);
   }
 

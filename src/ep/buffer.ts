@@ -1,6 +1,7 @@
 // EpBuffer: the public entry point. It validates every call (src/ep/validate.ts), then hands a
 // well-formed request to the backend chosen at creation (src/ep/select.ts).
 
+import type { Stream } from '../device/stream.ts';
 import type { Group } from '../dist/group.ts';
 import { DisposedError, ValidationError } from '../errors.ts';
 import { selectBackend } from './select.ts';
@@ -117,6 +118,25 @@ export class EpBuffer {
   }
 
   /** Communication memory per rank that each enabled mode needs. */
+  /**
+   * The stream this buffer's GPU kernels run on (DeepEP's comm stream): record events on it, or capture
+   * it into a CUDA graph. Undefined on the CPU backend.
+   */
+  get stream(): Stream | undefined {
+    return this.impl.stream;
+  }
+
+  /**
+   * Sets how many SMs the normal-mode send kernels use (GPU backend; default 24). Every rank must use the
+   * same value. The CPU backend ignores it.
+   */
+  setNumSms(n: number): void {
+    this.checkAlive('setNumSms');
+    if (!Number.isSafeInteger(n) || n < 1)
+      throw new ValidationError('numSms', String(n), 'a positive integer');
+    this.impl.setNumSms?.(n);
+  }
+
   sizeHint(): EpSizeHint {
     this.checkAlive('sizeHint');
     return this.impl.sizeHint();

@@ -3,6 +3,7 @@
 // E = experts, E_l = E / R local experts, T = tokens of this rank, K = top-k, H = hidden,
 // S = ceil(H / 128) FP8 scales per row, W = ceil(S / 4) UE8M0 words per row.
 
+import type { Stream } from '../device/stream.ts';
 import type { HostTensor } from '../device/tensor.ts';
 import type { Group } from '../dist/group.ts';
 
@@ -284,6 +285,10 @@ export interface EpBackend {
   lowLatencyCombine(request: LowLatencyCombineRequest): LowLatencyCombineResult;
   cleanLowLatencyBuffer(): void;
   sizeHint(): EpSizeHint;
+  /** GPU backends: the stream the buffer's kernels run on (for events, timing and graph capture). */
+  readonly stream?: Stream;
+  /** GPU backends: sets the SMs the normal-mode send kernels use (the same on every rank). */
+  setNumSms?(n: number): void;
   /** Waits for work in flight, then releases what the backend holds. */
   destroy(): Promise<void>;
 }

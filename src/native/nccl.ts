@@ -75,20 +75,15 @@ export function ncclGetUniqueId(): Uint8Array {
   return id;
 }
 
-/** Joins a communicator; runs on a worker thread because it blocks until every rank has joined. */
-export function ncclCommInitRank(nranks: number, id: Uint8Array, rank: number): Promise<bigint> {
+/**
+ * Joins a communicator. Called on the main thread on purpose: NCCL binds the communicator to the calling
+ * thread's current CUDA device, and a worker thread would have none (every rank would land on GPU 0).
+ * It blocks until every rank has joined, which takes well under a second once all ranks are up.
+ */
+export function ncclCommInitRank(nranks: number, id: Uint8Array, rank: number): bigint {
   const out = new BigUint64Array(1);
-  return new Promise((resolve, reject) => {
-    api().commInitRank.async(out, nranks, { internal: id }, rank, (err: unknown, status: number) => {
-      if (err) return reject(err);
-      try {
-        check('ncclCommInitRank', status);
-        resolve(out[0]!);
-      } catch (e) {
-        reject(e);
-      }
-    });
-  });
+  check('ncclCommInitRank', api().commInitRank(out, nranks, { internal: id }, rank));
+  return out[0]!;
 }
 
 export function ncclCommDestroy(comm: bigint): void {

@@ -1,6 +1,7 @@
 // The GPU backend: one process per GPU, NVLink between the GPUs of a host. It composes the normal path
 // and the low-latency path (each owns its symmetric buffer), as the buffer's `mode` asks.
 
+import type { Stream } from '../../device/stream.ts';
 import { TsepError } from '../../errors.ts';
 import type {
   BackendContext,
@@ -77,6 +78,14 @@ class GpuBackend implements EpBackend {
   }
 
   cleanLowLatencyBuffer(): void {}
+
+  get stream(): Stream {
+    return this.rt.stream;
+  }
+
+  setNumSms(n: number): void {
+    if (this.normal) this.normal.numSms = n;
+  }
 
   sizeHint(): EpSizeHint {
     return { normalBytes: this.normal?.bytes() ?? 0, lowLatencyBytes: 0 };

@@ -1,0 +1,245 @@
+// Normal-mode benchmark (DESIGN §5), run on every rank under the launcher:
+//   tsep bench normal [-n R] [-- --tokens 4096 --hidden 7168 --topk 8 --experts 256 --sms 16,24,32 --iters 30]
+// Standard shape: 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform random routing.
+// Times, with CUDA events around each whole call on the buffer's stream (a 256 MiB memset before every
+// iteration flushes L2 and keeps the GPU busy while the host enqueues, so no host gap is timed):
+//   FP8 and BF16 cached dispatch (DeepEP's V1 convention: no count exchange), FP8 fresh dispatch (count
+//   exchange + host read of the counts), combine, and the layout kernel;
+// logical bandwidth = bytes received by a rank (own tokens included; FP8 rows count H + 4·H/128 bytes) /
+// time; per iteration the slowest rank's time. NCCL all-to-all of the same bytes runs in the same job.
+
+import { parseArgs } from 'node:util';
+import { Rng } from '../src/cpu/random.ts';
+import { DeviceTensor } from '../src/device/device-tensor.ts';
+import { DeviceBuffer } from '../src/device/memory.ts';
+import { Event } from '../src/device/stream.ts';
+import { HostTensor } from '../src/device/tensor.ts';
+import { initProcessGroup } from '../src/dist/init.ts';
+import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
+import { EpBuffer } from '../src/ep/buffer.ts';
+import type { DispatchHandle, Tensor } from '../src/ep/types.ts';
+import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
+import { gbPerS, printTable, summarize, timeEvents, writeResult } from './stats.ts';
+
+const { values: opt } = parseArgs({
+  options: {
+    tokens: { type: 'string', default: '4096' },
+    hidden: { type: 'string', default: '7168' },
+    topk: { type: 'string', default: '8' },
+    experts: { type: 'string', default: '256' },
+    sms: { type: 'string', default: '16,24,32' },
+    iters: { type: 'string', default: '30' },
+    warmup: { type: 'string', default: '5' },
+    seed: { type: 'string', default: String(Date.now() >>> 0) },
+  },
+  strict: true,
+});
+const T = Number(opt.tokens);
+const H = Number(opt.hidden);
+const K = Number(opt.topk);
+const E = Number(opt.experts);
+const smsList = opt.sms.split(',').map(Number);
+const iters = Number(opt.iters);
+const warmup = Number(opt.warmup);
+
+const group = await initProcessGroup({ timeoutMs: 120_000 });
+const R = group.size;
+const rank = group.rank;
+const buffer = await EpBuffer.create(group, {
+  hidden: H,
+  maxTokensPerRank: T,
+  numExperts: E,
+  numTopk: K,
+  backend: 'gpu',
+});
+const stream = buffer.stream!;
+const dev = stream.device;
+const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
+const asT = (t: DeviceTensor) => t as unknown as Tensor;
+const up = (t: HostTensor) => asT(DeviceTensor.fromHostStorage(t, dev));
+
+const topk = up(routingTensor('i64', T, K, randomRouting(rng, T, K, E)));
+const weights = up(
+  HostTensor.from(
+    'f32',
+    [T, K],
+    Float32Array.from({ length: T * K }, () => rng.float()),
+  ),
+);
+const xBf16 = up(randomBf16(rng, T, H));
+const fp8 = randomFp8(rng, T, H, 'f32');
+const xFp8 = up(fp8.x);
+const scales = up(fp8.scales);
+const flush = DeviceBuffer.alloc(256 * 2 ** 20, dev);
+const beforeEach = () => flush.fill(rank & 0xff, stream);
+
+/** Frees the device tensors of a call's result (after the stream has passed the call). */
+function release(result: unknown): void {
+  for (const v of Object.values(result as object)) if (v instanceof DeviceTensor) v.dispose();
+}
+
+/** Per-iteration times (ms) of an async EP call, CUDA events on the buffer's stream around each. */
+async function timeCall(fn: () => Promise<unknown>): Promise<number[]> {
+  const results: unknown[] = [];
+  for (let i = 0; i < warmup; i++) results.push(await fn());
+  await stream.synchronize();
+  await group.barrier();
+  const ev = Array.from({ length: 2 * iters }, () => Event.create(dev, { timing: true }));
+  for (let i = 0; i < iters; i++) {
+    beforeEach();
+    ev[2 * i]!.record(stream);
+    results.push(await fn());
+    ev[2 * i + 1]!.record(stream);
+  }
+  await ev[2 * iters - 1]!.synchronize({ timeoutMs: 120_000 });
+  const ms = Array.from({ length: iters }, (_, i) => Event.elapsedMs(ev[2 * i]!, ev[2 * i + 1]!));
+  for (const e of ev) e.dispose();
+  // Outputs are freed only now: freeing device memory the GPU may still use would synchronize.
+  for (const r of results) if (r) release(r);
+  return ms;
+}
+
+const f64 = (b: Uint8Array) => new Float64Array(new Uint8Array(b).buffer);
+
+/** Slowest rank's time per iteration. */
+async function slowest(ms: number[]): Promise<number[]> {
+  const all = (await group.allGather(new Uint8Array(Float64Array.from(ms).buffer))).map(f64);
+  return ms.map((_, i) => Math.max(...all.map((r) => r[i]!)));
+}
+
+async function meanAcrossRanks(v: number): Promise<number> {
+  const all = await group.allGather(new Uint8Array(Float64Array.of(v).buffer));
+  return all.reduce((a, b) => a + f64(b)[0]!, 0) / R;
+}
+
+const layout = buffer.getDispatchLayout(topk, E);
+const first = await buffer.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout });
+await first.event.wait();
+const handle: DispatchHandle = first.handle;
+const N = handle.numRecvRows;
+const S = Math.ceil(H / 128);
+const fp8Bytes = await meanAcrossRanks(N * (H + 4 * S));
+const bf16Bytes = await meanAcrossRanks(N * 2 * H);
+const expertOut = up(randomBf16(rng, N, H));
+
+interface Row {
+  op: string;
+  sms: number;
+  medianUs: number;
+  p10Us: number;
+  p90Us: number;
+  gbps: number;
+  ncclUs?: number;
+  ratio?: number;
+}
+const rows: Row[] = [];
+const add = async (op: string, sms: number, ms: number[], bytes: number) => {
+  const s = summarize(await slowest(ms));
+  rows.push({
+    op,
+    sms,
+    medianUs: s.median * 1000,
+    p10Us: s.p10 * 1000,
+    p90Us: s.p90 * 1000,
+    gbps: gbPerS(bytes, s.median),
+  });
+};
+
+for (const sms of smsList) {
+  buffer.setNumSms(sms);
+  await add(
+    'dispatch fp8 (cached)',
+    sms,
+    await timeCall(() => buffer.dispatch({ x: xFp8, scales, handle })),
+    fp8Bytes,
+  );
+  const bf = await buffer.dispatch({ x: xBf16, topkIdx: topk, topkWeights: weights, layout });
+  await add(
+    'dispatch bf16 (cached)',
+    sms,
+    await timeCall(() => buffer.dispatch({ x: xBf16, handle: bf.handle })),
+    bf16Bytes,
+  );
+  await add('combine bf16', sms, await timeCall(() => buffer.combine({ x: expertOut, handle })), bf16Bytes);
+  await add(
+    'dispatch fp8 (fresh, host sync)',
+    sms,
+    await timeCall(() => buffer.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout })),
+    fp8Bytes,
+  );
+}
+await add('layout', 0, await timeCall(async () => buffer.getDispatchLayout(topk, E)), 0);
+
+// NCCL all-to-all of the same bytes (each rank sends an equal share of what it receives), same job.
+const comm = await NcclCommunicator.create(group, dev);
+const ncclFor = async (bytes: number) => {
+  const count = Math.ceil(bytes / R / 2 / 64) * 64;
+  const send = DeviceBuffer.alloc(count * 2 * R, dev);
+  const recv = DeviceBuffer.alloc(count * 2 * R, dev);
+  send.fill(0x3c, stream);
+  const ms = await timeEvents(stream, iters, () => comm.allToAll(send.ptr, recv.ptr, count, 'bf16', stream), {
+    warmup,
+    afterWarmup: () => group.barrier(),
+    beforeEach,
+  });
+  send.dispose();
+  recv.dispose();
+  return summarize(await slowest(ms)).median * 1000;
+};
+const ncclFp8 = await ncclFor(fp8Bytes);
+const ncclBf16 = await ncclFor(bf16Bytes);
+for (const r of rows) {
+  if (r.op === 'layout') continue;
+  r.ncclUs = r.op.includes('fp8') ? ncclFp8 : ncclBf16;
+  r.ratio = r.ncclUs / r.medianUs;
+}
+
+if (rank === 0) {
+  process.stdout.write(
+    `tsep normal mode, EP${R} on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E}; ` +
+      `received rows per rank ≈ ${Math.round(bf16Bytes / (2 * H))}; ${warmup} warm-up + ${iters} timed calls, ` +
+      'slowest rank per call, median\n',
+  );
+  printTable(
+    [
+      { header: 'op', align: 'left' },
+      { header: 'SMs' },
+      { header: 'median µs', digits: 1 },
+      { header: 'p10 µs', digits: 1 },
+      { header: 'p90 µs', digits: 1 },
+      { header: 'GB/s', digits: 1 },
+      { header: 'NCCL µs', digits: 1 },
+      { header: 'NCCL/tsep', digits: 2 },
+    ],
+    rows.map((r) => [r.op, r.sms, r.medianUs, r.p10Us, r.p90Us, r.gbps, r.ncclUs, r.ratio]),
+  );
+  for (const op of [
+    'dispatch fp8 (cached)',
+    'dispatch bf16 (cached)',
+    'combine bf16',
+    'dispatch fp8 (fresh, host sync)',
+  ]) {
+    const b = rows.filter((r) => r.op === op).sort((a, c) => a.medianUs - c.medianUs)[0]!;
+    process.stdout.write(
+      `best ${op}: ${b.medianUs.toFixed(1)} µs, ${b.gbps.toFixed(1)} GB/s at ${b.sms} SMs ` +
+        `(NCCL ${b.ncclUs!.toFixed(1)} µs, NCCL/tsep ${b.ratio!.toFixed(2)})\n`,
+    );
+  }
+  const path = writeResult('normal', {
+    bench: 'normal',
+    date: new Date().toISOString(),
+    ranks: R,
+    device: dev.info.name,
+    T,
+    H,
+    K,
+    E,
+    fp8BytesPerRank: fp8Bytes,
+    bf16BytesPerRank: bf16Bytes,
+    rows,
+  });
+  process.stdout.write(`wrote ${path}\n`);
+}
+comm.destroy();
+await buffer.destroy();
+await group.destroy();
