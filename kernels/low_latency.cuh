@@ -1,0 +1,222 @@
+// Building blocks of the low-latency kernels (kernels/low_latency.cu): the buffer layout (every offset
+// comes from src/ep/gpu/ll-layout.ts as a -D define), system-scope signalling, bounded waits that leave
+// a record in host-mapped memory instead of hanging, and the last-block completion pattern.
+#pragma once
+#include "common.cuh"
+
+#ifndef LL_R
+// Defaults so the file compiles stand-alone (scripts/check-kernels.sh); the library always passes all.
+#define LL_R 4
+#define LL_EL 72
+#define LL_H 7168
+#define LL_TMAX 128
+#define LL_KMAX 8
+#define LL_MSG 14336
+#define LL_ROUTE 4096
+#define LL_SRC (LL_ROUTE + LL_TMAX * LL_MSG)
+#define LL_DHALF (LL_R * LL_SRC)
+#define LL_CHALF (LL_TMAX * LL_KMAX * 2 * LL_H)
+#define LL_OFF_STATE 0
+#define LL_OFF_DSIG 256
+#define LL_OFF_DACK 512
+#define LL_OFF_CSIG 640
+#define LL_OFF_CACK 768
+#define LL_OFF_BAR 896
+#define LL_OFF_DAREA 4096
+#define LL_OFF_CAREA (LL_OFF_DAREA + 2 * LL_DHALF)
+#endif
+
+#define LL_THREADS 512
+#define LL_WARPS (LL_THREADS / 32)
+#define LL_E (LL_R * LL_EL)
+#define LL_RT (LL_R * LL_TMAX)
+#define LL_S ((LL_H + 127) / 128)
+#define LL_W ((LL_S + 3) / 4)
+#define LL_FULL 0xffffffffu
+
+// Per-call flags (kernel argument `flags`).
+#define LL_FLAG_FP8 1
+#define LL_FLAG_ROUND 2
+#define LL_FLAG_UE8M0 4
+#define LL_FLAG_IDX64 8
+
+// Device-side state words (src/ep/gpu/ll-layout.ts LL_STATE).
+#define LL_ST_DSEND 0
+#define LL_ST_DRECV 1
+#define LL_ST_CSEND 2
+#define LL_ST_CRECV 3
+#define LL_ST_ARRIVE 4
+#define LL_ST_ABORT 8
+#define LL_ST_CLAIM 9
+#define LL_ST_BAR 10
+
+// Timeout record (LL_RECORD): kernels and phases.
+#define LL_K_DSEND 1
+#define LL_K_DRECV 2
+#define LL_K_CSEND 3
+#define LL_K_CRECV 4
+#define LL_K_CLEAN 5
+#define LL_P_ACK 1
+#define LL_P_SIGNAL 2
+#define LL_P_BARRIER 3
+
+namespace ll {
+
+__device__ __forceinline__ u32 ld_acquire_u32(const u32 *p) {
+  u32 v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 ld_acquire_u64(const u64 *p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_u32(u32 *p, u32 v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_u64(u64 *p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ u32 ld_volatile_u32(const u32 *p) {
+  u32 v;
+  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void fence_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
+
+// Read-only 16-byte load of an input that no one writes while the kernel runs.
+__device__ __forceinline__ uint4 ld_nc_v4(const void *p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+// Plain 16-byte load of data peers wrote (ordered by an earlier acquire + barrier).
+__device__ __forceinline__ uint4 ld_v4(const void *p) { return *reinterpret_cast<const uint4 *>(p); }
+__device__ __forceinline__ void st_v4(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
+
+// "a is at or past b" for wrapping u32 sequence numbers.
+__device__ __forceinline__ bool reached(u32 a, u32 b) { return (int)(a - b) >= 0; }
+
+struct Ctx {
+  u8 *local;       // this rank's symmetric buffer
+  int *record;     // host-mapped timeout record
+  u64 timeout_ns;  // bound of every wait
+  int rank;        // local rank
+  int kernel;      // LL_K_*
+  __device__ __forceinline__ u32 *state() const { return reinterpret_cast<u32 *>(local + LL_OFF_STATE); }
+};
+
+// Marks this rank's low-latency state as aborted and, first writer only, leaves the record the host
+// turns into an EpTimeoutError.
+__device__ __noinline__ void report_timeout(const Ctx &c, int phase, int peer, u32 expected, u32 seen) {
+  u32 *st = c.state();
+  atomicExch(st + LL_ST_ABORT, 1u);
+  if (atomicCAS(st + LL_ST_CLAIM, 0u, 1u) == 0u) {
+    volatile int *r = c.record;
+    r[1] = c.rank;
+    r[2] = c.kernel;
+    r[3] = phase;
+    r[4] = peer;
+    r[5] = (int)expected;
+    r[6] = (int)seen;
+    r[7] = (int)blockIdx.x;
+    __threadfence_system();
+    tsep::st_release_sys(c.record, 1);
+  }
+}
+
+// Spins (acquire, system scope) until *p has reached `target`. Gives up, returning false, when this
+// rank has aborted or after the timeout (then it reports). `shift` picks the 32-bit half of a u64 word.
+template <typename T>
+__device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 target, int phase, int peer,
+                                             T *seen_out = nullptr) {
+  T v;
+  if constexpr (sizeof(T) == 8) v = ld_acquire_u64(reinterpret_cast<const u64 *>(p));
+  else v = ld_acquire_u32(reinterpret_cast<const u32 *>(p));
+  if (reached((u32)v, target)) {
+    if (seen_out) *seen_out = v;
+    return true;
+  }
+  const u64 start = tsep::globaltimer_ns();
+  for (u32 i = 1;; i++) {
+    if constexpr (sizeof(T) == 8) v = ld_acquire_u64(reinterpret_cast<const u64 *>(p));
+    else v = ld_acquire_u32(reinterpret_cast<const u32 *>(p));
+    if (reached((u32)v, target)) {
+      if (seen_out) *seen_out = v;
+      return true;
+    }
+    if ((i & 255u) == 0u) {
+      if (ld_volatile_u32(c.state() + LL_ST_ABORT) != 0u) return false;
+      if (tsep::globaltimer_ns() - start > c.timeout_ns) {
+        report_timeout(c, phase, peer, target, (u32)v);
+        return false;
+      }
+    }
+  }
+}
+
+// Kernel prologue: reads the call's sequence number from state word `word`; false (for the whole block)
+// when this rank has aborted after an earlier timeout.
+__device__ __forceinline__ bool begin(const Ctx &c, int word, u32 &epoch) {
+  __shared__ u32 s_epoch;
+  __shared__ u32 s_abort;
+  if (threadIdx.x == 0) {
+    s_epoch = ld_volatile_u32(c.state() + word);
+    s_abort = ld_volatile_u32(c.state() + LL_ST_ABORT);
+  }
+  __syncthreads();
+  epoch = s_epoch;
+  return s_abort == 0u;
+}
+
+// Last-block completion: every block calls it once after its stores; returns true in thread 0 of the
+// block that arrived last, after a system-scope fence, so that thread may publish everything the grid
+// wrote. Other blocks' stores are ordered before it by their own fence (the classic threadfence
+// reduction, at system scope because peers read what we wrote).
+__device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
+  __syncthreads();
+  if (threadIdx.x != 0) return false;
+  fence_sys();
+  u32 *arrive = c.state() + LL_ST_ARRIVE + counter;
+  const u32 prev = atomicAdd(arrive, 1u);
+  if (prev != gridDim.x - 1) return false;
+  atomicExch(arrive, 0u);
+  fence_sys();
+  return true;
+}
+
+__device__ __forceinline__ int load_expert(const void *topk, int i, bool idx64) {
+  long long e = idx64 ? reinterpret_cast<const long long *>(topk)[i] : reinterpret_cast<const int *>(topk)[i];
+  return (e >= 0 && e < LL_E) ? (int)e : -1;
+}
+
+// Addresses inside a rank's buffer.
+__device__ __forceinline__ u64 *dispatch_signal(u8 *base, int half, int src) {
+  return reinterpret_cast<u64 *>(base + LL_OFF_DSIG) + half * LL_R + src;
+}
+__device__ __forceinline__ u32 *dispatch_ack(u8 *base, int receiver) {
+  return reinterpret_cast<u32 *>(base + LL_OFF_DACK) + receiver;
+}
+__device__ __forceinline__ u32 *combine_signal(u8 *base, int half, int expert_rank) {
+  return reinterpret_cast<u32 *>(base + LL_OFF_CSIG) + half * LL_R + expert_rank;
+}
+__device__ __forceinline__ u32 *combine_ack(u8 *base, int owner) {
+  return reinterpret_cast<u32 *>(base + LL_OFF_CACK) + owner;
+}
+__device__ __forceinline__ u8 *dispatch_src(u8 *base, int half, int src) {
+  return base + LL_OFF_DAREA + (size_t)half * LL_DHALF + (size_t)src * LL_SRC;
+}
+__device__ __forceinline__ int *dispatch_route(u8 *base, int half, int src) {
+  return reinterpret_cast<int *>(dispatch_src(base, half, src));
+}
+__device__ __forceinline__ u8 *dispatch_msg(u8 *base, int half, int src, int t) {
+  return dispatch_src(base, half, src) + LL_ROUTE + (size_t)t * LL_MSG;
+}
+__device__ __forceinline__ u8 *combine_slot(u8 *base, int half, int t, int k) {
+  return base + LL_OFF_CAREA + (size_t)half * LL_CHALF + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
+}
+
+}  // namespace ll

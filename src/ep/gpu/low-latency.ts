@@ -1,0 +1,548 @@
+// The low-latency (decode) path of the GPU backend: DeepEP's low_latency_dispatch / low_latency_combine
+// over NVLink between the GPUs of one host, one process per GPU. docs/low-latency.md has the protocol,
+// the buffer layout with byte counts, and how it differs from DeepEP; kernels/low_latency.cu the kernels.
+//
+// Nothing here waits for the GPU: every call only enqueues kernels on the runtime's stream. Sequence
+// numbers, buffer halves and signals live on the device, so calls are capturable in a CUDA graph and
+// replays stay correct. Output tensors come from a small ring per payload type (OUTPUT_RING sets), so the
+// results of the last OUTPUT_RING dispatches (and combines) stay valid, as DeepEP keeps two buffers.
+
+import { DeviceTensor } from '../../device/device-tensor.ts';
+import { DeviceBuffer } from '../../device/memory.ts';
+import type { Kernel } from '../../device/module.ts';
+import type { Stream } from '../../device/stream.ts';
+import { SymmetricBuffer } from '../../dist/symmetric.ts';
+import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
+import type {
+  HandleOwner,
+  LowLatencyCombineRequest,
+  LowLatencyCombineResult,
+  LowLatencyDispatchRequest,
+  LowLatencyDispatchResult,
+  LowLatencyHandle,
+  RecvHook,
+  Tensor,
+} from '../types.ts';
+import { GpuEvent } from './event.ts';
+import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
+import type { GpuRuntime } from './runtime.ts';
+
+/** Output sets per payload type kept alive at once (a result is overwritten by the call this many later). */
+export const OUTPUT_RING = 2;
+
+const THREADS = 512;
+const WARPS = THREADS / 32;
+const FLAG_FP8 = 1;
+const FLAG_ROUND = 2;
+const FLAG_UE8M0 = 4;
+const FLAG_IDX64 = 8;
+
+const KERNEL_NAMES: Record<number, string> = {
+  1: 'dispatch send',
+  2: 'dispatch receive',
+  3: 'combine send',
+  4: 'combine receive',
+  5: 'clean',
+};
+const PHASES: Record<number, string> = {
+  1: 'for rank {peer} to free its receive half (it has not finished the call two before this one)',
+  2: "for rank {peer}'s data of this call",
+  3: 'for rank {peer} at the clean barrier',
+};
+
+/** Device wait bound: TSEP_TIMEOUT_S seconds (default 10). */
+function timeoutNs(): bigint {
+  const s = Number(process.env.TSEP_TIMEOUT_S ?? 10);
+  return BigInt(Math.round((Number.isFinite(s) && s > 0 ? s : 10) * 1e9));
+}
+
+/** The GPU backend's low-latency handle: the public fields plus what the combine kernels need. */
+export class GpuLowLatencyHandle implements LowLatencyHandle {
+  readonly kind = 'low-latency';
+  readonly owner: HandleOwner;
+  readonly numTokens: number;
+  readonly packedRecvSrcInfo: Tensor;
+  readonly packedRecvLayoutRange: Tensor;
+  /** [E_l, R·T_max] i32 (a bit mask): the source's top-k slots that chose this row's expert (bit k = slot k). */
+  readonly recvKMask: DeviceTensor;
+  /** The path that made it. */
+  readonly path: LowLatencyPath;
+
+  constructor(
+    path: LowLatencyPath,
+    owner: HandleOwner,
+    numTokens: number,
+    srcInfo: DeviceTensor,
+    layoutRange: DeviceTensor,
+    kmask: DeviceTensor,
+  ) {
+    this.path = path;
+    this.owner = owner;
+    this.numTokens = numTokens;
+    this.packedRecvSrcInfo = srcInfo as unknown as Tensor; // until Tensor is widened
+    this.packedRecvLayoutRange = layoutRange as unknown as Tensor; // until Tensor is widened
+    this.recvKMask = kmask;
+  }
+}
+
+/** An EpEvent that also raises a device timeout recorded by any low-latency kernel of its path. */
+class LlEvent extends GpuEvent {
+  private readonly check: () => void;
+  constructor(stream: Stream, check: () => void) {
+    super(stream);
+    this.check = check;
+  }
+  override async wait(): Promise<void> {
+    await super.wait();
+    this.check();
+  }
+}
+
+/** One set of dispatch outputs (device memory sized for the largest variant of its payload type). */
+interface DispatchSlot {
+  x: DeviceBuffer;
+  scales: DeviceBuffer | undefined;
+  count: DeviceBuffer;
+  srcInfo: DeviceBuffer;
+  range: DeviceBuffer;
+  kmask: DeviceBuffer;
+}
+
+export class LowLatencyPath {
+  readonly rt: GpuRuntime;
+  readonly layout: LlLayout;
+  private readonly sym: SymmetricBuffer;
+  private readonly owner: HandleOwner;
+  private readonly record: Int32Array;
+  private readonly timeout: bigint;
+  private readonly rank: number;
+  private readonly kDispatchSend: Kernel;
+  private readonly kDispatchRecv: Kernel;
+  private readonly kCombineSend: Kernel;
+  private readonly kCombineRecv: Kernel;
+  private readonly kClean: Kernel;
+  private readonly dispatchRings = new Map<'fp8' | 'bf16', DispatchSlot[]>();
+  private dispatchCalls = { fp8: 0, bf16: 0 };
+  private readonly combineRing: DeviceBuffer[] = [];
+  private combineCalls = 0;
+  private destroyed = false;
+  private readonly recvParts: number;
+  private readonly sendGridMax: number;
+
+  private constructor(
+    rt: GpuRuntime,
+    layout: LlLayout,
+    sym: SymmetricBuffer,
+    owner: HandleOwner,
+    kernels: Kernel[],
+  ) {
+    this.rt = rt;
+    this.layout = layout;
+    this.sym = sym;
+    this.owner = owner;
+    this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
+    this.timeout = timeoutNs();
+    this.rank = rt.group.localRank;
+    [this.kDispatchSend, this.kDispatchRecv, this.kCombineSend, this.kCombineRecv, this.kClean] = kernels as [
+      Kernel,
+      Kernel,
+      Kernel,
+      Kernel,
+      Kernel,
+    ];
+    const sms = rt.smCount;
+    // Blocks per local expert: about two resident 512-thread blocks per SM in all.
+    this.recvParts = Math.max(1, Math.floor((2 * sms) / layout.localExperts));
+    this.sendGridMax = 2 * sms;
+  }
+
+  /**
+   * Collective: every rank of the runtime's group calls it. Compiles the kernels for the buffer's shape
+   * and maps the ranks' symmetric buffers. `owner` goes into every handle (default: a label naming the
+   * rank).
+   */
+  static async create(rt: GpuRuntime, owner?: HandleOwner): Promise<LowLatencyPath> {
+    const { group, options } = rt;
+    if (group.size !== group.localSize) {
+      throw new TsepError(
+        'TSEP_UNSUPPORTED',
+        `The GPU low-latency mode runs over NVLink inside one host; this group has ${group.size} ranks, ${group.localSize} on this host.`,
+      );
+    }
+    if (group.size > 8 || group.size < 1) {
+      throw new ValidationError('group size', String(group.size), '1 to 8 ranks (one NVLink host)');
+    }
+    if (options.maxTokensPerRank > 65535 || group.size * options.maxTokensPerRank > 16384) {
+      throw new ValidationError(
+        'maxTokensPerRank',
+        String(options.maxTokensPerRank),
+        `at most 65535 and ranks × maxTokensPerRank ≤ 16384 for the low-latency mode (${group.size} ranks)`,
+      );
+    }
+    const layout = llLayout({
+      numRanks: group.size,
+      localExperts: options.numExperts / group.size,
+      hidden: options.hidden,
+      maxTokensPerRank: options.maxTokensPerRank,
+      numTopk: options.numTopk,
+    });
+    const mod = await rt.kernels('low_latency.cu', llDefines(layout));
+    const common = ['ptr', 'ptr', 'i32', 'u64'] as const;
+    const kernels = [
+      mod.kernel('ll_dispatch_send', [...common, 'ptr', 'ptr', 'i32', 'i32', 'i32']),
+      mod.kernel('ll_dispatch_recv', [...common, 'ptr', 'ptr', 'ptr', 'ptr', 'ptr', 'ptr', 'i32', 'i32']),
+      mod.kernel('ll_combine_send', [...common, 'ptr', 'ptr', 'ptr', 'ptr']),
+      mod.kernel('ll_combine_recv', [...common, 'ptr', 'ptr', 'ptr', 'i32', 'i32', 'i32']),
+      mod.kernel('ll_clean', [...common]),
+    ];
+    const sym = await SymmetricBuffer.create(group, layout.totalBytes, rt.device);
+    const path = new LowLatencyPath(
+      rt,
+      layout,
+      sym,
+      owner ?? { label: `GPU low-latency path (rank ${group.rank} of ${group.size})` },
+      kernels,
+    );
+    // The buffer's default payload type gets its outputs now, outside any graph capture.
+    for (let i = 0; i < OUTPUT_RING; i++) {
+      path.dispatchSlot(options.fp8 ? 'fp8' : 'bf16', i);
+      path.combineSlot(i);
+    }
+    return path;
+  }
+
+  /** Bytes of the symmetric (peer-mapped) buffer of this rank. */
+  bytes(): number {
+    return this.layout.totalBytes;
+  }
+
+  /** Bytes of the output rings allocated so far (device memory outside the symmetric buffer). */
+  outputBytes(): number {
+    let n = 0;
+    for (const ring of this.dispatchRings.values()) {
+      for (const s of ring)
+        n +=
+          s.x.bytes +
+          (s.scales?.bytes ?? 0) +
+          s.count.bytes +
+          s.srcInfo.bytes +
+          s.range.bytes +
+          s.kmask.bytes;
+    }
+    for (const b of this.combineRing) n += b.bytes;
+    return n;
+  }
+
+  // ------------------------------------------------------------------------------------------ dispatch
+
+  dispatch(req: LowLatencyDispatchRequest): LowLatencyDispatchResult {
+    this.checkUsable();
+    const rt = this.rt;
+    const x = rt.onDevice('x', req.x);
+    const topk = rt.onDevice('topkIdx', req.topkIdx);
+    const [T, K] = topk.shape as [number, number];
+    const L = this.layout;
+    this.checkShape(x, T, K);
+    const flags =
+      (req.fp8 ? FLAG_FP8 : 0) |
+      (req.roundScale || req.ue8m0 ? FLAG_ROUND : 0) |
+      (req.ue8m0 ? FLAG_UE8M0 : 0) |
+      (topk.dtype === 'i64' ? FLAG_IDX64 : 0);
+    const kind = req.fp8 ? 'fp8' : 'bf16';
+    const slot = this.dispatchSlot(kind, this.dispatchCalls[kind]++ % OUTPUT_RING);
+
+    const chunks = Math.ceil(L.hidden / 512);
+    const sendGrid = Math.min(this.sendGridMax, Math.max(1, Math.ceil((T * chunks) / WARPS)));
+    this.kDispatchSend.launch({ grid: sendGrid, block: THREADS, stream: rt.stream }, [
+      this.sym.peerTable.ptr,
+      this.sym.signal.devicePtr,
+      this.rank,
+      this.timeout,
+      x.ptr,
+      topk.ptr,
+      T,
+      K,
+      flags,
+    ]);
+    const recv = (): void => {
+      this.kDispatchRecv.launch(
+        {
+          grid: L.localExperts * this.recvParts,
+          block: THREADS,
+          sharedBytes: 8 * L.numRanks * L.maxTokensPerRank,
+          stream: rt.stream,
+        },
+        [
+          this.sym.peerTable.ptr,
+          this.sym.signal.devicePtr,
+          this.rank,
+          this.timeout,
+          slot.x.ptr,
+          slot.scales?.ptr ?? 0n,
+          slot.count.ptr,
+          slot.srcInfo.ptr,
+          slot.range.ptr,
+          slot.kmask.ptr,
+          flags,
+          this.recvParts,
+        ],
+      );
+    };
+
+    const El = L.localExperts;
+    const RT = L.numRanks * L.maxTokensPerRank;
+    const H = L.hidden;
+    const dev = rt.device;
+    const recvX = new DeviceTensor(req.fp8 ? 'fp8_e4m3' : 'bf16', [El, RT, H], slot.x.ptr, { device: dev });
+    let recvScales: DeviceTensor | undefined;
+    if (req.fp8) {
+      const cols = req.ue8m0 ? Math.ceil(Math.ceil(H / 128) / 4) : Math.ceil(H / 128);
+      // Column-major in the last two dims: stored [E_l, cols, R·T_max].
+      recvScales = new DeviceTensor(req.ue8m0 ? 'i32' : 'f32', [El, RT, cols], slot.scales!.ptr, {
+        device: dev,
+        strides: [cols * RT, 1, RT],
+      });
+    }
+    const handle = new GpuLowLatencyHandle(
+      this,
+      this.owner,
+      T,
+      new DeviceTensor('i32', [El, RT], slot.srcInfo.ptr, { device: dev }),
+      new DeviceTensor('i64', [El, L.numRanks], slot.range.ptr, { device: dev }),
+      new DeviceTensor('i32', [El, RT], slot.kmask.ptr, { device: dev }),
+    );
+    const recvCount = new DeviceTensor('i32', [El], slot.count.ptr, { device: dev });
+
+    if (req.returnRecvHook) {
+      const event = this.event();
+      return {
+        recvX: recvX as unknown as Tensor, // until Tensor is widened
+        ...(recvScales ? { recvScales: recvScales as unknown as Tensor } : {}),
+        recvCount: recvCount as unknown as Tensor,
+        handle,
+        event,
+        hook: this.hookOnce('dispatch', recv),
+      };
+    }
+    recv();
+    return {
+      recvX: recvX as unknown as Tensor, // until Tensor is widened
+      ...(recvScales ? { recvScales: recvScales as unknown as Tensor } : {}),
+      recvCount: recvCount as unknown as Tensor,
+      handle,
+      event: this.event(),
+    };
+  }
+
+  // ------------------------------------------------------------------------------------------- combine
+
+  combine(req: LowLatencyCombineRequest): LowLatencyCombineResult {
+    this.checkUsable();
+    const handle = req.handle;
+    if (!(handle instanceof GpuLowLatencyHandle) || handle.path !== this) {
+      throw new ValidationError(
+        'handle',
+        'a handle from another buffer or backend',
+        "the handle of this buffer's lowLatencyDispatch",
+      );
+    }
+    const rt = this.rt;
+    const x = rt.onDevice('x', req.x);
+    const topk = rt.onDevice('topkIdx', req.topkIdx);
+    const w = rt.onDevice('topkWeights', req.topkWeights);
+    const [T, K] = topk.shape as [number, number];
+    const L = this.layout;
+    this.checkShape(undefined, T, K);
+    if (x.shape.join() !== [L.localExperts, L.numRanks * L.maxTokensPerRank, L.hidden].join()) {
+      throw new ValidationError(
+        'x',
+        `shape [${x.shape.join(', ')}]`,
+        'the dispatch layout [E_l, R·T_max, H]',
+      );
+    }
+    const out = this.combineSlot(this.combineCalls++ % OUTPUT_RING);
+    const srcInfo = handle.packedRecvSrcInfo as unknown as DeviceTensor; // until Tensor is widened
+    const range = handle.packedRecvLayoutRange as unknown as DeviceTensor;
+
+    this.kCombineSend.launch(
+      {
+        grid: this.sendGridMax,
+        block: THREADS,
+        sharedBytes: 4 * (2 * L.localExperts * L.numRanks + L.localExperts + 1),
+        stream: rt.stream,
+      },
+      [
+        this.sym.peerTable.ptr,
+        this.sym.signal.devicePtr,
+        this.rank,
+        this.timeout,
+        x.ptr,
+        srcInfo.ptr,
+        range.ptr,
+        handle.recvKMask.ptr,
+      ],
+    );
+    const recv = (): void => {
+      const items = T * (L.hidden / 8);
+      this.kCombineRecv.launch(
+        {
+          grid: Math.min(4 * rt.smCount, Math.max(1, Math.ceil(items / THREADS))),
+          block: THREADS,
+          stream: rt.stream,
+        },
+        [
+          this.sym.peerTable.ptr,
+          this.sym.signal.devicePtr,
+          this.rank,
+          this.timeout,
+          topk.ptr,
+          w.ptr,
+          out.ptr,
+          T,
+          K,
+          topk.dtype === 'i64' ? FLAG_IDX64 : 0,
+        ],
+      );
+    };
+    const combinedX = new DeviceTensor('bf16', [T, L.hidden], out.ptr, { device: rt.device });
+    if (req.returnRecvHook) {
+      return {
+        combinedX: combinedX as unknown as Tensor, // until Tensor is widened
+        event: this.event(),
+        hook: this.hookOnce('combine', recv),
+      };
+    }
+    recv();
+    return { combinedX: combinedX as unknown as Tensor, event: this.event() };
+  }
+
+  // ------------------------------------------------------------------------------------ maintenance
+
+  /** Fills every output tensor allocated so far with `byte` (stream-ordered): tests poison outputs. */
+  fillOutputs(byte: number): void {
+    const stream = this.rt.stream;
+    for (const ring of this.dispatchRings.values()) {
+      for (const s of ring) {
+        for (const b of [s.x, s.scales, s.count, s.srcInfo, s.range, s.kmask]) b?.fill(byte, stream);
+      }
+    }
+    for (const b of this.combineRing) b.fill(byte, stream);
+  }
+
+  /**
+   * Collective (every rank calls it): resets every signal, sequence number and the timeout state on the
+   * device, behind a device-side barrier of the ranks. Needed only after a timeout; enqueued, no host wait.
+   */
+  clean(): void {
+    if (this.destroyed) throw new DisposedError('LowLatencyPath');
+    this.record.fill(0);
+    this.kClean.launch({ grid: 1, block: 32, stream: this.rt.stream }, [
+      this.sym.peerTable.ptr,
+      this.sym.signal.devicePtr,
+      this.rank,
+      this.timeout,
+    ]);
+  }
+
+  /** The timeout a kernel of this path reported, as the message of an EpTimeoutError; undefined if none. */
+  deviceError(): string | undefined {
+    const r = this.record;
+    if (Atomics.load(r, LL_RECORD.flag) !== 1) return undefined;
+    const kernel = KERNEL_NAMES[r[LL_RECORD.kernel]!] ?? `kernel ${r[LL_RECORD.kernel]}`;
+    const peer = r[LL_RECORD.peer]!;
+    const phase = (PHASES[r[LL_RECORD.phase]!] ?? 'for rank {peer}').replace('{peer}', String(peer));
+    const seconds = Number(this.timeout) / 1e9;
+    return (
+      `Low-latency ${kernel} kernel on rank ${r[LL_RECORD.rank]} timed out after ${seconds} s waiting ${phase} ` +
+      `(expected sequence ≥ ${r[LL_RECORD.expected]! >>> 0}, saw ${r[LL_RECORD.seen]! >>> 0}; block ${r[LL_RECORD.block]}). ` +
+      'A rank is missing, stuck or made a different call. Every rank must make the same low-latency calls in ' +
+      'the same order, and call a hook at most two calls later. Call clean() on every rank before the next call ' +
+      '(TSEP_TIMEOUT_S sets the bound).'
+    );
+  }
+
+  /** Waits for the path's work, then collectively releases the symmetric buffer and the outputs. */
+  async destroy(): Promise<void> {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    await this.rt.stream.synchronize();
+    await this.sym.destroy();
+    for (const ring of this.dispatchRings.values()) {
+      for (const s of ring) {
+        for (const b of [s.x, s.scales, s.count, s.srcInfo, s.range, s.kmask]) b?.dispose();
+      }
+    }
+    for (const b of this.combineRing) b.dispose();
+  }
+
+  // ---------------------------------------------------------------------------------------- internals
+
+  private checkUsable(): void {
+    if (this.destroyed) throw new DisposedError('LowLatencyPath');
+    const msg = this.deviceError();
+    if (msg !== undefined) throw new EpTimeoutError(msg);
+  }
+
+  // EpBuffer validates requests; these checks only keep the kernels inside their buffers.
+  private checkShape(x: DeviceTensor | undefined, T: number, K: number): void {
+    const L = this.layout;
+    if (T > L.maxTokensPerRank)
+      throw new ValidationError('tokens', String(T), `at most ${L.maxTokensPerRank}`);
+    if (K < 1 || K > L.numTopk) throw new ValidationError('topk', String(K), `1 to ${L.numTopk}`);
+    if (x && (x.shape.length !== 2 || x.shape[0] !== T || x.shape[1] !== L.hidden)) {
+      throw new ValidationError('x', `shape [${x.shape.join(', ')}]`, `[${T}, ${L.hidden}]`);
+    }
+  }
+
+  private event(): LlEvent {
+    return new LlEvent(this.rt.stream, () => {
+      const msg = this.deviceError();
+      if (msg !== undefined) throw new EpTimeoutError(msg);
+    });
+  }
+
+  private hookOnce(what: string, recv: () => void): RecvHook {
+    let called = false;
+    return () => {
+      if (called)
+        throw new TsepError('TSEP_UNSUPPORTED', `This low-latency ${what} hook was already called.`);
+      if (this.destroyed) throw new DisposedError('LowLatencyPath');
+      called = true;
+      recv();
+    };
+  }
+
+  private dispatchSlot(kind: 'fp8' | 'bf16', i: number): DispatchSlot {
+    let ring = this.dispatchRings.get(kind);
+    if (!ring) {
+      ring = [];
+      this.dispatchRings.set(kind, ring);
+    }
+    let slot = ring[i];
+    if (!slot) {
+      const L = this.layout;
+      const dev = this.rt.device;
+      const rows = L.localExperts * L.numRanks * L.maxTokensPerRank;
+      slot = {
+        x: DeviceBuffer.alloc(rows * L.hidden * (kind === 'fp8' ? 1 : 2), dev),
+        scales: kind === 'fp8' ? DeviceBuffer.alloc(rows * Math.ceil(L.hidden / 128) * 4, dev) : undefined,
+        count: DeviceBuffer.alloc(L.localExperts * 4, dev),
+        srcInfo: DeviceBuffer.alloc(rows * 4, dev),
+        range: DeviceBuffer.alloc(L.localExperts * L.numRanks * 8, dev),
+        kmask: DeviceBuffer.alloc(rows * 4, dev),
+      };
+      ring[i] = slot;
+    }
+    return slot;
+  }
+
+  private combineSlot(i: number): DeviceBuffer {
+    let b = this.combineRing[i];
+    if (!b) {
+      const L = this.layout;
+      b = DeviceBuffer.alloc(Math.max(1, L.maxTokensPerRank * L.hidden * 2), this.rt.device);
+      this.combineRing[i] = b;
+    }
+    return b;
+  }
+}
