@@ -1,0 +1,403 @@
+// Low-latency dispatch/combine on the GPU backend: time per call, per phase (receive hooks), host
+// overhead, buffer bytes, and NCCL all-to-all of the same bytes in the same run.
+//
+//   node src/cli/main.ts launch -n 4 -- node bench/low-latency.ts [--tokens 128] [--hidden 7168]
+//       [--experts 288] [--topk 8] [--iters 200] [--warmup 20] [--sets 4] [--bf16]
+//
+// Standard shape (docs/low-latency.md): 128 tokens per rank, hidden 7168, top-8 of 288 experts, FP8
+// dispatch, BF16 combine, routing uniformly random (no -1). Every iteration uses the next of `sets` input
+// sets (fresh random activations and routing), so no call sees the inputs of the one before it.
+// Times are CUDA events around the enqueued work of one iteration, back to back after warm-up; an
+// iteration's time is the slowest rank's; tables show the median (p10/p90) over iterations.
+// Logical bandwidth counts as DeepEP's test_low_latency.py does: per valid (token, expert) selection,
+// dispatch moves H + H/128·4 + 16 bytes (FP8) or 2H + 16 (BF16) and combine 2H bytes.
+// Phase times (hook mode) are taken with every rank's send phase finished (a host barrier between).
+// Rank 0 prints the table and writes JSON (TSEP_BENCH_OUT, else $OUT/low-latency.json, else bench/out/).
+
+import { randomFillSync } from 'node:crypto';
+import { parseArgs } from 'node:util';
+import { Rng } from '../src/cpu/random.ts';
+import { DeviceTensor } from '../src/device/device-tensor.ts';
+import { DeviceBuffer } from '../src/device/memory.ts';
+import { Event } from '../src/device/stream.ts';
+import { HostTensor } from '../src/device/tensor.ts';
+import { initProcessGroup } from '../src/dist/init.ts';
+import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
+import { LowLatencyPath } from '../src/ep/gpu/low-latency.ts';
+import { GpuRuntime } from '../src/ep/gpu/runtime.ts';
+import type { Tensor } from '../src/ep/types.ts';
+import { resolveOptions } from '../src/ep/validate.ts';
+import { gbPerS, printTable, summarize, writeResult } from './stats.ts';
+
+const { values } = parseArgs({
+  options: {
+    tokens: { type: 'string', default: '128' },
+    hidden: { type: 'string', default: '7168' },
+    experts: { type: 'string', default: '288' },
+    topk: { type: 'string', default: '8' },
+    iters: { type: 'string', default: '200' },
+    warmup: { type: 'string', default: '20' },
+    sets: { type: 'string', default: '4' },
+    'phase-iters': { type: 'string', default: '40' },
+    bf16: { type: 'boolean', default: false },
+  },
+  strict: true,
+});
+const T = Number(values.tokens);
+const H = Number(values.hidden);
+const E = Number(values.experts);
+const K = Number(values.topk);
+const ITERS = Number(values.iters);
+const WARMUP = Number(values.warmup);
+const SETS = Number(values.sets);
+const PHASE_ITERS = Number(values['phase-iters']);
+const FP8 = !values.bf16;
+const WAIT_MS = 120_000;
+
+const group = await initProcessGroup({ timeoutMs: WAIT_MS });
+const R = group.size;
+const me = group.rank;
+const options = resolveOptions(
+  {
+    hidden: H,
+    maxTokensPerRank: T,
+    numExperts: E,
+    numTopk: K,
+    mode: 'low-latency',
+    fp8: FP8,
+    backend: 'gpu',
+  },
+  R,
+);
+const rt = GpuRuntime.create({ group, options, owner: { label: `bench rank ${me}` } });
+const dev = rt.device;
+const stream = rt.stream;
+const t0 = performance.now();
+const path = await LowLatencyPath.create(rt);
+const createMs = performance.now() - t0;
+const El = E / R;
+const RT = R * T;
+
+// ------------------------------------------------------------------------------------------ inputs
+
+const seed = Number(process.env.TSEP_BENCH_SEED ?? Math.floor(Math.random() * 2 ** 31)) >>> 0;
+if (me === 0) process.stdout.write(`bench/low-latency seed ${seed}\n`);
+const rng = new Rng(seed + 7919 * me);
+
+function randomBf16Bits(n: number): Uint16Array {
+  const out = new Uint16Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = rng.u32();
+    out[i] = ((u >>> 31) << 15) | ((120 + (u % 11)) << 7) | ((u >>> 8) & 0x7f);
+  }
+  return out;
+}
+
+interface InputSet {
+  x: DeviceTensor;
+  topk: DeviceTensor;
+  weights: DeviceTensor;
+  selections: number;
+  /** Expected tokens this rank sends to each rank (deduplicated), for the byte count. */
+  rankTokens: number;
+}
+
+const sets: InputSet[] = [];
+for (let s = 0; s < SETS; s++) {
+  const ids = new BigInt64Array(T * K);
+  let rankTokens = 0;
+  for (let t = 0; t < T; t++) {
+    const picks = rng.distinct(E, K);
+    const ranks = new Set<number>();
+    for (let k = 0; k < K; k++) {
+      ids[t * K + k] = BigInt(picks[k]!);
+      ranks.add(Math.floor(picks[k]! / El));
+    }
+    rankTokens += ranks.size;
+  }
+  const w = new Float32Array(T * K);
+  for (let i = 0; i < w.length; i++) w[i] = rng.float();
+  sets.push({
+    x: DeviceTensor.fromHost(HostTensor.from('bf16', [T, H], randomBf16Bits(T * H)), dev),
+    topk: DeviceTensor.fromHost(HostTensor.from('i64', [T, K], ids), dev),
+    weights: DeviceTensor.fromHost(HostTensor.from('f32', [T, K], w), dev),
+    selections: T * K,
+    rankTokens,
+  });
+}
+// Expert outputs for combine: random bf16 over the whole [E_l, R·T, H] (a 16 MiB random block repeated).
+const y = DeviceTensor.empty('bf16', [El, RT, H], dev);
+{
+  const block = randomBf16Bits(8 << 20);
+  for (let off = 0; off < y.byteLength; off += block.byteLength) {
+    const n = Math.min(block.byteLength, y.byteLength - off);
+    y.owner!.copyFromHost(new Uint8Array(block.buffer, 0, n), off);
+  }
+}
+
+const asT = (t: DeviceTensor): Tensor => t as unknown as Tensor;
+const dispatch = (i: number, hook = false) =>
+  path.dispatch({
+    x: asT(sets[i % SETS]!.x),
+    topkIdx: asT(sets[i % SETS]!.topk),
+    fp8: FP8,
+    roundScale: false,
+    ue8m0: false,
+    returnRecvHook: hook,
+  });
+const combine = (i: number, handle: ReturnType<typeof dispatch>['handle'], hook = false) =>
+  path.combine({
+    x: asT(y),
+    topkIdx: asT(sets[i % SETS]!.topk),
+    topkWeights: asT(sets[i % SETS]!.weights),
+    handle,
+    returnRecvHook: hook,
+  });
+
+async function settle(what: string): Promise<void> {
+  await stream.synchronize({ timeoutMs: WAIT_MS, what });
+  const err = path.deviceError();
+  if (err) throw new Error(err);
+}
+
+// Sanity: the counts of one dispatch equal what the routing asks for (a run that moves nothing fails).
+{
+  const d = dispatch(0);
+  await d.event.wait();
+  const got = (d.recvCount as unknown as DeviceTensor).toHost().data as Int32Array;
+  const all = await group.allGather(new Uint8Array(sets[0]!.topk.toHost().bytes()));
+  const want = new Int32Array(El);
+  for (const b of all) {
+    const ids = new BigInt64Array(b.slice().buffer);
+    for (const e of ids) if (Number(e) >= me * El && Number(e) < (me + 1) * El) want[Number(e) - me * El]!++;
+  }
+  for (let e = 0; e < El; e++) {
+    if (got[e] !== want[e]) throw new Error(`sanity: recvCount[${e}] = ${got[e]}, want ${want[e]}`);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ timing
+
+const timing = () => Event.create(dev, { timing: true });
+
+/** Back-to-back timed iterations: `fn(i, start, end)` records start/end around what it times. */
+async function timed(
+  iters: number,
+  fn: (i: number, start: Event, end: Event, warm: boolean) => void,
+  what: string,
+): Promise<number[]> {
+  const [ws, we] = [timing(), timing()];
+  for (let i = 0; i < WARMUP; i++) fn(i, ws, we, true);
+  await settle(`${what} warm-up`);
+  ws.dispose();
+  we.dispose();
+  await group.barrier();
+  const starts = Array.from({ length: iters }, timing);
+  const ends = Array.from({ length: iters }, timing);
+  for (let i = 0; i < iters; i++) fn(i, starts[i]!, ends[i]!, false);
+  await settle(what);
+  const ms = starts.map((s, i) => Event.elapsedMs(s, ends[i]!));
+  for (const e of [...starts, ...ends]) e.dispose();
+  return slowest(ms);
+}
+
+/** Per iteration, the slowest rank's time. */
+async function slowest(ms: number[]): Promise<number[]> {
+  const all = (await group.allGather(new Uint8Array(Float64Array.from(ms).buffer))).map(
+    (b) => new Float64Array(b.slice().buffer),
+  );
+  return ms.map((_, i) => Math.max(...all.map((r) => r[i]!)));
+}
+
+const hostDispatchUs: number[] = [];
+const hostCombineUs: number[] = [];
+
+const dispatchMs = await timed(
+  ITERS,
+  (i, s, e, warm) => {
+    s.record(stream);
+    const a = performance.now();
+    dispatch(i);
+    if (!warm) hostDispatchUs.push((performance.now() - a) * 1000);
+    e.record(stream);
+  },
+  'dispatch',
+);
+const combineMs = await timed(
+  ITERS,
+  (i, s, e, warm) => {
+    const d = dispatch(i);
+    s.record(stream);
+    const a = performance.now();
+    combine(i, d.handle);
+    if (!warm) hostCombineUs.push((performance.now() - a) * 1000);
+    e.record(stream);
+  },
+  'combine',
+);
+const bothMs = await timed(
+  ITERS,
+  (i, s, e) => {
+    s.record(stream);
+    const d = dispatch(i);
+    combine(i, d.handle);
+    e.record(stream);
+  },
+  'dispatch+combine',
+);
+
+// Phases (hook mode): each phase timed alone, every rank's send phase complete before any receive phase.
+const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as number[], crecv: [] as number[] };
+{
+  const ev = Array.from({ length: 8 }, timing);
+  for (let i = 0; i < PHASE_ITERS + 3; i++) {
+    await group.barrier();
+    ev[0]!.record(stream);
+    const d = dispatch(i, true);
+    ev[1]!.record(stream);
+    await settle('dispatch send phase');
+    await group.barrier();
+    ev[2]!.record(stream);
+    await d.hook!();
+    ev[3]!.record(stream);
+    await settle('dispatch receive phase');
+    await group.barrier();
+    ev[4]!.record(stream);
+    const c = combine(i, d.handle, true);
+    ev[5]!.record(stream);
+    await settle('combine send phase');
+    await group.barrier();
+    ev[6]!.record(stream);
+    await c.hook!();
+    ev[7]!.record(stream);
+    await settle('combine receive phase');
+    if (i < 3) continue; // warm-up
+    phase.dsend.push(Event.elapsedMs(ev[0]!, ev[1]!));
+    phase.drecv.push(Event.elapsedMs(ev[2]!, ev[3]!));
+    phase.csend.push(Event.elapsedMs(ev[4]!, ev[5]!));
+    phase.crecv.push(Event.elapsedMs(ev[6]!, ev[7]!));
+  }
+  for (const e of ev) e.dispose();
+}
+const phaseSlowest = {
+  dsend: await slowest(phase.dsend),
+  drecv: await slowest(phase.drecv),
+  csend: await slowest(phase.csend),
+  crecv: await slowest(phase.crecv),
+};
+
+// ------------------------------------------------------------------------------------------- bytes
+
+const avg = (f: (s: InputSet) => number) => sets.reduce((a, s) => a + f(s), 0) / SETS;
+const dispatchRowBytes = FP8 ? H + (H / 128) * 4 + 16 : 2 * H + 16;
+const dispatchLogical = avg((s) => s.selections) * dispatchRowBytes; // DeepEP's count, bytes per rank
+const combineLogical = avg((s) => s.selections) * 2 * H;
+const msgBytes = FP8 ? H + (H / 128) * 4 : 2 * H;
+const dispatchWire = avg((s) => s.rankTokens) * msgBytes; // what tsep moves (one copy per rank)
+
+// ------------------------------------------------------------------------------------------- NCCL
+
+async function ncclMs(bytesPerRank: number): Promise<number[]> {
+  const count = Math.max(64, Math.floor(bytesPerRank / 2 / R / 64) * 64);
+  const send = DeviceBuffer.alloc(count * 2 * R, dev);
+  const recv = DeviceBuffer.alloc(count * 2 * R, dev);
+  send.copyFromHost(randomFillSync(new Uint8Array(count * 2 * R)));
+  const ms = await timed(
+    ITERS,
+    (_, s, e) => {
+      s.record(stream);
+      comm.allToAll(send.ptr, recv.ptr, count, 'bf16', stream);
+      e.record(stream);
+    },
+    'NCCL all-to-all',
+  );
+  comm.checkAsyncError();
+  send.dispose();
+  recv.dispose();
+  return ms;
+}
+const comm = await NcclCommunicator.create(group, dev);
+const ncclDispatchMs = await ncclMs(dispatchLogical);
+const ncclCombineMs = await ncclMs(combineLogical);
+
+// ------------------------------------------------------------------------------------------ report
+
+const us = (ms: number[]) => {
+  const s = summarize(ms);
+  return { median: s.median * 1000, p10: s.p10 * 1000, p90: s.p90 * 1000 };
+};
+const rows = [
+  ['dispatch', us(dispatchMs), dispatchLogical],
+  ['combine', us(combineMs), combineLogical],
+  ['dispatch+combine', us(bothMs), dispatchLogical + combineLogical],
+  ['dispatch send (hook)', us(phaseSlowest.dsend), undefined],
+  ['dispatch recv (hook)', us(phaseSlowest.drecv), undefined],
+  ['combine send (hook)', us(phaseSlowest.csend), undefined],
+  ['combine recv (hook)', us(phaseSlowest.crecv), undefined],
+  ['NCCL a2a, dispatch bytes', us(ncclDispatchMs), dispatchLogical],
+  ['NCCL a2a, combine bytes', us(ncclCombineMs), combineLogical],
+] as const;
+const host = { dispatch: summarize(hostDispatchUs).median, combine: summarize(hostCombineUs).median };
+const allHost = (
+  await group.allGather(new Uint8Array(Float64Array.from([host.dispatch, host.combine]).buffer))
+).map((b) => new Float64Array(b.slice().buffer));
+
+if (me === 0) {
+  process.stdout.write(
+    `low-latency, ${R} ranks on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E} experts, ${FP8 ? 'FP8' : 'BF16'} dispatch, BF16 combine; ` +
+      `${WARMUP} warm-up + ${ITERS} timed iterations (${PHASE_ITERS} for phases), ${SETS} input sets; ` +
+      `slowest rank per iteration, median\n`,
+  );
+  printTable(
+    [
+      { header: 'op', align: 'left' },
+      { header: 'median us', digits: 1 },
+      { header: 'p10 us', digits: 1 },
+      { header: 'p90 us', digits: 1 },
+      { header: 'logical GB/s', digits: 1 },
+    ],
+    rows.map(([name, t, bytes]) => [
+      name,
+      t.median,
+      t.p10,
+      t.p90,
+      bytes === undefined ? undefined : gbPerS(bytes, t.median / 1000),
+    ]),
+  );
+  const ratio = (a: number[], b: number[]) => summarize(a).median / summarize(b).median;
+  process.stdout.write(
+    `NCCL all-to-all / tsep: dispatch ${ratio(ncclDispatchMs, dispatchMs).toFixed(2)}x, combine ${ratio(ncclCombineMs, combineMs).toFixed(2)}x\n` +
+      `host overhead per call (API entry to launched, median, max over ranks): dispatch ${Math.max(...allHost.map((h) => h[0]!)).toFixed(1)} us, ` +
+      `combine ${Math.max(...allHost.map((h) => h[1]!)).toFixed(1)} us\n` +
+      `bytes per rank: symmetric buffer ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
+      `(${(path.outputBytes() / 2 ** 20).toFixed(1)} MiB); NVLink payload per dispatch ${Math.round(dispatchWire)} B ` +
+      `vs DeepEP-logical ${Math.round(dispatchLogical)} B; create ${createMs.toFixed(0)} ms\n`,
+  );
+  const out = writeResult('low-latency', {
+    bench: 'low-latency',
+    date: new Date().toISOString(),
+    ranks: R,
+    device: dev.info.name,
+    shape: { tokens: T, hidden: H, experts: E, topk: K, fp8Dispatch: FP8 },
+    iters: ITERS,
+    warmup: WARMUP,
+    phaseIters: PHASE_ITERS,
+    inputSets: SETS,
+    seed,
+    timing:
+      'CUDA events per iteration, back to back; per iteration the slowest rank; median (p10, p90) in us',
+    results: Object.fromEntries(rows.map(([name, t, bytes]) => [name, { ...t, logicalBytes: bytes }])),
+    ncclOverTsep: { dispatch: ratio(ncclDispatchMs, dispatchMs), combine: ratio(ncclCombineMs, combineMs) },
+    hostOverheadUs: { dispatch: allHost.map((h) => h[0]), combine: allHost.map((h) => h[1]) },
+    bytesPerRank: { symmetric: path.bytes(), outputRings: path.outputBytes() },
+    dispatchBytesPerRank: { tsepNvlinkPayload: dispatchWire, deepepLogical: dispatchLogical },
+  });
+  process.stdout.write(`wrote ${out}\n`);
+}
+
+await settle('the end');
+comm.destroy();
+await path.destroy();
+for (const s of sets) for (const t of [s.x, s.topk, s.weights]) t.dispose();
+y.dispose();
+await group.destroy();
