@@ -86,6 +86,10 @@ async function timeCall(fn: () => Promise<unknown>): Promise<number[]> {
   await group.barrier();
   const ev = Array.from({ length: 2 * iters }, () => Event.create(dev, { timing: true }));
   for (let i = 0; i < iters; i++) {
+    // Every rank starts the call together: a call's first barrier would otherwise time the other ranks'
+    // lateness (host enqueue skew) as this rank's work.
+    await stream.synchronize();
+    await group.barrier();
     beforeEach();
     ev[2 * i]!.record(stream);
     results.push(await fn());

@@ -301,21 +301,26 @@ extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const in
 
 // ------------------------------------------------------------------------------------------ combine
 // Expert side: row i of x came from source rank s (the block of the rank prefix column it falls in) and
-// was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token].
-extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const int *recv_count,
-                                                                   const u8 *x, const int *src_idx,
-                                                                   const int *rank_prefix, const float *weights,
-                                                                   Areas areas) {
+// was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token]. Warps walk the rows
+// interleaved across sources (row k of source 0, of source 1, ...), so every link carries traffic at once
+// instead of one destination after the other.
+extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
+                                                                   const int *src_idx, const int *rank_prefix,
+                                                                   const float *weights, Areas areas) {
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
-  const int n = *recv_count;
-  int bound[R];
+  int start[R], count[R];
+  int most = 0;
 #pragma unroll
-  for (int s = 0; s < R; ++s) bound[s] = rank_prefix[s * R + me];
-  for (int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < n; i += warps) {
-    int s = 0;
-#pragma unroll
-    for (int q = 0; q < R - 1; ++q) s += i >= bound[q];
+  for (int s = 0; s < R; ++s) {
+    start[s] = s > 0 ? rank_prefix[(s - 1) * R + me] : 0;
+    count[s] = rank_prefix[s * R + me] - start[s];
+    most = max(most, count[s]);
+  }
+  for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < R * most; j += warps) {
+    const int s = j % R, k = j / R;
+    if (k >= count[s]) continue;
+    const int i = start[s] + k;
     const int t = src_idx[i];
     u8 *base = reinterpret_cast<u8 *>(peers[s]);
     const size_t slot = (size_t)me * TSEP_TMAX + t;

@@ -13,10 +13,11 @@ export interface PollOptions {
 export async function pollUntil(done: () => boolean, options: PollOptions = {}): Promise<void> {
   if (done()) return;
   const start = performance.now();
-  let spins = 0;
   for (;;) {
-    // The first few hundred polls ride the event loop's check phase (µs apart); after that, timers.
-    await new Promise<void>((r) => (spins++ < 200 ? setImmediate(r) : setTimeout(r, 1)));
+    // For the first 20 ms, polls ride the event loop's check phase (µs apart, other events still run);
+    // after that, 1 ms timers, so a long wait costs no CPU.
+    const fast = performance.now() - start < 20;
+    await new Promise<void>((r) => (fast ? setImmediate(r) : setTimeout(r, 1)));
     if (done()) return;
     if (options.timeoutMs !== undefined && performance.now() - start > options.timeoutMs) {
       throw new EpTimeoutError(

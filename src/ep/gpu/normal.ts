@@ -444,7 +444,6 @@ export class NormalPath {
         'ptr',
         'ptr',
         'ptr',
-        'ptr',
         'u64',
         'u64',
         'u64',
@@ -454,7 +453,6 @@ export class NormalPath {
       .launch({ grid: this.numSms, block: SEND_THREADS, stream }, [
         this.sym.peerTable.ptr,
         this.me,
-        h.recvCount.ptr,
         x.ptr,
         (h.recvSrcIdx as unknown as DeviceTensor).ptr,
         (h.rankPrefixMatrix as unknown as DeviceTensor).ptr,
