@@ -23,6 +23,7 @@ import { Event } from '../src/device/stream.ts';
 import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
+import { GpuEvent } from '../src/ep/gpu/event.ts';
 import { LowLatencyPath } from '../src/ep/gpu/low-latency.ts';
 import { GpuRuntime } from '../src/ep/gpu/runtime.ts';
 import type { Tensor } from '../src/ep/types.ts';
@@ -179,22 +180,35 @@ async function settle(what: string): Promise<void> {
 // ------------------------------------------------------------------------------------------ timing
 
 const timing = () => Event.create(dev, { timing: true });
+const GATE_NS = Number(process.env.TSEP_BENCH_GATE_US ?? 20) * 1000;
 
-/** Back-to-back timed iterations: `fn(i, start, end)` records start/end around what it times. */
+/**
+ * Timed iterations. Each is preceded by path.gate(): a ~20 us spin (the host enqueues the iteration while
+ * the GPU is busy, so host time is not timed) and a device-side barrier of the ranks (every rank starts
+ * the iteration together, so no rank's time includes another's host lateness). `fn(i, start, end)`
+ * records start/end around what it times.
+ */
 async function timed(
   iters: number,
-  fn: (i: number, start: Event, end: Event, warm: boolean) => void,
+  fn: (i: number, start: Event, end: Event) => void,
   what: string,
+  gated = true,
 ): Promise<number[]> {
   const [ws, we] = [timing(), timing()];
-  for (let i = 0; i < WARMUP; i++) fn(i, ws, we, true);
+  for (let i = 0; i < WARMUP; i++) {
+    if (gated) path.gate(GATE_NS);
+    fn(i, ws, we);
+  }
   await settle(`${what} warm-up`);
   ws.dispose();
   we.dispose();
   await group.barrier();
   const starts = Array.from({ length: iters }, timing);
   const ends = Array.from({ length: iters }, timing);
-  for (let i = 0; i < iters; i++) fn(i, starts[i]!, ends[i]!, false);
+  for (let i = 0; i < iters; i++) {
+    if (gated) path.gate(GATE_NS);
+    fn(i, starts[i]!, ends[i]!);
+  }
   await settle(what);
   const ms = starts.map((s, i) => Event.elapsedMs(s, ends[i]!));
   for (const e of [...starts, ...ends]) e.dispose();
@@ -209,73 +223,110 @@ async function slowest(ms: number[]): Promise<number[]> {
   return ms.map((_, i) => Math.max(...all.map((r) => r[i]!)));
 }
 
-const hostDispatchUs: number[] = [];
-const hostCombineUs: number[] = [];
+const timeDispatch = (gated = true) =>
+  timed(
+    ITERS,
+    (i, s, e) => {
+      s.record(stream);
+      dispatch(i);
+      e.record(stream);
+    },
+    'dispatch',
+    gated,
+  );
+const timeCombine = (gated = true) =>
+  timed(
+    ITERS,
+    (i, s, e) => {
+      const d = dispatch(i);
+      if (gated) path.gate(0); // the dispatch is done everywhere before the combine's clock starts
+      s.record(stream);
+      combine(i, d.handle);
+      e.record(stream);
+    },
+    'combine',
+    gated,
+  );
+const timeBoth = (gated = true) =>
+  timed(
+    ITERS,
+    (i, s, e) => {
+      s.record(stream);
+      const d = dispatch(i);
+      combine(i, d.handle);
+      e.record(stream);
+    },
+    'dispatch+combine',
+    gated,
+  );
 
-const dispatchMs = await timed(
-  ITERS,
-  (i, s, e, warm) => {
-    s.record(stream);
-    const a = performance.now();
-    dispatch(i);
-    if (!warm) hostDispatchUs.push((performance.now() - a) * 1000);
-    e.record(stream);
-  },
-  'dispatch',
-);
-const combineMs = await timed(
-  ITERS,
-  (i, s, e, warm) => {
-    const d = dispatch(i);
-    s.record(stream);
-    const a = performance.now();
-    combine(i, d.handle);
-    if (!warm) hostCombineUs.push((performance.now() - a) * 1000);
-    e.record(stream);
-  },
-  'combine',
-);
-const bothMs = await timed(
-  ITERS,
-  (i, s, e) => {
-    s.record(stream);
-    const d = dispatch(i);
-    combine(i, d.handle);
-    e.record(stream);
-  },
-  'dispatch+combine',
-);
+const dispatchMs = await timeDispatch();
+const combineMs = await timeCombine();
+const bothMs = await timeBoth();
+const ungated = {
+  dispatch: await timeDispatch(false),
+  combine: await timeCombine(false),
+  both: await timeBoth(false),
+};
 
-// Phases (hook mode): each phase timed alone, every rank's send phase complete before any receive phase.
+// Launch-shape sweep: each knob alone, the others at their defaults.
+const defaults = { ...path.tuning };
+const sms = rt.smCount;
+const sweep: { knob: string; value: number; dispatchUs?: number; combineUs?: number }[] = [];
+const med = (ms: number[]) => summarize(ms).median * 1000;
+for (const v of [Math.round(sms / 4), Math.round(sms / 2), sms]) {
+  path.tuning.dispatchSendBlocks = v;
+  sweep.push({ knob: 'dispatchSendBlocks', value: v, dispatchUs: med(await timeDispatch()) });
+}
+path.tuning.dispatchSendBlocks = defaults.dispatchSendBlocks;
+for (const v of [1, 2, 4]) {
+  if (v === defaults.dispatchRecvParts) continue;
+  path.tuning.dispatchRecvParts = v;
+  sweep.push({ knob: 'dispatchRecvParts', value: v, dispatchUs: med(await timeDispatch()) });
+}
+path.tuning.dispatchRecvParts = defaults.dispatchRecvParts;
+for (const v of [Math.round(sms / 2), sms, 3 * sms]) {
+  path.tuning.combineSendBlocks = v;
+  sweep.push({ knob: 'combineSendBlocks', value: v, combineUs: med(await timeCombine()) });
+}
+path.tuning.combineSendBlocks = defaults.combineSendBlocks;
+for (const v of [Math.round(sms / 2), sms]) {
+  path.tuning.combineRecvBlocks = v;
+  sweep.push({ knob: 'combineRecvBlocks', value: v, combineUs: med(await timeCombine()) });
+}
+path.tuning.combineRecvBlocks = defaults.combineRecvBlocks;
+
+// Phases (hook mode), all on the device: gate; send; gate (every rank's send is done); receive.
 const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as number[], crecv: [] as number[] };
 {
-  const ev = Array.from({ length: 8 }, timing);
-  for (let i = 0; i < PHASE_ITERS + 3; i++) {
-    await group.barrier();
-    ev[0]!.record(stream);
+  const n = PHASE_ITERS + 3;
+  const ev = Array.from({ length: 8 * n }, timing);
+  for (let i = 0; i < n; i++) {
+    const e = ev.slice(8 * i, 8 * i + 8);
+    path.gate(GATE_NS);
+    e[0]!.record(stream);
     const d = dispatch(i, true);
-    ev[1]!.record(stream);
-    await settle('dispatch send phase');
-    await group.barrier();
-    ev[2]!.record(stream);
+    e[1]!.record(stream);
+    path.gate(GATE_NS);
+    e[2]!.record(stream);
     await d.hook!();
-    ev[3]!.record(stream);
-    await settle('dispatch receive phase');
-    await group.barrier();
-    ev[4]!.record(stream);
+    e[3]!.record(stream);
+    path.gate(GATE_NS);
+    e[4]!.record(stream);
     const c = combine(i, d.handle, true);
-    ev[5]!.record(stream);
-    await settle('combine send phase');
-    await group.barrier();
-    ev[6]!.record(stream);
+    e[5]!.record(stream);
+    path.gate(GATE_NS);
+    e[6]!.record(stream);
     await c.hook!();
-    ev[7]!.record(stream);
-    await settle('combine receive phase');
-    if (i < 3) continue; // warm-up
-    phase.dsend.push(Event.elapsedMs(ev[0]!, ev[1]!));
-    phase.drecv.push(Event.elapsedMs(ev[2]!, ev[3]!));
-    phase.csend.push(Event.elapsedMs(ev[4]!, ev[5]!));
-    phase.crecv.push(Event.elapsedMs(ev[6]!, ev[7]!));
+    e[7]!.record(stream);
+  }
+  await settle('phases');
+  for (let i = 3; i < n; i++) {
+    const e = ev.slice(8 * i, 8 * i + 8);
+    phase.dsend.push(Event.elapsedMs(e[0]!, e[1]!));
+    phase.drecv.push(Event.elapsedMs(e[2]!, e[3]!));
+    phase.csend.push(Event.elapsedMs(e[4]!, e[5]!));
+    phase.crecv.push(Event.elapsedMs(e[6]!, e[7]!));
   }
   for (const e of ev) e.dispose();
 }
@@ -285,6 +336,64 @@ const phaseSlowest = {
   csend: await slowest(phase.csend),
   crecv: await slowest(phase.crecv),
 };
+
+// Inside the kernels (globaltimer stamps of this rank, gated dispatch+combine, one at a time).
+const stampSegs: Record<string, number[]> = {};
+for (let i = 0; i < PHASE_ITERS; i++) {
+  path.gate(GATE_NS);
+  const d = dispatch(i);
+  path.gate(0);
+  combine(i, d.handle);
+  await settle('stamps');
+  const t = path.stamps();
+  const seg = (name: string, a: bigint, b: bigint) => {
+    const list = stampSegs[name] ?? [];
+    list.push(Number(b - a) / 1000);
+    stampSegs[name] = list;
+  };
+  seg('dispatch send: start -> acks seen', t.dispatchSendStart, t.dispatchSendReady);
+  seg('dispatch send: acks -> signals sent (last block)', t.dispatchSendReady, t.dispatchSendSignal);
+  seg('dispatch: send signals -> recv kernel start', t.dispatchSendSignal, t.dispatchRecvStart);
+  seg('dispatch recv: start -> all sources seen', t.dispatchRecvStart, t.dispatchRecvReady);
+  seg('dispatch recv: sources seen -> end (last block)', t.dispatchRecvReady, t.dispatchRecvEnd);
+  seg('dispatch: send start -> recv end', t.dispatchSendStart, t.dispatchRecvEnd);
+  seg('combine send: start -> ready', t.combineSendStart, t.combineSendReady);
+  seg('combine send: ready -> signals sent (last block)', t.combineSendReady, t.combineSendSignal);
+  seg('combine: send signals -> recv kernel start', t.combineSendSignal, t.combineRecvStart);
+  seg('combine recv: start -> all expert ranks seen', t.combineRecvStart, t.combineRecvReady);
+  seg('combine recv: seen -> end (last block)', t.combineRecvReady, t.combineRecvEnd);
+  seg('combine: send start -> recv end', t.combineSendStart, t.combineRecvEnd);
+}
+
+// Host overhead of one call (API entry to return, kernels launched), with the GPU idle and the queue empty.
+const hostDispatchUs: number[] = [];
+const hostHookDispatchUs: number[] = [];
+const hostCombineUs: number[] = [];
+const hostEventUs: number[] = [];
+for (let i = 0; i < PHASE_ITERS + 5; i++) {
+  await settle('host overhead');
+  const t0 = performance.now();
+  const d = dispatch(i);
+  const t1 = performance.now();
+  await settle('host overhead');
+  const t2 = performance.now();
+  combine(i, d.handle);
+  const t3 = performance.now();
+  await settle('host overhead');
+  const t4 = performance.now();
+  const dh = dispatch(i + 1, true);
+  const t5 = performance.now();
+  await dh.hook!();
+  await settle('host overhead');
+  const t6 = performance.now();
+  new GpuEvent(stream);
+  const t7 = performance.now();
+  if (i < 5) continue;
+  hostDispatchUs.push((t1 - t0) * 1000);
+  hostCombineUs.push((t3 - t2) * 1000);
+  hostHookDispatchUs.push((t5 - t4) * 1000);
+  hostEventUs.push((t7 - t6) * 1000);
+}
 
 // ------------------------------------------------------------------------------------------- bytes
 
@@ -336,17 +445,27 @@ const rows = [
   ['combine recv (hook)', us(phaseSlowest.crecv), undefined],
   ['NCCL a2a, dispatch bytes', us(ncclDispatchMs), dispatchLogical],
   ['NCCL a2a, combine bytes', us(ncclCombineMs), combineLogical],
+  ['dispatch, ungated', us(ungated.dispatch), dispatchLogical],
+  ['combine, ungated', us(ungated.combine), combineLogical],
+  ['dispatch+combine, ungated', us(ungated.both), dispatchLogical + combineLogical],
 ] as const;
-const host = { dispatch: summarize(hostDispatchUs).median, combine: summarize(hostCombineUs).median };
-const allHost = (
-  await group.allGather(new Uint8Array(Float64Array.from([host.dispatch, host.combine]).buffer))
-).map((b) => new Float64Array(b.slice().buffer));
+const hostMedians = [hostDispatchUs, hostHookDispatchUs, hostCombineUs, hostEventUs].map(
+  (v) => summarize(v).median,
+);
+const allHost = (await group.allGather(new Uint8Array(Float64Array.from(hostMedians).buffer))).map(
+  (b) => new Float64Array(b.slice().buffer),
+);
+const hostMax = hostMedians.map((_, i) => Math.max(...allHost.map((h) => h[i]!)));
+const stampRows = Object.entries(stampSegs).map(([name, v]) => {
+  const s = summarize(v);
+  return [name, s.median, s.p10, s.p90] as const;
+});
 
 if (me === 0) {
   process.stdout.write(
     `low-latency, ${R} ranks on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E} experts, ${FP8 ? 'FP8' : 'BF16'} dispatch, BF16 combine; ` +
       `${WARMUP} warm-up + ${ITERS} timed iterations (${PHASE_ITERS} for phases), ${SETS} input sets; ` +
-      `slowest rank per iteration, median\n`,
+      `gated (device barrier + ${GATE_NS / 1000} us spin before each iteration) unless marked; slowest rank per iteration, median\n`,
   );
   printTable(
     [
@@ -367,11 +486,31 @@ if (me === 0) {
   const ratio = (a: number[], b: number[]) => summarize(a).median / summarize(b).median;
   process.stdout.write(
     `NCCL all-to-all / tsep: dispatch ${ratio(ncclDispatchMs, dispatchMs).toFixed(2)}x, combine ${ratio(ncclCombineMs, combineMs).toFixed(2)}x\n` +
-      `host overhead per call (API entry to launched, median, max over ranks): dispatch ${Math.max(...allHost.map((h) => h[0]!)).toFixed(1)} us, ` +
-      `combine ${Math.max(...allHost.map((h) => h[1]!)).toFixed(1)} us\n` +
+      `host overhead per call (API entry to return, GPU idle; median, max over ranks): dispatch ${hostMax[0]!.toFixed(1)} us, ` +
+      `dispatch with hook ${hostMax[1]!.toFixed(1)} us, combine ${hostMax[2]!.toFixed(1)} us, of which one GpuEvent ${hostMax[3]!.toFixed(1)} us\n` +
       `bytes per rank: symmetric buffer ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
       `(${(path.outputBytes() / 2 ** 20).toFixed(1)} MiB); NVLink payload per dispatch ${Math.round(dispatchWire)} B ` +
-      `vs DeepEP-logical ${Math.round(dispatchLogical)} B; create ${createMs.toFixed(0)} ms\n`,
+      `vs DeepEP-logical ${Math.round(dispatchLogical)} B; create ${createMs.toFixed(0)} ms\n` +
+      `defaults ${JSON.stringify(defaults)}\n`,
+  );
+  printTable(
+    [
+      { header: 'launch shape', align: 'left' },
+      { header: 'value' },
+      { header: 'dispatch us', digits: 1 },
+      { header: 'combine us', digits: 1 },
+    ],
+    sweep.map((r) => [r.knob, r.value, r.dispatchUs, r.combineUs]),
+  );
+  process.stdout.write('rank 0 globaltimer stamps (us):\n');
+  printTable(
+    [
+      { header: 'segment', align: 'left' },
+      { header: 'median', digits: 2 },
+      { header: 'p10', digits: 2 },
+      { header: 'p90', digits: 2 },
+    ],
+    stampRows.map((r) => [...r]),
   );
   const out = writeResult('low-latency', {
     bench: 'low-latency',
@@ -385,10 +524,18 @@ if (me === 0) {
     inputSets: SETS,
     seed,
     timing:
-      'CUDA events per iteration, back to back; per iteration the slowest rank; median (p10, p90) in us',
+      'CUDA events per iteration; each iteration after a device barrier of the ranks and a short spin (gated) unless marked ungated; per iteration the slowest rank; median (p10, p90) in us',
     results: Object.fromEntries(rows.map(([name, t, bytes]) => [name, { ...t, logicalBytes: bytes }])),
     ncclOverTsep: { dispatch: ratio(ncclDispatchMs, dispatchMs), combine: ratio(ncclCombineMs, combineMs) },
-    hostOverheadUs: { dispatch: allHost.map((h) => h[0]), combine: allHost.map((h) => h[1]) },
+    hostOverheadUs: {
+      dispatch: allHost.map((h) => h[0]),
+      dispatchHook: allHost.map((h) => h[1]),
+      combine: allHost.map((h) => h[2]),
+      gpuEvent: allHost.map((h) => h[3]),
+    },
+    tuningDefaults: defaults,
+    sweep,
+    stampsRank0Us: Object.fromEntries(stampRows.map(([n, m, a, b]) => [n, { median: m, p10: a, p90: b }])),
     bytesPerRank: { symmetric: path.bytes(), outputRings: path.outputBytes() },
     dispatchBytesPerRank: { tsepNvlinkPayload: dispatchWire, deepepLogical: dispatchLogical },
   });

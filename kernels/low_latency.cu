@@ -24,6 +24,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
   const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_DSEND};
   u32 epoch;
   if (!begin(c, LL_ST_DSEND, epoch)) return;
+  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
+  if (stamper) c.stamp(LL_T_DS_START);
   const int half = epoch & 1;
   const bool fp8 = flags & LL_FLAG_FP8, round = flags & LL_FLAG_ROUND, ue8m0 = flags & LL_FLAG_UE8M0;
   const bool idx64 = flags & LL_FLAG_IDX64;
@@ -37,6 +39,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
     ok = wait_reached(c, dispatch_ack(c.local, d), epoch - 1, LL_P_ACK, d);
   }
   if (!__syncthreads_and(ok)) return;
+  if (stamper) c.stamp(LL_T_DS_READY);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = (LL_H + LL_CHUNK - 1) / LL_CHUNK;
@@ -110,6 +113,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
   }
 
   if (last_block(c, 0)) {
+    c.stamp(LL_T_DS_SIGNAL);
     const u64 sig = ((u64)(u32)T << 32) | (u64)(epoch + 1);
     for (int d = 0; d < LL_R; d++) st_release_u64(dispatch_signal(s_peer[d], half, rank), sig);
     atomicExch(c.state() + LL_ST_DSEND, epoch + 1);
@@ -150,6 +154,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
   const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_DRECV};
   u32 epoch;
   if (!begin(c, LL_ST_DRECV, epoch)) return;
+  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
+  if (stamper) c.stamp(LL_T_DR_START);
   const int half = epoch & 1;
   const bool fp8 = flags & LL_FLAG_FP8, ue8m0 = flags & LL_FLAG_UE8M0;
   const int e = blockIdx.x / parts, part = blockIdx.x % parts;
@@ -171,6 +177,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
     s_count[s] = 0;
   }
   if (!__syncthreads_and(ok)) return;
+  if (stamper) c.stamp(LL_T_DR_READY);
 
   // Rows for this expert in (source, token) order.
   int total = 0;
@@ -208,26 +215,26 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
     kmask_out[e * LL_RT + j] = row ? s_kmask[j] : 0u;
   }
 
-  // Rows: one warp per row, 8 x 16 bytes in flight per lane.
+  // Rows: a warp per (row, 4 KiB chunk), 8 x 16 bytes in flight per lane.
   const int payload = fp8 ? LL_H : 2 * LL_H;
   const int nvec = payload / 16;
+  const int chunks = (nvec + 255) / 256;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int j = part * LL_WARPS + warp; j < total; j += parts * LL_WARPS) {
+  for (int item = part * LL_WARPS + warp; item < total * chunks; item += parts * LL_WARPS) {
+    const int j = item / chunks, v0 = (item % chunks) * 256;
     const u32 id = s_list[j];
     const u8 *src = dispatch_msg(c.local, half, (int)(id >> 16), (int)(id & 0xffffu));
     u8 *dst = recv_x + ((size_t)e * LL_RT + j) * payload;
-    for (int v0 = 0; v0 < nvec; v0 += 32 * 8) {
-      uint4 r[8];
+    uint4 r[8];
 #pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int v = v0 + u * 32 + lane;
-        if (v < nvec) r[u] = ld_v4(src + 16 * (size_t)v);
-      }
+    for (int u = 0; u < 8; u++) {
+      const int v = v0 + u * 32 + lane;
+      if (v < nvec) r[u] = ld_v4(src + 16 * (size_t)v);
+    }
 #pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int v = v0 + u * 32 + lane;
-        if (v < nvec) st_v4(dst + 16 * (size_t)v, r[u]);
-      }
+    for (int u = 0; u < 8; u++) {
+      const int v = v0 + u * 32 + lane;
+      if (v < nvec) st_v4(dst + 16 * (size_t)v, r[u]);
     }
   }
 
@@ -244,6 +251,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
   }
 
   if (last_block(c, 1)) {
+    c.stamp(LL_T_DR_END);
     // Every block is done reading this half: the sources may reuse it (call epoch + 2).
     for (int s = 0; s < LL_R; s++) st_release_u32(dispatch_ack(reinterpret_cast<u8 *>(peers[s]), rank), epoch + 1);
     atomicExch(c.state() + LL_ST_DRECV, epoch + 1);
@@ -265,6 +273,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
   const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_CSEND};
   u32 epoch;
   if (!begin(c, LL_ST_CSEND, epoch)) return;
+  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
+  if (stamper) c.stamp(LL_T_CS_START);
   const int half = epoch & 1;
 
   __shared__ u8 *s_peer[LL_R];
@@ -285,6 +295,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
     s_cnt[i] = (int)(r & 0xffffffffll);
   }
   if (!__syncthreads_and(ok)) return;
+  if (stamper) c.stamp(LL_T_CS_READY);
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     int carry = 0;
@@ -342,6 +353,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
   }
 
   if (last_block(c, 2)) {
+    c.stamp(LL_T_CS_SIGNAL);
     for (int s = 0; s < LL_R; s++) st_release_u32(combine_signal(s_peer[s], half, rank), epoch + 1);
     atomicExch(c.state() + LL_ST_CSEND, epoch + 1);
   }
@@ -355,6 +367,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_recv(
   const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_CRECV};
   u32 epoch;
   if (!begin(c, LL_ST_CRECV, epoch)) return;
+  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
+  if (stamper) c.stamp(LL_T_CR_START);
   const int half = epoch & 1;
   const bool idx64 = flags & LL_FLAG_IDX64;
 
@@ -364,6 +378,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_recv(
     ok = wait_reached(c, combine_signal(c.local, half, s), epoch + 1, LL_P_SIGNAL, s);
   }
   if (!__syncthreads_and(ok)) return;
+  if (stamper) c.stamp(LL_T_CR_READY);
 
   const int nvec = LL_H / 8;
   for (int i = blockIdx.x * LL_THREADS + threadIdx.x; i < T * nvec; i += gridDim.x * LL_THREADS) {
@@ -407,6 +422,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_recv(
   }
 
   if (last_block(c, 3)) {
+    c.stamp(LL_T_CR_END);
     for (int s = 0; s < LL_R; s++) st_release_u32(combine_ack(reinterpret_cast<u8 *>(peers[s]), rank), epoch + 1);
     atomicExch(c.state() + LL_ST_CRECV, epoch + 1);
   }
@@ -424,35 +440,36 @@ extern "C" __global__ void ll_clean(const u64 *__restrict__ peers, int *record, 
   if (threadIdx.x == 0) s_bar = ld_volatile_u32(st + LL_ST_BAR);
   __syncthreads();
   const u32 bar = s_bar;
-  u32 *barrier = reinterpret_cast<u32 *>(c.local + LL_OFF_BAR);
-  for (int round = 1; round <= 2; round++) {
-    bool ok = true;
-    if (threadIdx.x < LL_R) {
-      const int r = threadIdx.x;
-      fence_sys();
-      st_release_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + rank, bar + round);
-      // Waits ignore the abort flag here: bound them by time only.
-      const u64 start = tsep::globaltimer_ns();
-      while (!reached(ld_acquire_u32(barrier + r), bar + round)) {
-        if (tsep::globaltimer_ns() - start > timeout_ns) {
-          report_timeout(c, LL_P_BARRIER, r, bar + round, ld_acquire_u32(barrier + r));
-          ok = false;
-          break;
-        }
-      }
-    }
-    if (!__syncthreads_and(ok)) return;
-    if (round == 1) {
-      for (int i = threadIdx.x; i < 2 * LL_R; i += 32) reinterpret_cast<u64 *>(c.local + LL_OFF_DSIG)[i] = 0;
-      for (int i = threadIdx.x; i < LL_R; i += 32) {
-        reinterpret_cast<u32 *>(c.local + LL_OFF_DACK)[i] = 0;
-        reinterpret_cast<u32 *>(c.local + LL_OFF_CACK)[i] = 0;
-      }
-      for (int i = threadIdx.x; i < 2 * LL_R; i += 32) reinterpret_cast<u32 *>(c.local + LL_OFF_CSIG)[i] = 0;
-      if (threadIdx.x < LL_ST_BAR) st[threadIdx.x] = 0;  // sequence numbers, arrivals, abort, claim
-      if (threadIdx.x < 8) reinterpret_cast<volatile int *>(record)[threadIdx.x] = 0;
-      __syncthreads();
-    }
+  if (!rank_barrier(c, peers, bar + 1)) return;
+  for (int i = threadIdx.x; i < 2 * LL_R; i += 32) reinterpret_cast<u64 *>(c.local + LL_OFF_DSIG)[i] = 0;
+  for (int i = threadIdx.x; i < LL_R; i += 32) {
+    reinterpret_cast<u32 *>(c.local + LL_OFF_DACK)[i] = 0;
+    reinterpret_cast<u32 *>(c.local + LL_OFF_CACK)[i] = 0;
   }
+  for (int i = threadIdx.x; i < 2 * LL_R; i += 32) reinterpret_cast<u32 *>(c.local + LL_OFF_CSIG)[i] = 0;
+  if (threadIdx.x < LL_ST_BAR) st[threadIdx.x] = 0;  // sequence numbers, arrivals, abort, claim
+  if (threadIdx.x < 8) reinterpret_cast<volatile int *>(record)[threadIdx.x] = 0;
+  __syncthreads();
+  if (!rank_barrier(c, peers, bar + 2)) return;
   if (threadIdx.x == 0) atomicExch(st + LL_ST_BAR, bar + 2);
+}
+
+// Benchmark gate (one block of 32 threads): spin `spin_ns` (so the host can enqueue what follows while the
+// GPU is busy), then a barrier of the ranks, so timed work starts together on every rank.
+extern "C" __global__ void ll_gate(const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns,
+                                   u64 spin_ns) {
+  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_GATE};
+  u32 *st = c.state();
+  __shared__ u32 s_bar, s_abort;
+  if (threadIdx.x == 0) {
+    const u64 t0 = tsep::globaltimer_ns();
+    while (tsep::globaltimer_ns() - t0 < spin_ns) {
+    }
+    s_bar = ld_volatile_u32(st + LL_ST_BAR);
+    s_abort = ld_volatile_u32(st + LL_ST_ABORT);
+  }
+  __syncthreads();
+  if (s_abort != 0u) return;
+  if (!rank_barrier(c, peers, s_bar + 1)) return;
+  if (threadIdx.x == 0) atomicExch(st + LL_ST_BAR, s_bar + 1);
 }

@@ -50,12 +50,28 @@
 #define LL_ST_CLAIM 9
 #define LL_ST_BAR 10
 
+// Globaltimer stamps (u64, after the 16 state words) that the host reads for a per-phase breakdown.
+#define LL_STAMPS_OFF 64
+#define LL_T_DS_START 0
+#define LL_T_DS_READY 1
+#define LL_T_DS_SIGNAL 2
+#define LL_T_DR_START 3
+#define LL_T_DR_READY 4
+#define LL_T_DR_END 5
+#define LL_T_CS_START 6
+#define LL_T_CS_READY 7
+#define LL_T_CS_SIGNAL 8
+#define LL_T_CR_START 9
+#define LL_T_CR_READY 10
+#define LL_T_CR_END 11
+
 // Timeout record (LL_RECORD): kernels and phases.
 #define LL_K_DSEND 1
 #define LL_K_DRECV 2
 #define LL_K_CSEND 3
 #define LL_K_CRECV 4
 #define LL_K_CLEAN 5
+#define LL_K_GATE 6
 #define LL_P_ACK 1
 #define LL_P_SIGNAL 2
 #define LL_P_BARRIER 3
@@ -84,6 +100,17 @@ __device__ __forceinline__ u32 ld_volatile_u32(const u32 *p) {
   return v;
 }
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_acquire_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ u32 ld_relaxed_u32(const u32 *p) {
+  u32 v;
+  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 ld_relaxed_u64(const u64 *p) {
+  u64 v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
 
 // Read-only 16-byte load of an input that no one writes while the kernel runs.
 __device__ __forceinline__ uint4 ld_nc_v4(const void *p) {
@@ -107,6 +134,10 @@ struct Ctx {
   int rank;        // local rank
   int kernel;      // LL_K_*
   __device__ __forceinline__ u32 *state() const { return reinterpret_cast<u32 *>(local + LL_OFF_STATE); }
+  // One thread writes the time of event `i` (LL_T_*).
+  __device__ __forceinline__ void stamp(int i) const {
+    reinterpret_cast<u64 *>(local + LL_OFF_STATE + LL_STAMPS_OFF)[i] = tsep::globaltimer_ns();
+  }
 };
 
 // Marks this rank's low-latency state as aborted and, first writer only, leaves the record the host
@@ -128,27 +159,19 @@ __device__ __noinline__ void report_timeout(const Ctx &c, int phase, int peer, u
   }
 }
 
-// Spins (acquire, system scope) until *p has reached `target`. Gives up, returning false, when this
-// rank has aborted or after the timeout (then it reports). `shift` picks the 32-bit half of a u64 word.
+// Spins until *p has reached `target` (relaxed loads, then an acquire fence: the acquire pattern of the
+// PTX memory model). Gives up, returning false, when this rank has aborted or after the timeout (then it
+// reports). A u64 word compares its low 32 bits.
 template <typename T>
 __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 target, int phase, int peer,
                                              T *seen_out = nullptr) {
   T v;
-  if constexpr (sizeof(T) == 8) v = ld_acquire_u64(reinterpret_cast<const u64 *>(p));
-  else v = ld_acquire_u32(reinterpret_cast<const u32 *>(p));
-  if (reached((u32)v, target)) {
-    if (seen_out) *seen_out = v;
-    return true;
-  }
   const u64 start = tsep::globaltimer_ns();
-  for (u32 i = 1;; i++) {
-    if constexpr (sizeof(T) == 8) v = ld_acquire_u64(reinterpret_cast<const u64 *>(p));
-    else v = ld_acquire_u32(reinterpret_cast<const u32 *>(p));
-    if (reached((u32)v, target)) {
-      if (seen_out) *seen_out = v;
-      return true;
-    }
-    if ((i & 255u) == 0u) {
+  for (u32 i = 0;; i++) {
+    if constexpr (sizeof(T) == 8) v = ld_relaxed_u64(reinterpret_cast<const u64 *>(p));
+    else v = ld_relaxed_u32(reinterpret_cast<const u32 *>(p));
+    if (reached((u32)v, target)) break;
+    if ((i & 255u) == 255u) {
       if (ld_volatile_u32(c.state() + LL_ST_ABORT) != 0u) return false;
       if (tsep::globaltimer_ns() - start > c.timeout_ns) {
         report_timeout(c, phase, peer, target, (u32)v);
@@ -156,6 +179,30 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
       }
     }
   }
+  fence_acquire_sys();
+  if (seen_out) *seen_out = v;
+  return true;
+}
+
+// Barrier of the ranks through the monotonic counters at LL_OFF_BAR: threads r < LL_R each publish
+// `target` into rank r and wait for rank r's. Call from threads 0..31 of one block; true when passed.
+__device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32 target) {
+  bool ok = true;
+  if (threadIdx.x < LL_R) {
+    const int r = threadIdx.x;
+    fence_sys();
+    st_release_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + c.rank, target);
+    const u32 *mine = reinterpret_cast<const u32 *>(c.local + LL_OFF_BAR) + r;
+    const u64 start = tsep::globaltimer_ns();
+    while (!reached(ld_acquire_u32(mine), target)) {
+      if (tsep::globaltimer_ns() - start > c.timeout_ns) {
+        report_timeout(c, LL_P_BARRIER, r, target, ld_acquire_u32(mine));
+        ok = false;
+        break;
+      }
+    }
+  }
+  return __syncthreads_and(ok);
 }
 
 // Kernel prologue: reads the call's sequence number from state word `word`; false (for the whole block)

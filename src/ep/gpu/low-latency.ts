@@ -43,12 +43,40 @@ const KERNEL_NAMES: Record<number, string> = {
   3: 'combine send',
   4: 'combine receive',
   5: 'clean',
+  6: 'gate',
 };
 const PHASES: Record<number, string> = {
   1: 'for rank {peer} to free its receive half (it has not finished the call two before this one)',
   2: "for rank {peer}'s data of this call",
   3: 'for rank {peer} at the clean barrier',
 };
+
+/** Launch shapes; defaults follow the SM count. Benchmarks may change them between calls. */
+export interface LlTuning {
+  /** Most blocks of the dispatch send kernel (fewer when there are fewer token chunks). */
+  dispatchSendBlocks: number;
+  /** Blocks per local expert in the dispatch receive kernel. */
+  dispatchRecvParts: number;
+  combineSendBlocks: number;
+  /** Most blocks of the combine receive kernel. */
+  combineRecvBlocks: number;
+}
+
+/** Names of the device timestamps (globaltimer ns) the kernels leave for {@link LowLatencyPath.stamps}. */
+export const LL_STAMPS = [
+  'dispatchSendStart',
+  'dispatchSendReady',
+  'dispatchSendSignal',
+  'dispatchRecvStart',
+  'dispatchRecvReady',
+  'dispatchRecvEnd',
+  'combineSendStart',
+  'combineSendReady',
+  'combineSendSignal',
+  'combineRecvStart',
+  'combineRecvReady',
+  'combineRecvEnd',
+] as const;
 
 /** Device wait bound: TSEP_TIMEOUT_S seconds (default 10). */
 function timeoutNs(): bigint {
@@ -121,13 +149,14 @@ export class LowLatencyPath {
   private readonly kCombineSend: Kernel;
   private readonly kCombineRecv: Kernel;
   private readonly kClean: Kernel;
+  private readonly kGate: Kernel;
   private readonly dispatchRings = new Map<'fp8' | 'bf16', DispatchSlot[]>();
   private dispatchCalls = { fp8: 0, bf16: 0 };
   private readonly combineRing: DeviceBuffer[] = [];
   private combineCalls = 0;
   private destroyed = false;
-  private readonly recvParts: number;
-  private readonly sendGridMax: number;
+  /** Launch shapes (see {@link LlTuning}). */
+  readonly tuning: LlTuning;
 
   private constructor(
     rt: GpuRuntime,
@@ -143,17 +172,16 @@ export class LowLatencyPath {
     this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
     this.timeout = timeoutNs();
     this.rank = rt.group.localRank;
-    [this.kDispatchSend, this.kDispatchRecv, this.kCombineSend, this.kCombineRecv, this.kClean] = kernels as [
-      Kernel,
-      Kernel,
-      Kernel,
-      Kernel,
-      Kernel,
-    ];
+    [this.kDispatchSend, this.kDispatchRecv, this.kCombineSend, this.kCombineRecv, this.kClean, this.kGate] =
+      kernels as [Kernel, Kernel, Kernel, Kernel, Kernel, Kernel];
     const sms = rt.smCount;
-    // Blocks per local expert: about two resident 512-thread blocks per SM in all.
-    this.recvParts = Math.max(1, Math.floor((2 * sms) / layout.localExperts));
-    this.sendGridMax = 2 * sms;
+    this.tuning = {
+      dispatchSendBlocks: 2 * sms,
+      // About two resident 512-thread blocks per SM in all.
+      dispatchRecvParts: Math.max(1, Math.floor((2 * sms) / layout.localExperts)),
+      combineSendBlocks: 2 * sms,
+      combineRecvBlocks: 4 * sms,
+    };
   }
 
   /**
@@ -194,6 +222,7 @@ export class LowLatencyPath {
       mod.kernel('ll_combine_send', [...common, 'ptr', 'ptr', 'ptr', 'ptr']),
       mod.kernel('ll_combine_recv', [...common, 'ptr', 'ptr', 'ptr', 'i32', 'i32', 'i32']),
       mod.kernel('ll_clean', [...common]),
+      mod.kernel('ll_gate', [...common, 'u64']),
     ];
     const sym = await SymmetricBuffer.create(group, layout.totalBytes, rt.device);
     const path = new LowLatencyPath(
@@ -252,7 +281,9 @@ export class LowLatencyPath {
     const slot = this.dispatchSlot(kind, this.dispatchCalls[kind]++ % OUTPUT_RING);
 
     const chunks = Math.ceil(L.hidden / 512);
-    const sendGrid = Math.min(this.sendGridMax, Math.max(1, Math.ceil((T * chunks) / WARPS)));
+    const tn = this.tuning;
+    const sendGrid = Math.max(1, Math.min(tn.dispatchSendBlocks, Math.ceil((T * chunks) / WARPS)));
+    const parts = tn.dispatchRecvParts;
     this.kDispatchSend.launch({ grid: sendGrid, block: THREADS, stream: rt.stream }, [
       this.sym.peerTable.ptr,
       this.sym.signal.devicePtr,
@@ -267,7 +298,7 @@ export class LowLatencyPath {
     const recv = (): void => {
       this.kDispatchRecv.launch(
         {
-          grid: L.localExperts * this.recvParts,
+          grid: L.localExperts * parts,
           block: THREADS,
           sharedBytes: 8 * L.numRanks * L.maxTokensPerRank,
           stream: rt.stream,
@@ -284,7 +315,7 @@ export class LowLatencyPath {
           slot.range.ptr,
           slot.kmask.ptr,
           flags,
-          this.recvParts,
+          parts,
         ],
       );
     };
@@ -366,7 +397,7 @@ export class LowLatencyPath {
 
     this.kCombineSend.launch(
       {
-        grid: this.sendGridMax,
+        grid: this.tuning.combineSendBlocks,
         block: THREADS,
         sharedBytes: 4 * (2 * L.localExperts * L.numRanks + L.localExperts + 1),
         stream: rt.stream,
@@ -382,11 +413,12 @@ export class LowLatencyPath {
         handle.recvKMask.ptr,
       ],
     );
+    const recvBlocks = this.tuning.combineRecvBlocks;
     const recv = (): void => {
       const items = T * (L.hidden / 8);
       this.kCombineRecv.launch(
         {
-          grid: Math.min(4 * rt.smCount, Math.max(1, Math.ceil(items / THREADS))),
+          grid: Math.min(recvBlocks, Math.max(1, Math.ceil(items / THREADS))),
           block: THREADS,
           stream: rt.stream,
         },
@@ -442,6 +474,35 @@ export class LowLatencyPath {
       this.rank,
       this.timeout,
     ]);
+  }
+
+  /**
+   * Collective, for benchmarks: enqueues a kernel that keeps the GPU busy for `spinNs` nanoseconds, then
+   * waits for every rank to reach the same point (a device-side barrier), so work enqueued after it
+   * starts together on all ranks and is not delayed by host enqueue time.
+   */
+  gate(spinNs = 0): void {
+    this.checkUsable();
+    this.kGate.launch({ grid: 1, block: 32, stream: this.rt.stream }, [
+      this.sym.peerTable.ptr,
+      this.sym.signal.devicePtr,
+      this.rank,
+      this.timeout,
+      BigInt(Math.max(0, Math.round(spinNs))),
+    ]);
+  }
+
+  /**
+   * The globaltimer stamps (ns) the kernels of the latest dispatch and combine left, by name. Reads device
+   * memory synchronously: call after the work finished (for benchmarks and debugging).
+   */
+  stamps(): Record<(typeof LL_STAMPS)[number], bigint> {
+    const v = new BigUint64Array(LL_STAMPS.length);
+    this.sym.local.copyToHost(v, this.layout.offState + 64);
+    return Object.fromEntries(LL_STAMPS.map((n, i) => [n, v[i]!])) as Record<
+      (typeof LL_STAMPS)[number],
+      bigint
+    >;
   }
 
   /** The timeout a kernel of this path reported, as the message of an EpTimeoutError; undefined if none. */
