@@ -70,7 +70,9 @@ const xBf16 = up(randomBf16(rng, T, H));
 const fp8 = randomFp8(rng, T, H, 'f32');
 const xFp8 = up(fp8.x);
 const scales = up(fp8.scales);
-const flush = DeviceBuffer.alloc(256 * 2 ** 20, dev);
+// 1 GiB of memset (≈0.4 ms) before each timed call: flushes L2 and keeps the GPU busy while the host
+// enqueues the call, so host time is not counted as GPU time.
+const flush = DeviceBuffer.alloc(2 ** 30, dev);
 const beforeEach = () => flush.fill(rank & 0xff, stream);
 
 /** Frees the device tensors of a call's result (after the stream has passed the call). */
@@ -78,8 +80,12 @@ function release(result: unknown): void {
   for (const v of Object.values(result as object)) if (v instanceof DeviceTensor) v.dispose();
 }
 
+/** Host time (ms) of each timed call of the last timeCall: API entry to the call's work enqueued. */
+let hostMs: number[] = [];
+
 /** Per-iteration times (ms) of an async EP call, CUDA events on the buffer's stream around each. */
 async function timeCall(fn: () => Promise<unknown>): Promise<number[]> {
+  hostMs = [];
   const results: unknown[] = [];
   for (let i = 0; i < warmup; i++) results.push(await fn());
   await stream.synchronize();
@@ -92,7 +98,9 @@ async function timeCall(fn: () => Promise<unknown>): Promise<number[]> {
     await group.barrier();
     beforeEach();
     ev[2 * i]!.record(stream);
+    const t0 = performance.now();
     results.push(await fn());
+    hostMs.push(performance.now() - t0);
     ev[2 * i + 1]!.record(stream);
   }
   await ev[2 * iters - 1]!.synchronize({ timeoutMs: 120_000 });
@@ -132,6 +140,7 @@ interface Row {
   medianUs: number;
   p10Us: number;
   p90Us: number;
+  hostUs: number;
   gbps: number;
   ncclUs?: number;
   ratio?: number;
@@ -145,6 +154,7 @@ const add = async (op: string, sms: number, ms: number[], bytes: number) => {
     medianUs: s.median * 1000,
     p10Us: s.p10 * 1000,
     p90Us: s.p90 * 1000,
+    hostUs: summarize(hostMs).median * 1000,
     gbps: gbPerS(bytes, s.median),
   });
 };
@@ -211,11 +221,12 @@ if (rank === 0) {
       { header: 'median µs', digits: 1 },
       { header: 'p10 µs', digits: 1 },
       { header: 'p90 µs', digits: 1 },
+      { header: 'host µs', digits: 1 },
       { header: 'GB/s', digits: 1 },
       { header: 'NCCL µs', digits: 1 },
       { header: 'NCCL/tsep', digits: 2 },
     ],
-    rows.map((r) => [r.op, r.sms, r.medianUs, r.p10Us, r.p90Us, r.gbps, r.ncclUs, r.ratio]),
+    rows.map((r) => [r.op, r.sms, r.medianUs, r.p10Us, r.p90Us, r.hostUs, r.gbps, r.ncclUs, r.ratio]),
   );
   for (const op of [
     'dispatch fp8 (cached)',

@@ -55,6 +55,16 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     return new DeviceTensor(dtype, shape, buf.ptr, { owner: buf });
   }
 
+  /**
+   * A new row-major tensor from the stream-ordered pool (see DeviceBuffer.allocAsync): cheap, and ready
+   * for `stream`'s later work; `dispose()` frees it on that stream.
+   */
+  static emptyOn<D extends DType>(dtype: D, shape: readonly number[], stream: Stream) {
+    checkShape('shape', shape);
+    const buf = DeviceBuffer.allocAsync(numel(shape) * dtypeSize(dtype), stream);
+    return new DeviceTensor(dtype, shape, buf.ptr, { owner: buf });
+  }
+
   /** A new row-major tensor filled with zero bytes. */
   static zeros<D extends DType>(dtype: D, shape: readonly number[], device: Device = Device.current()) {
     const t = DeviceTensor.empty(dtype, shape, device);

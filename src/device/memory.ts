@@ -27,15 +27,54 @@ function hostBytes(src: ArrayBufferView): Uint8Array {
   return new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
 }
 
+const pooled = new Set<number>();
+
+/** Keeps freed memory in the device's stream-ordered pool instead of returning it to the driver. */
+function keepPoolMemory(device: Device): void {
+  if (pooled.has(device.ordinal)) return;
+  const pool = new BigUint64Array(1);
+  cu('cuDeviceGetDefaultMemPool', pool, device.ordinal);
+  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD (4): never trim the pool at synchronization points.
+  cu('cuMemPoolSetAttribute', pool[0]!, 4, BigUint64Array.of(0xffffffffffffffffn));
+  pooled.add(device.ordinal);
+}
+
+function capturing(stream: Stream): boolean {
+  const status = new Int32Array(1);
+  cu('cuStreamIsCapturing', stream.handle, status);
+  return status[0] !== 0;
+}
+
 export class DeviceBuffer {
   readonly device: Device;
   readonly bytes: number;
   private p: bigint;
+  /** Stream-ordered allocations are freed on this stream (after the work queued on it so far). */
+  private readonly freeStream: Stream | undefined;
 
-  private constructor(device: Device, ptr: bigint, bytes: number) {
+  private constructor(device: Device, ptr: bigint, bytes: number, freeStream?: Stream) {
     this.device = device;
     this.p = ptr;
     this.bytes = bytes;
+    this.freeStream = freeStream;
+  }
+
+  /**
+   * Allocates from the device's stream-ordered pool: no device synchronization, memory reused across
+   * calls, usable by `stream`'s later work at once. `dispose()` frees it on the same stream, so it may be
+   * called while that stream still uses the memory (work on other streams must be ordered by the caller).
+   * While `stream` is being captured into a graph this falls back to a plain allocation.
+   */
+  static allocAsync(bytes: number, stream: Stream): DeviceBuffer {
+    if (capturing(stream)) return DeviceBuffer.alloc(bytes, stream.device);
+    if (!Number.isSafeInteger(bytes) || bytes < 0) {
+      throw new ValidationError('bytes', String(bytes), 'a non-negative integer');
+    }
+    stream.device.makeCurrent();
+    keepPoolMemory(stream.device);
+    const out = new BigUint64Array(1);
+    cu('cuMemAllocAsync', out, Math.max(bytes, 1), stream.handle);
+    return new DeviceBuffer(stream.device, out[0]!, bytes, stream);
   }
 
   /** Allocates `bytes` of device memory (contents undefined). */
@@ -108,7 +147,8 @@ export class DeviceBuffer {
   dispose(): void {
     if (this.p === 0n) return;
     this.device.makeCurrent();
-    cu('cuMemFree_v2', this.p);
+    if (this.freeStream) cu('cuMemFreeAsync', this.p, this.freeStream.handle);
+    else cu('cuMemFree_v2', this.p);
     this.p = 0n;
   }
 

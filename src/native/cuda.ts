@@ -28,6 +28,11 @@ const DECLS = {
   cuMemGetInfo_v2: 'int cuMemGetInfo_v2(uint64_t *free, uint64_t *total)',
   cuMemAlloc_v2: 'int cuMemAlloc_v2(uint64_t *dptr, size_t bytesize)',
   cuMemFree_v2: 'int cuMemFree_v2(uint64_t dptr)',
+  cuMemAllocAsync: 'int cuMemAllocAsync(uint64_t *dptr, size_t bytesize, uint64_t stream)',
+  cuMemFreeAsync: 'int cuMemFreeAsync(uint64_t dptr, uint64_t stream)',
+  cuDeviceGetDefaultMemPool: 'int cuDeviceGetDefaultMemPool(uint64_t *pool, int dev)',
+  cuMemPoolSetAttribute: 'int cuMemPoolSetAttribute(uint64_t pool, int attr, void *value)',
+  cuStreamIsCapturing: 'int cuStreamIsCapturing(uint64_t stream, int *status)',
   cuMemHostAlloc: 'int cuMemHostAlloc(_Out_ void **pp, size_t bytesize, unsigned int flags)',
   cuMemFreeHost: 'int cuMemFreeHost(void *p)',
   cuMemHostGetDevicePointer_v2:

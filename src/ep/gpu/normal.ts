@@ -172,9 +172,9 @@ export class NormalPath {
     const topk = this.rt.onDevice('topkIdx', topkIdxArg);
     const [T, K] = topk.shape as [number, number];
     const R = this.R;
-    const perRank = DeviceTensor.empty('i32', [R], this.rt.device);
-    const perExpert = DeviceTensor.empty('i32', [R * this.EL], this.rt.device);
-    const inRank = DeviceTensor.empty('bool', [T, R], this.rt.device);
+    const perRank = DeviceTensor.emptyOn('i32', [R], this.rt.stream);
+    const perExpert = DeviceTensor.emptyOn('i32', [R * this.EL], this.rt.stream);
+    const inRank = DeviceTensor.emptyOn('bool', [T, R], this.rt.stream);
     this.layoutKernels[topk.dtype === 'i64' ? 'i64' : 'i32'].launch(
       { grid: 1, block: 1024, stream: this.rt.stream },
       [topk.ptr, T, K, perRank.ptr, perExpert.ptr, inRank.ptr],
@@ -224,9 +224,9 @@ export class NormalPath {
     if (fresh) {
       const layout = req.layout;
       isTokenInRank = rt.onDevice('layout.isTokenInRank', layout.isTokenInRank);
-      rankPrefix = DeviceTensor.empty('i32', [R, R], dev);
-      sendPos = DeviceTensor.empty('i32', [T, R], dev);
-      recvCount = DeviceTensor.empty('i32', [1], dev);
+      rankPrefix = DeviceTensor.emptyOn('i32', [R, R], stream);
+      sendPos = DeviceTensor.emptyOn('i32', [T, R], stream);
+      recvCount = DeviceTensor.emptyOn('i32', [1], stream);
       const seq = ++this.seq;
       mod
         .kernel('tsep_notify', [
@@ -293,11 +293,11 @@ export class NormalPath {
       this.launchPrepare(mod, 0);
       this.launchSend(mod, x, scales, undefined, undefined, sendPos, rankPrefix, T);
     }
-    const recvX = DeviceTensor.empty(x.dtype, [rows, H], dev);
-    const recvScales = scales ? DeviceTensor.empty(scales.dtype, [rows, sw], dev) : undefined;
-    const recvSrcIdx = DeviceTensor.empty('i32', [rows], dev);
-    const recvTopkIdx = topk ? DeviceTensor.empty(topk.dtype, [rows, K], dev) : undefined;
-    const recvTopkWeights = weights ? DeviceTensor.empty('f32', [rows, K], dev) : undefined;
+    const recvX = DeviceTensor.emptyOn(x.dtype, [rows, H], stream);
+    const recvScales = scales ? DeviceTensor.emptyOn(scales.dtype, [rows, sw], stream) : undefined;
+    const recvSrcIdx = DeviceTensor.emptyOn('i32', [rows], stream);
+    const recvTopkIdx = topk ? DeviceTensor.emptyOn(topk.dtype, [rows, K], stream) : undefined;
+    const recvTopkWeights = weights ? DeviceTensor.emptyOn('f32', [rows, K], stream) : undefined;
     mod
       .kernel('tsep_dispatch_recv', [
         'ptr',
@@ -459,8 +459,8 @@ export class NormalPath {
         weights?.ptr ?? 0n,
         ...this.areaArgs(),
       ]);
-    const combinedX = DeviceTensor.empty('bf16', [T, H], rt.device);
-    const combinedW = weights ? DeviceTensor.empty('f32', [T, K], rt.device) : undefined;
+    const combinedX = DeviceTensor.emptyOn('bf16', [T, H], stream);
+    const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], stream) : undefined;
     mod
       .kernel('tsep_combine_reduce', [
         'ptr',
