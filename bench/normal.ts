@@ -75,7 +75,7 @@ const scales = up(fp8.scales);
 const flush = DeviceBuffer.alloc(2 ** 30, dev);
 const beforeEach = () => flush.fill(rank & 0xff, stream);
 
-/** Frees the device tensors of a call's result (after the stream has passed the call). */
+/** Frees the device tensors of a call's result (stream-ordered: safe while the stream still uses them). */
 function release(result: unknown): void {
   for (const v of Object.values(result as object)) if (v instanceof DeviceTensor) v.dispose();
 }
@@ -99,15 +99,17 @@ async function timeCall(fn: () => Promise<unknown>): Promise<number[]> {
     beforeEach();
     ev[2 * i]!.record(stream);
     const t0 = performance.now();
-    results.push(await fn());
+    const result = await fn();
     hostMs.push(performance.now() - t0);
     ev[2 * i + 1]!.record(stream);
+    // Outputs come from the stream-ordered pool: freeing them now reuses the memory next call, as a
+    // training loop that drops each step's outputs would.
+    release(result);
   }
   await ev[2 * iters - 1]!.synchronize({ timeoutMs: 120_000 });
   const ms = Array.from({ length: iters }, (_, i) => Event.elapsedMs(ev[2 * i]!, ev[2 * i + 1]!));
   for (const e of ev) e.dispose();
-  // Outputs are freed only now: freeing device memory the GPU may still use would synchronize.
-  for (const r of results) if (r) release(r);
+  for (const r of results) release(r);
   return ms;
 }
 

@@ -27,6 +27,7 @@ function dims(d: number | [number, number?, number?]): [number, number, number] 
 export class Module {
   readonly device: Device;
   private h: bigint;
+  private readonly kernels = new Map<string, Kernel>();
 
   private constructor(device: Device, handle: bigint) {
     this.device = device;
@@ -46,11 +47,20 @@ export class Module {
     return this.h;
   }
 
-  /** Looks up an `extern "C"` kernel and declares its parameter kinds. */
+  /** Looks up an `extern "C"` kernel (once) and declares its parameter kinds. */
   kernel(name: string, params: readonly ArgKind[]): Kernel {
+    const known = this.kernels.get(name);
+    if (known) {
+      if (known.params.join() !== params.join()) {
+        throw new ValidationError(`parameters of kernel ${name}`, params.join(', '), known.params.join(', '));
+      }
+      return known;
+    }
     const out = new BigUint64Array(1);
     cu('cuModuleGetFunction', out, this.handle, name);
-    return new Kernel(this, name, out[0]!, params);
+    const k = new Kernel(this, name, out[0]!, params);
+    this.kernels.set(name, k);
+    return k;
   }
 
   /** Address and size of a `__device__` global. */
