@@ -274,6 +274,14 @@ const defaults = { ...path.tuning };
 const sms = rt.smCount;
 const sweep: { knob: string; value: number; dispatchUs?: number; combineUs?: number }[] = [];
 const med = (ms: number[]) => summarize(ms).median * 1000;
+path.tuning.fuse = false;
+sweep.push({
+  knob: 'fuse (0 = two launches)',
+  value: 0,
+  dispatchUs: med(await timeDispatch()),
+  combineUs: med(await timeCombine()),
+});
+path.tuning.fuse = defaults.fuse;
 for (const v of [Math.round(sms / 4), Math.round(sms / 2), sms]) {
   path.tuning.dispatchSendBlocks = v;
   sweep.push({ knob: 'dispatchSendBlocks', value: v, dispatchUs: med(await timeDispatch()) });
@@ -285,7 +293,7 @@ for (const v of [1, 2, 4]) {
   sweep.push({ knob: 'dispatchRecvParts', value: v, dispatchUs: med(await timeDispatch()) });
 }
 path.tuning.dispatchRecvParts = defaults.dispatchRecvParts;
-for (const v of [Math.round(sms / 2), sms, 3 * sms]) {
+for (const v of [Math.round(sms / 2), 2 * sms]) {
   path.tuning.combineSendBlocks = v;
   sweep.push({ knob: 'combineSendBlocks', value: v, combineUs: med(await timeCombine()) });
 }
@@ -337,7 +345,8 @@ const phaseSlowest = {
   crecv: await slowest(phase.crecv),
 };
 
-// Inside the kernels (globaltimer stamps of this rank, gated dispatch+combine, one at a time).
+// Inside the kernels (globaltimer stamps of this rank, gated dispatch+combine, one at a time). With fused
+// launches a block starts its receive phase before the last block has signalled, so that gap is negative.
 const stampSegs: Record<string, number[]> = {};
 for (let i = 0; i < PHASE_ITERS; i++) {
   path.gate(GATE_NS);
@@ -351,16 +360,16 @@ for (let i = 0; i < PHASE_ITERS; i++) {
     list.push(Number(b - a) / 1000);
     stampSegs[name] = list;
   };
-  seg('dispatch send: start -> acks seen', t.dispatchSendStart, t.dispatchSendReady);
+  seg('dispatch send: start (block 0) -> acks seen', t.dispatchSendStart, t.dispatchSendReady);
   seg('dispatch send: acks -> signals sent (last block)', t.dispatchSendReady, t.dispatchSendSignal);
-  seg('dispatch: send signals -> recv kernel start', t.dispatchSendSignal, t.dispatchRecvStart);
-  seg('dispatch recv: start -> all sources seen', t.dispatchRecvStart, t.dispatchRecvReady);
+  seg('dispatch: send signals -> recv phase start (block 0)', t.dispatchSendSignal, t.dispatchRecvStart);
+  seg('dispatch recv: start (block 0) -> all sources seen', t.dispatchRecvStart, t.dispatchRecvReady);
   seg('dispatch recv: sources seen -> end (last block)', t.dispatchRecvReady, t.dispatchRecvEnd);
   seg('dispatch: send start -> recv end', t.dispatchSendStart, t.dispatchRecvEnd);
   seg('combine send: start -> ready', t.combineSendStart, t.combineSendReady);
   seg('combine send: ready -> signals sent (last block)', t.combineSendReady, t.combineSendSignal);
-  seg('combine: send signals -> recv kernel start', t.combineSendSignal, t.combineRecvStart);
-  seg('combine recv: start -> all expert ranks seen', t.combineRecvStart, t.combineRecvReady);
+  seg('combine: send signals -> recv phase start (block 0)', t.combineSendSignal, t.combineRecvStart);
+  seg('combine recv: start (block 0) -> all expert ranks seen', t.combineRecvStart, t.combineRecvReady);
   seg('combine recv: seen -> end (last block)', t.combineRecvReady, t.combineRecvEnd);
   seg('combine: send start -> recv end', t.combineSendStart, t.combineRecvEnd);
 }

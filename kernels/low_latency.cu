@@ -2,59 +2,56 @@
 // docs/low-latency.md describes the protocol; src/cpu/ref-low-latency.ts is the oracle the outputs match
 // bit for bit (deterministic order: per local expert, source rank ascending, then token ascending).
 //
-// Four kernels, each a separate launch so a receive phase can run later (returnRecvHook) without holding
-// SMs while data flies:
-//   ll_dispatch_send   quantize each token once, write it once per destination rank, signal
-//   ll_dispatch_recv   wait for every source, order rows deterministically, copy into the outputs
-//   ll_combine_send    write each expert row back into its owner's slot [token][k]
-//   ll_combine_recv    wait for every expert rank, out[t] = sum_k w[t,k] * y[t,k] (f32, ascending k)
+// Two kernels, each with a send and a receive phase (`phases`). Without receive hooks one launch runs both
+// (its grid fits on the GPU at once, so blocks waiting in the receive phase never keep a send block from
+// running); with hooks the send phase is launched alone and the hook launches the receive phase, so no SM
+// is held while data flies.
+//   ll_dispatch  send: quantize each token once, write it once per destination rank, signal
+//                recv: wait for every source, order rows deterministically, copy into the outputs
+//   ll_combine   send: write each expert row back into its owner's slot [token][k], signal
+//                recv: wait for every expert rank, out[t] = sum_k w[t,k] * y[t,k] (f32, ascending k)
 // Every call's sequence number lives on the device (state words), so CUDA-graph replays stay correct.
 #include "low_latency.cuh"
 
 using namespace ll;
 
+// Shared prologue: both sequence numbers, the abort flag and the peer table in shared memory; threads
+// r < LL_R also make a first (acquire) read of `first[r]` (an ack word), overlapped with the rest.
+struct Prologue {
+  u32 epoch[2];
+  u32 abort;
+  u8 *peer[LL_R];
+};
+
+__device__ __forceinline__ u32 prologue(const Ctx &c, const u64 *peers, int send_word, int recv_word,
+                                        const u32 *first, Prologue &p) {
+  u32 v = 0;
+  if (threadIdx.x == 32) {
+    p.epoch[0] = ld_volatile_u32(c.state() + send_word);
+    p.epoch[1] = ld_volatile_u32(c.state() + recv_word);
+    p.abort = ld_volatile_u32(c.state() + LL_ST_ABORT);
+  }
+  if (threadIdx.x < LL_R) {
+    p.peer[threadIdx.x] = reinterpret_cast<u8 *>(peers[threadIdx.x]);
+    v = ld_acquire_u32(first + threadIdx.x);
+  }
+  __syncthreads();
+  return v;
+}
+
 // ------------------------------------------------------------------------------------------ dispatch
 
-// One warp per (token, 512-channel chunk): each lane owns 16 channels (two 16-byte loads of bf16).
+// Send phase: one warp per (token, 512-channel chunk); each lane owns 16 channels (two 16-byte loads).
 #define LL_CHUNK 512
 
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
-    const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns, const u16 *__restrict__ x,
-    const void *__restrict__ topk, int T, int K, int flags) {
-  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_DSEND};
-  u32 epoch;
-  if (!begin(c, LL_ST_DSEND, epoch)) return;
-  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
-  if (stamper) c.stamp(LL_T_DS_START);
-  const int half = epoch & 1;
+__device__ __forceinline__ void dispatch_send_items(const Prologue &p, int rank, int half, const u16 *x,
+                                                    const void *topk, int T, int K, int flags) {
   const bool fp8 = flags & LL_FLAG_FP8, round = flags & LL_FLAG_ROUND, ue8m0 = flags & LL_FLAG_UE8M0;
   const bool idx64 = flags & LL_FLAG_IDX64;
-
-  __shared__ u8 *s_peer[LL_R];
-  bool ok = true;
-  if (threadIdx.x < LL_R) {
-    const int d = threadIdx.x;
-    s_peer[d] = reinterpret_cast<u8 *>(peers[d]);
-    // Back-pressure: rank d must have finished reading this half from call epoch - 2.
-    ok = wait_reached(c, dispatch_ack(c.local, d), epoch - 1, LL_P_ACK, d);
-  }
-  if (!__syncthreads_and(ok)) return;
-  if (stamper) c.stamp(LL_T_DS_READY);
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = (LL_H + LL_CHUNK - 1) / LL_CHUNK;
   for (int item = blockIdx.x * LL_WARPS + warp; item < T * chunks; item += gridDim.x * LL_WARPS) {
     const int t = item / chunks, ch = item % chunks;
-    const int e = lane < K ? load_expert(topk, t * K + lane, idx64) : -1;
-    const u32 dmask = __reduce_or_sync(LL_FULL, e >= 0 ? 1u << (e / LL_EL) : 0u);
-    if (ch == 0 && lane < LL_KMAX) {
-      // The token's routing row goes to every rank (slots past K are -1), so a receiver never reads a
-      // stale row from an earlier call.
-#pragma unroll
-      for (int d = 0; d < LL_R; d++) dispatch_route(s_peer[d], half, rank)[t * LL_KMAX + lane] = e;
-    }
-    if (dmask == 0u) continue;
-
     const int c0 = ch * LL_CHUNK + lane * 16;
     const bool valid = c0 < LL_H;  // LL_H % 16 == 0 (and % 128 == 0 with fp8): all 16 or none
     uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
@@ -62,6 +59,15 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
       v0 = ld_nc_v4(x + (size_t)t * LL_H + c0);
       v1 = ld_nc_v4(x + (size_t)t * LL_H + c0 + 8);
     }
+    const int e = lane < K ? load_expert(topk, t * K + lane, idx64) : -1;
+    const u32 dmask = __reduce_or_sync(LL_FULL, e >= 0 ? 1u << (e / LL_EL) : 0u);
+    if (ch == 0 && lane < LL_KMAX) {
+      // The token's routing row goes to every rank (slots past K are -1), so a receiver never reads a
+      // stale row from an earlier call.
+#pragma unroll
+      for (int d = 0; d < LL_R; d++) dispatch_route(p.peer[d], half, rank)[t * LL_KMAX + lane] = e;
+    }
+    if (dmask == 0u) continue;
     if (fp8) {
       const u32 w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
       float f[16];
@@ -93,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
 #pragma unroll
       for (int d = 0; d < LL_R; d++) {
         if (!(dmask >> d & 1u)) continue;
-        u8 *msg = dispatch_msg(s_peer[d], half, rank, t);
+        u8 *msg = dispatch_msg(p.peer[d], half, rank, t);
         if (valid) st_v4(msg + c0, qv);
         if (ue8m0) {
           if (lane == 0) reinterpret_cast<u32 *>(msg + LL_H)[ch] = word;
@@ -105,18 +111,11 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
 #pragma unroll
       for (int d = 0; d < LL_R; d++) {
         if (!(dmask >> d & 1u)) continue;
-        u8 *msg = dispatch_msg(s_peer[d], half, rank, t);
+        u8 *msg = dispatch_msg(p.peer[d], half, rank, t);
         st_v4(msg + 2 * c0, v0);
         st_v4(msg + 2 * c0 + 16, v1);
       }
     }
-  }
-
-  if (last_block(c, 0)) {
-    c.stamp(LL_T_DS_SIGNAL);
-    const u64 sig = ((u64)(u32)T << 32) | (u64)(epoch + 1);
-    for (int d = 0; d < LL_R; d++) st_release_u64(dispatch_signal(s_peer[d], half, rank), sig);
-    atomicExch(c.state() + LL_ST_DSEND, epoch + 1);
   }
 }
 
@@ -144,42 +143,16 @@ __device__ __forceinline__ int block_exclusive_scan(bool flag, int *scratch, int
   return off;
 }
 
-// Grid: LL_EL * parts blocks; block (e, p) handles local expert e. Every block of an expert derives the
-// same deterministic row order, then the `parts` blocks split the copying.
-// Dynamic shared memory: 2 * LL_RT words.
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
-    const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns, u8 *__restrict__ recv_x,
-    void *__restrict__ recv_scales, int *__restrict__ recv_count, int *__restrict__ src_info,
-    long long *__restrict__ layout_range, u32 *__restrict__ kmask_out, int flags, int parts) {
-  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_DRECV};
-  u32 epoch;
-  if (!begin(c, LL_ST_DRECV, epoch)) return;
-  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
-  if (stamper) c.stamp(LL_T_DR_START);
-  const int half = epoch & 1;
-  const bool fp8 = flags & LL_FLAG_FP8, ue8m0 = flags & LL_FLAG_UE8M0;
-  const int e = blockIdx.x / parts, part = blockIdx.x % parts;
-  const int expert = rank * LL_EL + e;
-
-  __shared__ int s_tokens[LL_R];
-  __shared__ int s_count[LL_R];
-  __shared__ int s_scan[LL_WARPS];
-  extern __shared__ u32 s_dyn[];
-  u32 *s_list = s_dyn;           // [LL_RT]: (src << 16) | token, in output order
-  u32 *s_kmask = s_dyn + LL_RT;  // [LL_RT]: which of the source's top-k slots chose this expert
-
-  bool ok = true;
-  if (threadIdx.x < LL_R) {
-    const int s = threadIdx.x;
-    u64 sig = 0;
-    ok = wait_reached(c, dispatch_signal(c.local, half, s), epoch + 1, LL_P_SIGNAL, s, &sig);
-    s_tokens[s] = (int)(sig >> 32);
-    s_count[s] = 0;
-  }
-  if (!__syncthreads_and(ok)) return;
-  if (stamper) c.stamp(LL_T_DR_READY);
-
-  // Rows for this expert in (source, token) order.
+// Receive phase for local expert e, part `part` of `parts` blocks sharing it: every part derives the same
+// deterministic row order, then the parts split the copying. `s_list`/`s_kmask`: 2 * LL_RT words of
+// dynamic shared memory.
+__device__ __forceinline__ void dispatch_recv_expert(
+    const Ctx &c, int half, int e, int part, int parts, const int *s_tokens, u32 *s_list, u32 *s_kmask,
+    int *s_count, int *s_scan, u8 *recv_x, void *recv_scales, int *recv_count, int *src_info,
+    long long *layout_range, u32 *kmask_out, bool fp8, bool ue8m0) {
+  const int expert = c.rank * LL_EL + e;
+  if (threadIdx.x < LL_R) s_count[threadIdx.x] = 0;
+  __syncthreads();
   int total = 0;
   for (int i0 = 0; i0 < LL_RT; i0 += LL_THREADS) {
     const int i = i0 + threadIdx.x;
@@ -249,53 +222,96 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
       out[(size_t)b * LL_RT + j] = reinterpret_cast<const u32 *>(msg + LL_H)[b];
     }
   }
+  __syncthreads();  // shared lists are reused for the next expert
+}
 
-  if (last_block(c, 1)) {
-    c.stamp(LL_T_DR_END);
-    // Every block is done reading this half: the sources may reuse it (call epoch + 2).
-    for (int s = 0; s < LL_R; s++) st_release_u32(dispatch_ack(reinterpret_cast<u8 *>(peers[s]), rank), epoch + 1);
-    atomicExch(c.state() + LL_ST_DRECV, epoch + 1);
+// Dynamic shared memory: 2 * LL_RT words. Receive work: local expert-parts ep = blockIdx.x, +gridDim.x, ...
+extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
+    const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns, const u16 *__restrict__ x,
+    const void *__restrict__ topk, int T, int K, int flags, u8 *__restrict__ recv_x,
+    void *__restrict__ recv_scales, int *__restrict__ recv_count, int *__restrict__ src_info,
+    long long *__restrict__ layout_range, u32 *__restrict__ kmask_out, int parts, int phases) {
+  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_DSEND};
+  __shared__ Prologue p;
+  const u32 ack = prologue(c, peers, LL_ST_DSEND, LL_ST_DRECV, dispatch_ack(c.local, 0), p);
+  if (p.abort != 0u) return;
+  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
+
+  if (phases & LL_PHASE_SEND) {
+    const u32 epoch = p.epoch[0];
+    const int half = epoch & 1;
+    if (stamper) c.stamp(LL_T_DS_START);
+    // Back-pressure: rank d must have finished reading this half from call epoch - 2.
+    bool ok = true;
+    if (threadIdx.x < LL_R && !reached(ack, epoch - 1))
+      ok = wait_reached(c, dispatch_ack(c.local, threadIdx.x), epoch - 1, LL_P_ACK, threadIdx.x);
+    if (!__syncthreads_and(ok)) return;
+    if (stamper) c.stamp(LL_T_DS_READY);
+    dispatch_send_items(p, rank, half, x, topk, T, K, flags);
+    if (last_block(c, 0)) {
+      c.stamp(LL_T_DS_SIGNAL);
+      const u64 sig = ((u64)(u32)T << 32) | (u64)(epoch + 1);
+      for (int d = 0; d < LL_R; d++) st_release_u64(dispatch_signal(p.peer[d], half, rank), sig);
+      atomicExch(c.state() + LL_ST_DSEND, epoch + 1);
+    }
+  }
+
+  if (phases & LL_PHASE_RECV) {
+    const Ctx cr{c.local, record, timeout_ns, rank, LL_K_DRECV};
+    const u32 epoch = p.epoch[1];
+    const int half = epoch & 1;
+    if (stamper) cr.stamp(LL_T_DR_START);
+    __shared__ int s_tokens[LL_R];
+    __shared__ int s_count[LL_R];
+    __shared__ int s_scan[LL_WARPS];
+    extern __shared__ u32 s_dyn[];
+    bool ok = true;
+    if (threadIdx.x < LL_R) {
+      const int s = threadIdx.x;
+      u64 sig = 0;
+      ok = wait_reached(cr, dispatch_signal(c.local, half, s), epoch + 1, LL_P_SIGNAL, s, &sig);
+      s_tokens[s] = (int)(sig >> 32);
+    }
+    if (!__syncthreads_and(ok)) return;
+    if (stamper) cr.stamp(LL_T_DR_READY);
+    const bool fp8 = flags & LL_FLAG_FP8, ue8m0 = flags & LL_FLAG_UE8M0;
+    for (int ep = blockIdx.x; ep < LL_EL * parts; ep += gridDim.x) {
+      dispatch_recv_expert(cr, half, ep / parts, ep % parts, parts, s_tokens, s_dyn, s_dyn + LL_RT, s_count,
+                           s_scan, recv_x, recv_scales, recv_count, src_info, layout_range, kmask_out, fp8,
+                           ue8m0);
+    }
+    if (last_block(cr, 1)) {
+      cr.stamp(LL_T_DR_END);
+      // Every block is done reading this half: the sources may reuse it (call epoch + 2).
+      for (int s = 0; s < LL_R; s++) st_release_u32(dispatch_ack(p.peer[s], rank), epoch + 1);
+      atomicExch(c.state() + LL_ST_DRECV, epoch + 1);
+    }
   }
 }
 
 // ------------------------------------------------------------------------------------------- combine
 
-// Each expert-side row (local expert e, row j < its count) goes to its source rank s into slot
+// Send phase: each expert-side row (local expert e, row j < its count) goes to its source rank s into slot
 // [token][k] for every top-k slot k of that token that chose e. Rows are split into chunks of
 // 32 lanes x 8 vectors (4 KiB) so many warps share a row.
+// Receive phase: one thread per (token, 8 channels): acc = +0; for k ascending with a valid expert,
+// acc = f32(acc + f32(w * y)); one bf16 rounding at the end (the reference's exact order).
 // Dynamic shared memory: (2 * LL_EL * LL_R + LL_EL + 1) words.
 #define LL_CCHUNK (32 * 8)
 
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
-    const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns, const u16 *__restrict__ x,
-    const int *__restrict__ src_info, const long long *__restrict__ layout_range,
-    const u32 *__restrict__ kmask) {
-  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_CSEND};
-  u32 epoch;
-  if (!begin(c, LL_ST_CSEND, epoch)) return;
-  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
-  if (stamper) c.stamp(LL_T_CS_START);
-  const int half = epoch & 1;
-
-  __shared__ u8 *s_peer[LL_R];
+__device__ __forceinline__ void combine_send_items(const Prologue &p, int half, const u16 *x,
+                                                   const int *src_info, const long long *layout_range,
+                                                   const u32 *kmask) {
   extern __shared__ int s_dyn_i[];
-  int *s_begin = s_dyn_i;                 // [LL_EL * LL_R]
-  int *s_cnt = s_dyn_i + LL_EL * LL_R;    // [LL_EL * LL_R]
+  int *s_begin = s_dyn_i;                   // [LL_EL * LL_R]
+  int *s_cnt = s_dyn_i + LL_EL * LL_R;      // [LL_EL * LL_R]
   int *s_pre = s_dyn_i + 2 * LL_EL * LL_R;  // [LL_EL + 1]: first flat row of each expert
-
-  bool ok = true;
-  if (threadIdx.x < LL_R) {
-    const int s = threadIdx.x;
-    s_peer[s] = reinterpret_cast<u8 *>(peers[s]);
-    ok = wait_reached(c, combine_ack(c.local, s), epoch - 1, LL_P_ACK, s);
-  }
   for (int i = threadIdx.x; i < LL_EL * LL_R; i += LL_THREADS) {
     const long long r = layout_range[i];
     s_begin[i] = (int)(r >> 32);
     s_cnt[i] = (int)(r & 0xffffffffll);
   }
-  if (!__syncthreads_and(ok)) return;
-  if (stamper) c.stamp(LL_T_CS_READY);
+  __syncthreads();
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     int carry = 0;
@@ -329,9 +345,6 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
       else hi = mid;
     }
     const int e = lo, j = r - s_pre[e];
-    int s = 0;
-    for (int q = 0; q < LL_R; q++)
-      if (j >= s_begin[e * LL_R + q] && j < s_begin[e * LL_R + q] + s_cnt[e * LL_R + q]) s = q;
     const int t = src_info[e * LL_RT + j];
     const u32 km = kmask[e * LL_RT + j];
     const u16 *src = x + ((size_t)e * LL_RT + j) * LL_H;
@@ -341,9 +354,12 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
       const int i = ch * LL_CCHUNK + u * 32 + lane;
       if (i < nvec) v[u] = ld_nc_v4(src + 8 * (size_t)i);
     }
+    int s = 0;
+    for (int q = 0; q < LL_R; q++)
+      if (j >= s_begin[e * LL_R + q] && j < s_begin[e * LL_R + q] + s_cnt[e * LL_R + q]) s = q;
     for (u32 m = km; m != 0u; m &= m - 1u) {
       const int k = __ffs(m) - 1;
-      u8 *dst = combine_slot(s_peer[s], half, t, k);
+      u8 *dst = combine_slot(p.peer[s], half, t, k);
 #pragma unroll
       for (int u = 0; u < 8; u++) {
         const int i = ch * LL_CCHUNK + u * 32 + lane;
@@ -351,35 +367,10 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
       }
     }
   }
-
-  if (last_block(c, 2)) {
-    c.stamp(LL_T_CS_SIGNAL);
-    for (int s = 0; s < LL_R; s++) st_release_u32(combine_signal(s_peer[s], half, rank), epoch + 1);
-    atomicExch(c.state() + LL_ST_CSEND, epoch + 1);
-  }
 }
 
-// One thread per (token, 8 channels): acc = +0; for k ascending with a valid expert,
-// acc = f32(acc + f32(w * y)); one bf16 rounding at the end (the reference's exact order).
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_recv(
-    const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns, const void *__restrict__ topk,
-    const float *__restrict__ weights, u16 *__restrict__ out, int T, int K, int flags) {
-  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_CRECV};
-  u32 epoch;
-  if (!begin(c, LL_ST_CRECV, epoch)) return;
-  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
-  if (stamper) c.stamp(LL_T_CR_START);
-  const int half = epoch & 1;
-  const bool idx64 = flags & LL_FLAG_IDX64;
-
-  bool ok = true;
-  if (threadIdx.x < LL_R) {
-    const int s = threadIdx.x;
-    ok = wait_reached(c, combine_signal(c.local, half, s), epoch + 1, LL_P_SIGNAL, s);
-  }
-  if (!__syncthreads_and(ok)) return;
-  if (stamper) c.stamp(LL_T_CR_READY);
-
+__device__ __forceinline__ void combine_recv_items(const Ctx &c, int half, const void *topk,
+                                                   const float *weights, u16 *out, int T, int K, bool idx64) {
   const int nvec = LL_H / 8;
   for (int i = blockIdx.x * LL_THREADS + threadIdx.x; i < T * nvec; i += gridDim.x * LL_THREADS) {
     const int t = i / nvec, v = i % nvec;
@@ -420,11 +411,52 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_recv(
     o.w = (u32)tsep::f32_to_bf16(acc[6]) | ((u32)tsep::f32_to_bf16(acc[7]) << 16);
     st_v4(out + (size_t)t * LL_H + 8 * v, o);
   }
+}
 
-  if (last_block(c, 3)) {
-    c.stamp(LL_T_CR_END);
-    for (int s = 0; s < LL_R; s++) st_release_u32(combine_ack(reinterpret_cast<u8 *>(peers[s]), rank), epoch + 1);
-    atomicExch(c.state() + LL_ST_CRECV, epoch + 1);
+extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
+    const u64 *__restrict__ peers, int *record, int rank, u64 timeout_ns, const u16 *__restrict__ x,
+    const int *__restrict__ src_info, const long long *__restrict__ layout_range,
+    const u32 *__restrict__ kmask, const void *__restrict__ topk, const float *__restrict__ weights,
+    u16 *__restrict__ out, int T, int K, int flags, int phases) {
+  const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_CSEND};
+  __shared__ Prologue p;
+  const u32 ack = prologue(c, peers, LL_ST_CSEND, LL_ST_CRECV, combine_ack(c.local, 0), p);
+  if (p.abort != 0u) return;
+  const bool stamper = blockIdx.x == 0 && threadIdx.x == 0;
+
+  if (phases & LL_PHASE_SEND) {
+    const u32 epoch = p.epoch[0];
+    const int half = epoch & 1;
+    if (stamper) c.stamp(LL_T_CS_START);
+    bool ok = true;
+    if (threadIdx.x < LL_R && !reached(ack, epoch - 1))
+      ok = wait_reached(c, combine_ack(c.local, threadIdx.x), epoch - 1, LL_P_ACK, threadIdx.x);
+    if (!__syncthreads_and(ok)) return;
+    if (stamper) c.stamp(LL_T_CS_READY);
+    combine_send_items(p, half, x, src_info, layout_range, kmask);
+    if (last_block(c, 2)) {
+      c.stamp(LL_T_CS_SIGNAL);
+      for (int s = 0; s < LL_R; s++) st_release_u32(combine_signal(p.peer[s], half, rank), epoch + 1);
+      atomicExch(c.state() + LL_ST_CSEND, epoch + 1);
+    }
+  }
+
+  if (phases & LL_PHASE_RECV) {
+    const Ctx cr{c.local, record, timeout_ns, rank, LL_K_CRECV};
+    const u32 epoch = p.epoch[1];
+    const int half = epoch & 1;
+    if (stamper) cr.stamp(LL_T_CR_START);
+    bool ok = true;
+    if (threadIdx.x < LL_R)
+      ok = wait_reached(cr, combine_signal(c.local, half, threadIdx.x), epoch + 1, LL_P_SIGNAL, threadIdx.x);
+    if (!__syncthreads_and(ok)) return;
+    if (stamper) cr.stamp(LL_T_CR_READY);
+    combine_recv_items(cr, half, topk, weights, out, T, K, flags & LL_FLAG_IDX64);
+    if (last_block(cr, 3)) {
+      cr.stamp(LL_T_CR_END);
+      for (int s = 0; s < LL_R; s++) st_release_u32(combine_ack(p.peer[s], rank), epoch + 1);
+      atomicExch(c.state() + LL_ST_CRECV, epoch + 1);
+    }
   }
 }
 

@@ -65,6 +65,10 @@
 #define LL_T_CR_READY 10
 #define LL_T_CR_END 11
 
+// Which phases a launch runs (kernel argument `phases`): both in one launch, or one each (receive hooks).
+#define LL_PHASE_SEND 1
+#define LL_PHASE_RECV 2
+
 // Timeout record (LL_RECORD): kernels and phases.
 #define LL_K_DSEND 1
 #define LL_K_DRECV 2
@@ -100,7 +104,7 @@ __device__ __forceinline__ u32 ld_volatile_u32(const u32 *p) {
   return v;
 }
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
-__device__ __forceinline__ void fence_acquire_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 __device__ __forceinline__ u32 ld_relaxed_u32(const u32 *p) {
   u32 v;
   asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -159,9 +163,10 @@ __device__ __noinline__ void report_timeout(const Ctx &c, int phase, int peer, u
   }
 }
 
-// Spins until *p has reached `target` (relaxed loads, then an acquire fence: the acquire pattern of the
-// PTX memory model). Gives up, returning false, when this rank has aborted or after the timeout (then it
-// reports). A u64 word compares its low 32 bits.
+// Spins until *p has reached `target`: relaxed loads while waiting, then one acquire load of the value that
+// reached it (what the caller reads afterwards is ordered after the writer's release). Gives up, returning
+// false, when this rank has aborted or after the timeout (then it reports). A u64 word compares its low 32
+// bits.
 template <typename T>
 __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 target, int phase, int peer,
                                              T *seen_out = nullptr) {
@@ -170,7 +175,11 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
   for (u32 i = 0;; i++) {
     if constexpr (sizeof(T) == 8) v = ld_relaxed_u64(reinterpret_cast<const u64 *>(p));
     else v = ld_relaxed_u32(reinterpret_cast<const u32 *>(p));
-    if (reached((u32)v, target)) break;
+    if (reached((u32)v, target)) {
+      if constexpr (sizeof(T) == 8) v = ld_acquire_u64(reinterpret_cast<const u64 *>(p));
+      else v = ld_acquire_u32(reinterpret_cast<const u32 *>(p));
+      break;
+    }
     if ((i & 255u) == 255u) {
       if (ld_volatile_u32(c.state() + LL_ST_ABORT) != 0u) return false;
       if (tsep::globaltimer_ns() - start > c.timeout_ns) {
@@ -179,7 +188,6 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
       }
     }
   }
-  fence_acquire_sys();
   if (seen_out) *seen_out = v;
   return true;
 }
@@ -205,20 +213,6 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
   return __syncthreads_and(ok);
 }
 
-// Kernel prologue: reads the call's sequence number from state word `word`; false (for the whole block)
-// when this rank has aborted after an earlier timeout.
-__device__ __forceinline__ bool begin(const Ctx &c, int word, u32 &epoch) {
-  __shared__ u32 s_epoch;
-  __shared__ u32 s_abort;
-  if (threadIdx.x == 0) {
-    s_epoch = ld_volatile_u32(c.state() + word);
-    s_abort = ld_volatile_u32(c.state() + LL_ST_ABORT);
-  }
-  __syncthreads();
-  epoch = s_epoch;
-  return s_abort == 0u;
-}
-
 // Last-block completion: every block calls it once after its stores; returns true in thread 0 of the
 // block that arrived last, after a system-scope fence, so that thread may publish everything the grid
 // wrote. Other blocks' stores are ordered before it by their own fence (the classic threadfence
@@ -226,12 +220,12 @@ __device__ __forceinline__ bool begin(const Ctx &c, int word, u32 &epoch) {
 __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   __syncthreads();
   if (threadIdx.x != 0) return false;
-  fence_sys();
+  fence_acq_rel_sys();
   u32 *arrive = c.state() + LL_ST_ARRIVE + counter;
   const u32 prev = atomicAdd(arrive, 1u);
   if (prev != gridDim.x - 1) return false;
   atomicExch(arrive, 0u);
-  fence_sys();
+  fence_acq_rel_sys();
   return true;
 }
 

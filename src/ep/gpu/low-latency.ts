@@ -53,12 +53,17 @@ const PHASES: Record<number, string> = {
 
 /** Launch shapes; defaults follow the SM count. Benchmarks may change them between calls. */
 export interface LlTuning {
-  /** Most blocks of the dispatch send kernel (fewer when there are fewer token chunks). */
+  /**
+   * Without receive hooks, run the send and receive phases in one launch (default). Its grid is capped at
+   * what fits on the GPU at once, so a block waiting in the receive phase never starves a send block.
+   */
+  fuse: boolean;
+  /** Most blocks of the dispatch send phase (fewer when there are fewer token chunks). */
   dispatchSendBlocks: number;
   /** Blocks per local expert in the dispatch receive kernel. */
   dispatchRecvParts: number;
   combineSendBlocks: number;
-  /** Most blocks of the combine receive kernel. */
+  /** Most blocks of the combine receive phase. */
   combineRecvBlocks: number;
 }
 
@@ -134,7 +139,21 @@ interface DispatchSlot {
   srcInfo: DeviceBuffer;
   range: DeviceBuffer;
   kmask: DeviceBuffer;
+  /** Tensor views of the slot, made once per scale format (views are immutable, so calls share them). */
+  views: Map<string, SlotViews>;
 }
+
+interface SlotViews {
+  recvX: Tensor;
+  recvScales: Tensor | undefined;
+  recvCount: Tensor;
+  srcInfo: DeviceTensor;
+  range: DeviceTensor;
+  kmask: DeviceTensor;
+}
+
+const PHASE_SEND = 1;
+const PHASE_RECV = 2;
 
 export class LowLatencyPath {
   readonly rt: GpuRuntime;
@@ -144,15 +163,18 @@ export class LowLatencyPath {
   private readonly record: Int32Array;
   private readonly timeout: bigint;
   private readonly rank: number;
-  private readonly kDispatchSend: Kernel;
-  private readonly kDispatchRecv: Kernel;
-  private readonly kCombineSend: Kernel;
-  private readonly kCombineRecv: Kernel;
+  private readonly kDispatch: Kernel;
+  private readonly kCombine: Kernel;
   private readonly kClean: Kernel;
   private readonly kGate: Kernel;
+  private readonly dispatchSmem: number;
+  private readonly combineSmem: number;
+  /** Blocks of each kernel that fit on the GPU at once (the cap of a fused launch). */
+  private readonly dispatchResident: number;
+  private readonly combineResident: number;
   private readonly dispatchRings = new Map<'fp8' | 'bf16', DispatchSlot[]>();
   private dispatchCalls = { fp8: 0, bf16: 0 };
-  private readonly combineRing: DeviceBuffer[] = [];
+  private readonly combineRing: { buffer: DeviceBuffer; views: Map<number, DeviceTensor> }[] = [];
   private combineCalls = 0;
   private destroyed = false;
   /** Launch shapes (see {@link LlTuning}). */
@@ -172,14 +194,18 @@ export class LowLatencyPath {
     this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
     this.timeout = timeoutNs();
     this.rank = rt.group.localRank;
-    [this.kDispatchSend, this.kDispatchRecv, this.kCombineSend, this.kCombineRecv, this.kClean, this.kGate] =
-      kernels as [Kernel, Kernel, Kernel, Kernel, Kernel, Kernel];
+    [this.kDispatch, this.kCombine, this.kClean, this.kGate] = kernels as [Kernel, Kernel, Kernel, Kernel];
     const sms = rt.smCount;
+    this.dispatchSmem = 8 * layout.numRanks * layout.maxTokensPerRank;
+    this.combineSmem = 4 * (2 * layout.localExperts * layout.numRanks + layout.localExperts + 1);
+    this.dispatchResident = sms * Math.max(1, this.kDispatch.occupancy(THREADS, this.dispatchSmem));
+    this.combineResident = sms * Math.max(1, this.kCombine.occupancy(THREADS, this.combineSmem));
     this.tuning = {
+      fuse: true,
       dispatchSendBlocks: 2 * sms,
       // About two resident 512-thread blocks per SM in all.
       dispatchRecvParts: Math.max(1, Math.floor((2 * sms) / layout.localExperts)),
-      combineSendBlocks: 2 * sms,
+      combineSendBlocks: sms,
       combineRecvBlocks: 4 * sms,
     };
   }
@@ -217,10 +243,38 @@ export class LowLatencyPath {
     const mod = await rt.kernels('low_latency.cu', llDefines(layout));
     const common = ['ptr', 'ptr', 'i32', 'u64'] as const;
     const kernels = [
-      mod.kernel('ll_dispatch_send', [...common, 'ptr', 'ptr', 'i32', 'i32', 'i32']),
-      mod.kernel('ll_dispatch_recv', [...common, 'ptr', 'ptr', 'ptr', 'ptr', 'ptr', 'ptr', 'i32', 'i32']),
-      mod.kernel('ll_combine_send', [...common, 'ptr', 'ptr', 'ptr', 'ptr']),
-      mod.kernel('ll_combine_recv', [...common, 'ptr', 'ptr', 'ptr', 'i32', 'i32', 'i32']),
+      // x, topk, T, K, flags, recvX, recvScales, recvCount, srcInfo, layoutRange, kmask, parts, phases
+      mod.kernel('ll_dispatch', [
+        ...common,
+        'ptr',
+        'ptr',
+        'i32',
+        'i32',
+        'i32',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'i32',
+        'i32',
+      ]),
+      // x, srcInfo, layoutRange, kmask, topk, weights, out, T, K, flags, phases
+      mod.kernel('ll_combine', [
+        ...common,
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'i32',
+        'i32',
+        'i32',
+        'i32',
+      ]),
       mod.kernel('ll_clean', [...common]),
       mod.kernel('ll_gate', [...common, 'u64']),
     ];
@@ -258,7 +312,7 @@ export class LowLatencyPath {
           s.range.bytes +
           s.kmask.bytes;
     }
-    for (const b of this.combineRing) n += b.bytes;
+    for (const b of this.combineRing) n += b.buffer.bytes;
     return n;
   }
 
@@ -279,89 +333,54 @@ export class LowLatencyPath {
       (topk.dtype === 'i64' ? FLAG_IDX64 : 0);
     const kind = req.fp8 ? 'fp8' : 'bf16';
     const slot = this.dispatchSlot(kind, this.dispatchCalls[kind]++ % OUTPUT_RING);
+    const views = this.slotViews(slot, kind, req.ue8m0);
 
-    const chunks = Math.ceil(L.hidden / 512);
     const tn = this.tuning;
-    const sendGrid = Math.max(1, Math.min(tn.dispatchSendBlocks, Math.ceil((T * chunks) / WARPS)));
-    const parts = tn.dispatchRecvParts;
-    this.kDispatchSend.launch({ grid: sendGrid, block: THREADS, stream: rt.stream }, [
-      this.sym.peerTable.ptr,
-      this.sym.signal.devicePtr,
-      this.rank,
-      this.timeout,
-      x.ptr,
-      topk.ptr,
-      T,
-      K,
-      flags,
-    ]);
-    const recv = (): void => {
-      this.kDispatchRecv.launch(
-        {
-          grid: L.localExperts * parts,
-          block: THREADS,
-          sharedBytes: 8 * L.numRanks * L.maxTokensPerRank,
-          stream: rt.stream,
-        },
-        [
-          this.sym.peerTable.ptr,
-          this.sym.signal.devicePtr,
-          this.rank,
-          this.timeout,
-          slot.x.ptr,
-          slot.scales?.ptr ?? 0n,
-          slot.count.ptr,
-          slot.srcInfo.ptr,
-          slot.range.ptr,
-          slot.kmask.ptr,
-          flags,
-          parts,
-        ],
-      );
-    };
-
-    const El = L.localExperts;
-    const RT = L.numRanks * L.maxTokensPerRank;
-    const H = L.hidden;
-    const dev = rt.device;
-    const recvX = new DeviceTensor(req.fp8 ? 'fp8_e4m3' : 'bf16', [El, RT, H], slot.x.ptr, { device: dev });
-    let recvScales: DeviceTensor | undefined;
-    if (req.fp8) {
-      const cols = req.ue8m0 ? Math.ceil(Math.ceil(H / 128) / 4) : Math.ceil(H / 128);
-      // Column-major in the last two dims: stored [E_l, cols, R·T_max].
-      recvScales = new DeviceTensor(req.ue8m0 ? 'i32' : 'f32', [El, RT, cols], slot.scales!.ptr, {
-        device: dev,
-        strides: [cols * RT, 1, RT],
-      });
-    }
-    const handle = new GpuLowLatencyHandle(
-      this,
-      this.owner,
-      T,
-      new DeviceTensor('i32', [El, RT], slot.srcInfo.ptr, { device: dev }),
-      new DeviceTensor('i64', [El, L.numRanks], slot.range.ptr, { device: dev }),
-      new DeviceTensor('i32', [El, RT], slot.kmask.ptr, { device: dev }),
+    const sendGrid = Math.max(
+      1,
+      Math.min(tn.dispatchSendBlocks, Math.ceil((T * Math.ceil(L.hidden / 512)) / WARPS)),
     );
-    const recvCount = new DeviceTensor('i32', [El], slot.count.ptr, { device: dev });
-
+    const parts = tn.dispatchRecvParts;
+    const recvGrid = L.localExperts * parts;
+    const launch = (grid: number, phases: number): void => {
+      this.kDispatch.launch({ grid, block: THREADS, sharedBytes: this.dispatchSmem, stream: rt.stream }, [
+        this.sym.peerTable.ptr,
+        this.sym.signal.devicePtr,
+        this.rank,
+        this.timeout,
+        x.ptr,
+        topk.ptr,
+        T,
+        K,
+        flags,
+        slot.x.ptr,
+        slot.scales?.ptr ?? 0n,
+        slot.count.ptr,
+        slot.srcInfo.ptr,
+        slot.range.ptr,
+        slot.kmask.ptr,
+        parts,
+        phases,
+      ]);
+    };
+    let hook: RecvHook | undefined;
     if (req.returnRecvHook) {
-      const event = this.event();
-      return {
-        recvX: recvX as unknown as Tensor, // until Tensor is widened
-        ...(recvScales ? { recvScales: recvScales as unknown as Tensor } : {}),
-        recvCount: recvCount as unknown as Tensor,
-        handle,
-        event,
-        hook: this.hookOnce('dispatch', recv),
-      };
+      launch(sendGrid, PHASE_SEND);
+      hook = this.hookOnce('dispatch', () => launch(recvGrid, PHASE_RECV));
+    } else if (tn.fuse) {
+      launch(Math.min(this.dispatchResident, Math.max(sendGrid, recvGrid)), PHASE_SEND | PHASE_RECV);
+    } else {
+      launch(sendGrid, PHASE_SEND);
+      launch(recvGrid, PHASE_RECV);
     }
-    recv();
+    const handle = new GpuLowLatencyHandle(this, this.owner, T, views.srcInfo, views.range, views.kmask);
     return {
-      recvX: recvX as unknown as Tensor, // until Tensor is widened
-      ...(recvScales ? { recvScales: recvScales as unknown as Tensor } : {}),
-      recvCount: recvCount as unknown as Tensor,
+      recvX: views.recvX,
+      ...(views.recvScales ? { recvScales: views.recvScales } : {}),
+      recvCount: views.recvCount,
       handle,
       event: this.event(),
+      ...(hook ? { hook } : {}),
     };
   }
 
@@ -391,18 +410,13 @@ export class LowLatencyPath {
         'the dispatch layout [E_l, R·T_max, H]',
       );
     }
-    const out = this.combineSlot(this.combineCalls++ % OUTPUT_RING);
+    const out = this.combineOut(this.combineCalls++ % OUTPUT_RING, T);
     const srcInfo = handle.packedRecvSrcInfo as unknown as DeviceTensor; // until Tensor is widened
     const range = handle.packedRecvLayoutRange as unknown as DeviceTensor;
-
-    this.kCombineSend.launch(
-      {
-        grid: this.tuning.combineSendBlocks,
-        block: THREADS,
-        sharedBytes: 4 * (2 * L.localExperts * L.numRanks + L.localExperts + 1),
-        stream: rt.stream,
-      },
-      [
+    const tn = this.tuning;
+    const recvGrid = Math.max(1, Math.min(tn.combineRecvBlocks, Math.ceil((T * (L.hidden / 8)) / THREADS)));
+    const launch = (grid: number, phases: number): void => {
+      this.kCombine.launch({ grid, block: THREADS, sharedBytes: this.combineSmem, stream: rt.stream }, [
         this.sym.peerTable.ptr,
         this.sym.signal.devicePtr,
         this.rank,
@@ -411,41 +425,33 @@ export class LowLatencyPath {
         srcInfo.ptr,
         range.ptr,
         handle.recvKMask.ptr,
-      ],
-    );
-    const recvBlocks = this.tuning.combineRecvBlocks;
-    const recv = (): void => {
-      const items = T * (L.hidden / 8);
-      this.kCombineRecv.launch(
-        {
-          grid: Math.min(recvBlocks, Math.max(1, Math.ceil(items / THREADS))),
-          block: THREADS,
-          stream: rt.stream,
-        },
-        [
-          this.sym.peerTable.ptr,
-          this.sym.signal.devicePtr,
-          this.rank,
-          this.timeout,
-          topk.ptr,
-          w.ptr,
-          out.ptr,
-          T,
-          K,
-          topk.dtype === 'i64' ? FLAG_IDX64 : 0,
-        ],
-      );
+        topk.ptr,
+        w.ptr,
+        out.ptr,
+        T,
+        K,
+        topk.dtype === 'i64' ? FLAG_IDX64 : 0,
+        phases,
+      ]);
     };
-    const combinedX = new DeviceTensor('bf16', [T, L.hidden], out.ptr, { device: rt.device });
+    let hook: RecvHook | undefined;
     if (req.returnRecvHook) {
-      return {
-        combinedX: combinedX as unknown as Tensor, // until Tensor is widened
-        event: this.event(),
-        hook: this.hookOnce('combine', recv),
-      };
+      launch(tn.combineSendBlocks, PHASE_SEND);
+      hook = this.hookOnce('combine', () => launch(recvGrid, PHASE_RECV));
+    } else if (tn.fuse) {
+      launch(
+        Math.min(this.combineResident, Math.max(tn.combineSendBlocks, recvGrid)),
+        PHASE_SEND | PHASE_RECV,
+      );
+    } else {
+      launch(tn.combineSendBlocks, PHASE_SEND);
+      launch(recvGrid, PHASE_RECV);
     }
-    recv();
-    return { combinedX: combinedX as unknown as Tensor, event: this.event() };
+    return {
+      combinedX: out as unknown as Tensor, // until Tensor is widened
+      event: this.event(),
+      ...(hook ? { hook } : {}),
+    };
   }
 
   // ------------------------------------------------------------------------------------ maintenance
@@ -458,7 +464,7 @@ export class LowLatencyPath {
         for (const b of [s.x, s.scales, s.count, s.srcInfo, s.range, s.kmask]) b?.fill(byte, stream);
       }
     }
-    for (const b of this.combineRing) b.fill(byte, stream);
+    for (const b of this.combineRing) b.buffer.fill(byte, stream);
   }
 
   /**
@@ -533,7 +539,7 @@ export class LowLatencyPath {
         for (const b of [s.x, s.scales, s.count, s.srcInfo, s.range, s.kmask]) b?.dispose();
       }
     }
-    for (const b of this.combineRing) b.dispose();
+    for (const b of this.combineRing) b.buffer.dispose();
   }
 
   // ---------------------------------------------------------------------------------------- internals
@@ -591,19 +597,68 @@ export class LowLatencyPath {
         srcInfo: DeviceBuffer.alloc(rows * 4, dev),
         range: DeviceBuffer.alloc(L.localExperts * L.numRanks * 8, dev),
         kmask: DeviceBuffer.alloc(rows * 4, dev),
+        views: new Map(),
       };
       ring[i] = slot;
     }
     return slot;
   }
 
-  private combineSlot(i: number): DeviceBuffer {
+  private slotViews(slot: DispatchSlot, kind: 'fp8' | 'bf16', ue8m0: boolean): SlotViews {
+    const key = kind === 'bf16' ? kind : `${kind}/${ue8m0}`;
+    let v = slot.views.get(key);
+    if (!v) {
+      const L = this.layout;
+      const El = L.localExperts;
+      const RT = L.numRanks * L.maxTokensPerRank;
+      const H = L.hidden;
+      const device = this.rt.device;
+      let recvScales: DeviceTensor | undefined;
+      if (kind === 'fp8') {
+        const cols = ue8m0 ? Math.ceil(Math.ceil(H / 128) / 4) : Math.ceil(H / 128);
+        // Column-major in the last two dims: stored [E_l, cols, R·T_max].
+        recvScales = new DeviceTensor(ue8m0 ? 'i32' : 'f32', [El, RT, cols], slot.scales!.ptr, {
+          device,
+          strides: [cols * RT, 1, RT],
+        });
+      }
+      // until Tensor is widened: the public fields carry DeviceTensors typed as Tensor
+      v = {
+        recvX: new DeviceTensor(kind === 'fp8' ? 'fp8_e4m3' : 'bf16', [El, RT, H], slot.x.ptr, {
+          device,
+        }) as unknown as Tensor,
+        recvScales: recvScales as unknown as Tensor | undefined,
+        recvCount: new DeviceTensor('i32', [El], slot.count.ptr, { device }) as unknown as Tensor,
+        srcInfo: new DeviceTensor('i32', [El, RT], slot.srcInfo.ptr, { device }),
+        range: new DeviceTensor('i64', [El, L.numRanks], slot.range.ptr, { device }),
+        kmask: new DeviceTensor('i32', [El, RT], slot.kmask.ptr, { device }),
+      };
+      slot.views.set(key, v);
+    }
+    return v;
+  }
+
+  private combineSlot(i: number): { buffer: DeviceBuffer; views: Map<number, DeviceTensor> } {
     let b = this.combineRing[i];
     if (!b) {
       const L = this.layout;
-      b = DeviceBuffer.alloc(Math.max(1, L.maxTokensPerRank * L.hidden * 2), this.rt.device);
+      b = {
+        buffer: DeviceBuffer.alloc(Math.max(1, L.maxTokensPerRank * L.hidden * 2), this.rt.device),
+        views: new Map(),
+      };
       this.combineRing[i] = b;
     }
     return b;
+  }
+
+  /** The [T, H] bf16 output view of combine ring slot `i`. */
+  private combineOut(i: number, T: number): DeviceTensor {
+    const slot = this.combineSlot(i);
+    let v = slot.views.get(T);
+    if (!v) {
+      v = new DeviceTensor('bf16', [T, this.layout.hidden], slot.buffer.ptr, { device: this.rt.device });
+      slot.views.set(T, v);
+    }
+    return v;
   }
 }
