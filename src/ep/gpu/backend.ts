@@ -19,6 +19,7 @@ import type {
   LowLatencyDispatchResult,
   Tensor,
 } from '../types.ts';
+import { LowLatencyPath } from './low-latency.ts';
 import { NormalPath } from './normal.ts';
 import { GpuRuntime } from './runtime.ts';
 
@@ -31,17 +32,34 @@ class GpuBackend implements EpBackend {
   readonly name = 'gpu';
   private readonly rt: GpuRuntime;
   private readonly normal: NormalPath | undefined;
+  private readonly lowLatency: LowLatencyPath | undefined;
 
-  private constructor(rt: GpuRuntime, normal: NormalPath | undefined) {
+  private constructor(
+    rt: GpuRuntime,
+    normal: NormalPath | undefined,
+    lowLatency: LowLatencyPath | undefined,
+  ) {
     this.rt = rt;
     this.normal = normal;
+    this.lowLatency = lowLatency;
   }
 
   static async create(context: BackendContext): Promise<GpuBackend> {
     const rt = GpuRuntime.create(context);
     const mode = context.options.mode;
     const normal = mode === 'low-latency' ? undefined : await NormalPath.create(rt);
-    return new GpuBackend(rt, normal);
+    const lowLatency = mode === 'normal' ? undefined : await LowLatencyPath.create(rt, context.owner);
+    return new GpuBackend(rt, normal, lowLatency);
+  }
+
+  private lowLatencyPath(call: string): LowLatencyPath {
+    if (!this.lowLatency) {
+      throw new TsepError(
+        'TSEP_UNSUPPORTED',
+        `${call} needs a buffer created with mode 'low-latency' or 'both'.`,
+      );
+    }
+    return this.lowLatency;
   }
 
   private normalPath(call: string): NormalPath {
@@ -88,11 +106,12 @@ class GpuBackend implements EpBackend {
   }
 
   sizeHint(): EpSizeHint {
-    return { normalBytes: this.normal?.bytes() ?? 0, lowLatencyBytes: 0 };
+    return { normalBytes: this.normal?.bytes() ?? 0, lowLatencyBytes: this.lowLatency?.bytes() ?? 0 };
   }
 
   async destroy(): Promise<void> {
     await this.normal?.destroy();
+    await this.lowLatency?.destroy();
     this.rt.stream.dispose();
   }
 }
