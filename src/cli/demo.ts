@@ -10,6 +10,8 @@ import { HostTensor } from '../device/tensor.ts';
 import { LocalGroup } from '../dist/local-group.ts';
 import { EpBuffer } from '../ep/buffer.ts';
 import type { BackendKind, DispatchResult, LowLatencyDispatchResult } from '../ep/types.ts';
+import { TsepError } from '../errors.ts';
+import { launchGpuDemo, runGpuDemoRank, visibleGpuCount } from './demo-gpu.ts';
 
 export interface DemoOptions {
   ranks: number;
@@ -35,13 +37,13 @@ export interface DemoRow {
   ok: boolean;
 }
 
-interface RankData {
+export interface RankData {
   x: HostTensor<'bf16'>;
   topkIdx: HostTensor<'i32'>;
   topkWeights: HostTensor<'f32'>;
 }
 
-function makeRankData(rng: Rng, o: DemoOptions): RankData {
+export function makeRankData(rng: Rng, o: DemoOptions): RankData {
   const x = HostTensor.empty('bf16', [o.tokens, o.hidden]);
   for (let i = 0; i < x.data.length; i++) x.data[i] = f32ToBf16(rng.normal());
   const topkIdx = HostTensor.empty('i32', [o.tokens, o.topk]);
@@ -62,7 +64,7 @@ function makeRankData(rng: Rng, o: DemoOptions): RankData {
  * Normal combine does not weight, so the expert side applies factor·weight per local expert and sums
  * a row's local experts before sending it back (float32, one bf16 rounding).
  */
-function normalExperts(
+export function normalExperts(
   d: DispatchResult,
   factor: Float64Array,
   firstExpert: number,
@@ -89,7 +91,7 @@ function normalExperts(
 }
 
 /** Low-latency combine weights by itself: each expert only dequantizes and scales its rows. */
-function lowLatencyExperts(
+export function lowLatencyExperts(
   ll: LowLatencyDispatchResult,
   factor: Float64Array,
   firstExpert: number,
@@ -116,7 +118,7 @@ function lowLatencyExperts(
  * Largest |got − want| / tolerance over all elements, where want = Σ_k w·factor·x in float64 and the
  * tolerance covers bf16 roundings, plus FP8 e4m3 quantization on the low-latency path.
  */
-function worstError(data: RankData, got: HostTensor, factor: Float64Array, fp8: boolean): number {
+export function worstError(data: RankData, got: HostTensor, factor: Float64Array, fp8: boolean): number {
   const [T, H] = data.x.shape as [number, number];
   const K = data.topkIdx.shape[1]!;
   const x = data.x.data;
@@ -269,6 +271,24 @@ export function registerDemo(program: Command): void {
     .option('--backend <kind>', "'auto', 'cpu' or 'gpu'", 'auto')
     .action(async (opts: Omit<DemoOptions, 'seed'> & { seed?: number }) => {
       const seed = opts.seed ?? (Date.now() % 2 ** 31) + 1;
+      // On a GPU machine the demo runs one process per GPU (it launches itself); each rank then runs
+      // runGpuDemoRank. Without GPUs it simulates the ranks in this process on the CPU backend.
+      if (opts.backend !== 'cpu') {
+        const gpus = visibleGpuCount();
+        if (process.env.RANK !== undefined && gpus > 0) {
+          process.exitCode = await runGpuDemoRank({ ...opts, seed });
+          return;
+        }
+        if (gpus > 0) {
+          process.exitCode = await launchGpuDemo(gpus, { ...opts, seed });
+          return;
+        }
+        if (opts.backend === 'gpu')
+          throw new TsepError(
+            'TSEP_NO_GPU',
+            'The GPU backend cannot be used: no GPU is visible (tsep doctor shows what was found).',
+          );
+      }
       const rows = await runDemo({ ...opts, seed });
       process.stdout.write(`${formatDemo(rows)}\nseed ${seed}\n`);
       if (!rows.every((r) => r.ok)) {

@@ -81,21 +81,17 @@ class GpuBackend implements EpBackend {
     return this.normalPath('combine').combine(request);
   }
 
-  lowLatencyDispatch(_request: LowLatencyDispatchRequest): LowLatencyDispatchResult {
-    throw new TsepError(
-      'TSEP_UNSUPPORTED',
-      'The low-latency mode is not available on the GPU backend in this build.',
-    );
+  lowLatencyDispatch(request: LowLatencyDispatchRequest): LowLatencyDispatchResult {
+    return this.lowLatencyPath('lowLatencyDispatch').dispatch(request);
   }
 
-  lowLatencyCombine(_request: LowLatencyCombineRequest): LowLatencyCombineResult {
-    throw new TsepError(
-      'TSEP_UNSUPPORTED',
-      'The low-latency mode is not available on the GPU backend in this build.',
-    );
+  lowLatencyCombine(request: LowLatencyCombineRequest): LowLatencyCombineResult {
+    return this.lowLatencyPath('lowLatencyCombine').combine(request);
   }
 
-  cleanLowLatencyBuffer(): void {}
+  cleanLowLatencyBuffer(): void {
+    this.lowLatency?.clean();
+  }
 
   get stream(): Stream {
     return this.rt.stream;

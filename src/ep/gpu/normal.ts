@@ -193,7 +193,6 @@ export class NormalPath {
   private async runDispatch(req: DispatchRequest): Promise<DispatchResult> {
     const rt = this.rt;
     const R = this.R;
-    const dev = rt.device;
     const x = rt.onDevice('x', req.x);
     if (!x.isContiguous())
       throw new ValidationError('x', 'a strided tensor', 'a row-major contiguous tensor');
