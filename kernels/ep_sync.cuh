@@ -36,35 +36,23 @@ __device__ __forceinline__ u64 ld_acquire_sys_u64(const u64 *p) {
   return v;
 }
 
-// Waits until *p >= target. Returns false (after reporting) if `timeout_ns` passes first.
-__device__ __forceinline__ bool wait_geq_u64(const u64 *p, u64 target, u64 timeout_ns, ErrorRecord *err, int rank,
-                                             int kernel, int phase, int peer) {
+__device__ __forceinline__ u64 ld_acquire(const u64 *p) { return ld_acquire_sys_u64(p); }
+__device__ __forceinline__ int ld_acquire(const int *p) { return ld_acquire_sys(p); }
+
+// Waits until *p >= target. Returns false (after reporting) if `timeout_ns` passes first, or if another
+// wait of this kernel already gave up.
+template <typename T>
+__device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, ErrorRecord *err, int rank, int kernel,
+                                         int phase, int peer) {
   u64 start = 0;
   for (int spins = 0;; ++spins) {
-    const u64 v = ld_acquire_sys_u64(p);
+    const T v = ld_acquire(p);
     if (v >= target) return true;
     if ((spins & 1023) == 0) {
       const u64 now = globaltimer_ns();
       if (start == 0) start = now;
       else if (now - start > timeout_ns || ld_volatile(&err->flag) != 0) {
         report_timeout(err, rank, kernel, phase, peer, (long long)target, (long long)v);
-        return false;
-      }
-    }
-  }
-}
-
-__device__ __forceinline__ bool wait_geq_i32(const int *p, int target, u64 timeout_ns, ErrorRecord *err, int rank,
-                                             int kernel, int phase, int peer) {
-  u64 start = 0;
-  for (int spins = 0;; ++spins) {
-    const int v = ld_acquire_sys(p);
-    if (v >= target) return true;
-    if ((spins & 1023) == 0) {
-      const u64 now = globaltimer_ns();
-      if (start == 0) start = now;
-      else if (now - start > timeout_ns || ld_volatile(&err->flag) != 0) {
-        report_timeout(err, rank, kernel, phase, peer, target, v);
         return false;
       }
     }
@@ -80,7 +68,7 @@ __device__ __forceinline__ bool rank_barrier(int *const *peer_slots, int *slots,
   __threadfence_system();
   for (int p = 0; p < num_ranks; ++p) st_release_sys(peer_slots[p] + me, r);
   for (int p = 0; p < num_ranks; ++p)
-    if (!wait_geq_i32(slots + p, r, timeout_ns, err, me, kernel, phase, p)) return false;
+    if (!wait_geq(slots + p, r, timeout_ns, err, me, kernel, phase, p)) return false;
   return true;
 }
 

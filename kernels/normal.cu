@@ -270,7 +270,7 @@ extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const in
   Ctrl *mine = ctrl_of(peers, me);
   if (threadIdx.x == 0) {
     const u64 expect = *(volatile u64 *)&mine->expect_dispatch;
-    ok = tsep::wait_geq_u64(&mine->arrive_dispatch, expect, timeout_ns, err, me, KERNEL_RECV, 0, -1);
+    ok = tsep::wait_geq(&mine->arrive_dispatch, expect, timeout_ns, err, me, KERNEL_RECV, 0, -1);
   }
   __syncthreads();
   if (!ok) return;
@@ -363,7 +363,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
   Ctrl *mine = ctrl_of(peers, me);
   if (threadIdx.x == 0) {
     const u64 expect = *(volatile u64 *)&mine->expect_combine;
-    ok = tsep::wait_geq_u64(&mine->arrive_combine, expect, timeout_ns, err, me, KERNEL_REDUCE, 0, -1);
+    ok = tsep::wait_geq(&mine->arrive_combine, expect, timeout_ns, err, me, KERNEL_REDUCE, 0, -1);
   }
   __syncthreads();
   if (!ok) return;
