@@ -2,7 +2,8 @@
 // against the CPU reference bit for bit: FP8 (f32, power-of-two and UE8M0 scales) and BF16 payloads, i32 and
 // i64 routing with -1 slots, a hot expert, an unpicked expert, ranks with 0, 1, 7 and 128 tokens, hidden
 // 2048/4096/7168, top-1 and top-8 of 8/64/288 experts, the receive hooks, 100 CUDA-graph replays with fresh
-// inputs, and a device timeout (one rank skips a call) followed by clean(). The cases and checks are in
+// inputs, the public EpBuffer API (mode low-latency, backend gpu), and a device timeout (one rank skips a
+// call) followed by clean(). The cases and checks are in
 // fixtures/ll-check.ts. TSEP_TEST_SEED replays a seed.
 
 import assert from 'node:assert/strict';
