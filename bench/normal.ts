@@ -17,7 +17,7 @@ import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
-import type { DispatchHandle, Tensor } from '../src/ep/types.ts';
+import type { DispatchHandle } from '../src/ep/types.ts';
 import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { gbPerS, printTable, summarize, timeEvents, writeResult } from './stats.ts';
 
@@ -55,8 +55,7 @@ const buffer = await EpBuffer.create(group, {
 const stream = buffer.stream!;
 const dev = stream.device;
 const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
-const asT = (t: DeviceTensor) => t as unknown as Tensor;
-const up = (t: HostTensor) => asT(DeviceTensor.fromHostStorage(t, dev));
+const up = (t: HostTensor) => DeviceTensor.fromHostStorage(t, dev);
 
 const topk = up(routingTensor('i64', T, K, randomRouting(rng, T, K, E)));
 const weights = up(

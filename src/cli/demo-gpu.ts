@@ -8,7 +8,7 @@ import type { HostTensor } from '../device/tensor.ts';
 import { initProcessGroup } from '../dist/init.ts';
 import { launch } from '../dist/launcher.ts';
 import { EpBuffer } from '../ep/buffer.ts';
-import type { DispatchResult, LowLatencyDispatchResult, Tensor } from '../ep/types.ts';
+import type { Tensor } from '../ep/types.ts';
 import {
   type DemoOptions,
   type DemoRow,
@@ -16,6 +16,7 @@ import {
   lowLatencyExperts,
   makeRankData,
   normalExperts,
+  onHost,
   worstError,
 } from './demo.ts';
 
@@ -49,8 +50,7 @@ export async function launchGpuDemo(
   return result.exitCode;
 }
 
-const dev = (t: HostTensor): Tensor => DeviceTensor.fromHost(t) as unknown as Tensor;
-const host = (t: Tensor): HostTensor => (t as unknown as DeviceTensor).toHost();
+const dev = (t: HostTensor): Tensor => DeviceTensor.fromHost(t);
 
 /** One rank of the GPU demo (run under tsep launch). Resolves to this rank's exit code. */
 export async function runGpuDemoRank(o: DemoOptions): Promise<number> {
@@ -84,26 +84,21 @@ export async function runGpuDemoRank(o: DemoOptions): Promise<number> {
     layout: buffer.getDispatchLayout(topkIdx, o.experts),
   });
   await d.event.wait();
-  const onHost = {
-    recvX: host(d.recvX),
-    recvTopkIdx: host(d.recvTopkIdx!),
-    recvTopkWeights: host(d.recvTopkWeights!),
-  };
-  const y = normalExperts(onHost as unknown as DispatchResult, factor, first, o.hidden);
+  // The toy experts copy what they read to the host (onHost).
+  const y = normalExperts(d, factor, first, o.hidden);
   const c = await buffer.combine({ x: dev(y), handle: d.handle });
   await c.event.wait();
-  const normal = host(c.combinedX);
+  const normal = onHost(c.combinedX);
   const normalMs = performance.now() - start;
 
   // Low-latency mode: FP8 dispatch quantized on the GPU, dequantize-and-scale experts, weighted combine.
   start = performance.now();
   const ll = buffer.lowLatencyDispatch({ x, topkIdx, fp8: true });
   await ll.event.wait();
-  const llHost = { recvX: host(ll.recvX), recvScales: host(ll.recvScales!), recvCount: host(ll.recvCount) };
-  const yl = lowLatencyExperts(llHost as unknown as LowLatencyDispatchResult, factor, first);
+  const yl = lowLatencyExperts(ll, factor, first);
   const out = buffer.lowLatencyCombine({ x: dev(yl), topkIdx, topkWeights, handle: ll.handle });
   await out.event.wait();
-  const lowLatency = host(out.combinedX);
+  const lowLatency = onHost(out.combinedX);
   const lowLatencyMs = performance.now() - start;
 
   const mine = [

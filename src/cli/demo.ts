@@ -9,7 +9,7 @@ import { bf16ToF32, FP8_BLOCK, f32ToBf16, fp8E4m3ToF32 } from '../device/dtypes.
 import { HostTensor } from '../device/tensor.ts';
 import { LocalGroup } from '../dist/local-group.ts';
 import { EpBuffer } from '../ep/buffer.ts';
-import type { BackendKind, DispatchResult, LowLatencyDispatchResult } from '../ep/types.ts';
+import type { BackendKind, DispatchResult, LowLatencyDispatchResult, Tensor } from '../ep/types.ts';
 import { TsepError } from '../errors.ts';
 import { launchGpuDemo, runGpuDemoRank, visibleGpuCount } from './demo-gpu.ts';
 
@@ -60,6 +60,11 @@ export function makeRankData(rng: Rng, o: DemoOptions): RankData {
   return { x, topkIdx, topkWeights };
 }
 
+/** A result tensor in host memory: itself from the CPU backend, a copy of the GPU backend's device tensor. */
+export function onHost(t: Tensor): HostTensor {
+  return t instanceof HostTensor ? t : t.toHost();
+}
+
 /**
  * Normal combine does not weight, so the expert side applies factor·weight per local expert and sums
  * a row's local experts before sending it back (float32, one bf16 rounding).
@@ -72,9 +77,9 @@ export function normalExperts(
 ): HostTensor {
   const rows = d.recvX.shape[0]!;
   const K = d.recvTopkIdx!.shape[1]!;
-  const idx = d.recvTopkIdx!.data as Int32Array;
-  const w = d.recvTopkWeights!.data as Float32Array;
-  const x = d.recvX.data as Uint16Array;
+  const idx = onHost(d.recvTopkIdx!).data as Int32Array;
+  const w = onHost(d.recvTopkWeights!).data as Float32Array;
+  const x = onHost(d.recvX).data as Uint16Array;
   const y = HostTensor.empty('bf16', [rows, hidden]);
   const acc = new Float32Array(hidden);
   for (let i = 0; i < rows; i++) {
@@ -98,9 +103,9 @@ export function lowLatencyExperts(
 ): HostTensor {
   const [localExperts, slots, hidden] = ll.recvX.shape as [number, number, number];
   const y = HostTensor.zeros('bf16', [localExperts, slots, hidden]);
-  const codes = ll.recvX.data as Uint8Array;
-  const scales = ll.recvScales!;
-  const counts = ll.recvCount.data as Int32Array;
+  const codes = onHost(ll.recvX).data as Uint8Array;
+  const scales = onHost(ll.recvScales!);
+  const counts = onHost(ll.recvCount).data as Int32Array;
   for (let e = 0; e < localExperts; e++) {
     const f = factor[firstExpert + e]!;
     for (let i = 0; i < counts[e]!; i++) {
@@ -186,7 +191,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoRow[]> {
       buffers.map(async (b, r) => {
         const d = await b.dispatch({ ...data[r]!, layout: b.getDispatchLayout(data[r]!.topkIdx, o.experts) });
         const y = normalExperts(d, factor, r * localExperts, o.hidden);
-        return (await b.combine({ x: y, handle: d.handle })).combinedX;
+        return onHost((await b.combine({ x: y, handle: d.handle })).combinedX);
       }),
     );
     const normalMs = performance.now() - start;
@@ -198,7 +203,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoRow[]> {
         const y = lowLatencyExperts(ll, factor, r * localExperts);
         const out = b.lowLatencyCombine({ ...data[r]!, x: y, handle: ll.handle });
         await out.event.wait();
-        return out.combinedX;
+        return onHost(out.combinedX);
       }),
     );
     const lowLatencyMs = performance.now() - start;

@@ -4,13 +4,12 @@
 // Like a stream, a call reads what an earlier call produces only after that call finished: a
 // low-latency combine waits for its dispatch, a call with previousEvent for that event.
 
-import { describe, HostTensor } from '../device/tensor.ts';
+import { HostTensor } from '../device/tensor.ts';
 import type {
   BackendContext,
   CombineRequest,
   CombineResult,
   DispatchHandle,
-  DispatchLayout,
   DispatchRequest,
   DispatchResult,
   EpBackend,
@@ -37,6 +36,7 @@ import {
   type LowLatencyConfig,
 } from './ref-low-latency.ts';
 import { cpuSizeHint } from './size-hint.ts';
+import { hostTensor, optionalHostTensor } from './tensor-io.ts';
 import { encodeMessage, type WireMessage } from './wire.ts';
 
 export const cpuBackendFactory: EpBackendFactory = {
@@ -62,40 +62,27 @@ class CpuBackend implements EpBackend {
     this.numRanks = ctx.group.size;
   }
 
-  getDispatchLayout(topkIdx: HostTensor): ReturnType<EpBackend['getDispatchLayout']> {
-    requireHost({ topkIdx });
-    return referenceLayout(topkIdx, this.ctx.options.numExperts, this.numRanks);
+  getDispatchLayout(topkIdx: Tensor): ReturnType<EpBackend['getDispatchLayout']> {
+    return referenceLayout(hostTensor('topkIdx', topkIdx), this.ctx.options.numExperts, this.numRanks);
   }
 
   dispatch(req: DispatchRequest): Promise<DispatchResult> {
-    requireHost(
-      req.kind === 'fresh'
-        ? {
-            x: req.x,
-            scales: req.scales,
-            topkIdx: req.topkIdx,
-            topkWeights: req.topkWeights,
-            ...layoutTensors(req.layout),
-          }
-        : { x: req.x, scales: req.scales },
-    );
-    const encode = (): Uint8Array =>
-      req.kind === 'fresh'
-        ? encodeMessage(
-            { cached: false },
-            {
-              x: req.x,
-              scales: req.scales,
-              topkIdx: req.topkIdx,
-              topkWeights: req.topkWeights,
-              isTokenInRank: req.layout.isTokenInRank,
-              numTokensPerExpert: req.layout.numTokensPerExpert,
-            },
-          )
-        : encodeMessage(
-            { cached: true },
-            { x: req.x, scales: req.scales, isTokenInRank: req.handle.isTokenInRank },
-          );
+    const x = hostTensor('x', req.x);
+    const scales = optionalHostTensor('scales', req.scales);
+    let tensors: Record<string, HostTensor | undefined>;
+    if (req.kind === 'fresh') {
+      const topkIdx = optionalHostTensor('topkIdx', req.topkIdx);
+      const topkWeights = optionalHostTensor('topkWeights', req.topkWeights);
+      // numTokensPerRank is not sent, but a layout is host memory as a whole.
+      hostTensor('layout.numTokensPerRank', req.layout.numTokensPerRank);
+      const numTokensPerExpert = hostTensor('layout.numTokensPerExpert', req.layout.numTokensPerExpert);
+      const isTokenInRank = hostTensor('layout.isTokenInRank', req.layout.isTokenInRank);
+      tensors = { x, scales, topkIdx, topkWeights, isTokenInRank, numTokensPerExpert };
+    } else {
+      // The handle is one this backend made (the buffer checks its owner): its tensors are host tensors.
+      tensors = { x, scales, isTokenInRank: hostTensor('handle.isTokenInRank', req.handle.isTokenInRank) };
+    }
+    const encode = (): Uint8Array => encodeMessage({ cached: req.kind === 'cached' }, tensors);
     const payload = req.previousEvent ? req.previousEvent.wait().then(encode) : encode();
     return this.track(
       this.exchanger.exchange('dispatch', payload).then((messages) => this.receiveDispatch(req, messages)),
@@ -152,14 +139,18 @@ class CpuBackend implements EpBackend {
   }
 
   combine(req: CombineRequest): Promise<CombineResult> {
-    requireHost({ x: req.x, topkWeights: req.topkWeights, bias: req.bias });
+    const x = hostTensor('x', req.x);
+    const topkWeights = optionalHostTensor('topkWeights', req.topkWeights);
+    const bias = req.bias.map((b, i) => hostTensor(`bias[${i}]`, b));
+    const isTokenInRank = hostTensor('handle.isTokenInRank', req.handle.isTokenInRank);
+    const rankPrefixMatrix = hostTensor('handle.rankPrefixMatrix', req.handle.rankPrefixMatrix);
     const encode = (): Uint8Array => {
       // Only the rows actually received travel back; worst-case padding stays home.
       const R = this.numRanks;
-      const rows = (req.handle.rankPrefixMatrix.data as Int32Array)[(R - 1) * R + this.rank]!;
+      const rows = (rankPrefixMatrix.data as Int32Array)[(R - 1) * R + this.rank]!;
       return encodeMessage(
         {},
-        { x: firstRows(req.x, rows), topkWeights: req.topkWeights && firstRows(req.topkWeights, rows) },
+        { x: firstRows(x, rows), topkWeights: topkWeights && firstRows(topkWeights, rows) },
       );
     };
     const payload = req.previousEvent ? req.previousEvent.wait().then(encode) : encode();
@@ -170,8 +161,8 @@ class CpuBackend implements EpBackend {
       });
       const combined = combineForRank(
         this.rank,
-        { isTokenInRank: req.handle.isTokenInRank, bias: req.bias },
-        req.handle.rankPrefixMatrix,
+        { isTokenInRank, bias },
+        rankPrefixMatrix,
         messages.map((m) => ({ x: m.tensors.x!, ...pick(m.tensors, ['topkWeights']) })),
       );
       return { ...combined, event: CpuEvent.completed() };
@@ -180,7 +171,8 @@ class CpuBackend implements EpBackend {
   }
 
   lowLatencyDispatch(req: LowLatencyDispatchRequest): LowLatencyDispatchResult {
-    requireHost({ x: req.x, topkIdx: req.topkIdx });
+    const x = hostTensor('x', req.x);
+    const topkIdx = hostTensor('topkIdx', req.topkIdx);
     const { numExperts, maxTokensPerRank, hidden } = this.ctx.options;
     const config: LowLatencyConfig = {
       numExperts,
@@ -190,10 +182,7 @@ class CpuBackend implements EpBackend {
       ue8m0: req.ue8m0,
     };
     const out = allocLowLatencyReceived(this.numRanks, hidden, config);
-    const gathered = this.exchanger.exchange(
-      'lowLatencyDispatch',
-      encodeMessage({}, { x: req.x, topkIdx: req.topkIdx }),
-    );
+    const gathered = this.exchanger.exchange('lowLatencyDispatch', encodeMessage({}, { x, topkIdx }));
     const receive = async (): Promise<void> => {
       const messages = await gathered;
       const sources = messages.map((m) => ({ x: m.tensors.x!, topkIdx: m.tensors.topkIdx! }));
@@ -202,7 +191,7 @@ class CpuBackend implements EpBackend {
     const handle: LowLatencyHandle = {
       kind: 'low-latency',
       owner: this.ctx.owner,
-      numTokens: req.x.shape[0]!,
+      numTokens: x.shape[0]!,
       packedRecvSrcInfo: out.packedRecvSrcInfo,
       packedRecvLayoutRange: out.packedRecvLayoutRange,
     };
@@ -219,7 +208,15 @@ class CpuBackend implements EpBackend {
   }
 
   lowLatencyCombine(req: LowLatencyCombineRequest): LowLatencyCombineResult {
-    requireHost({ x: req.x, topkIdx: req.topkIdx, topkWeights: req.topkWeights });
+    const x = hostTensor('x', req.x);
+    const topkIdx = hostTensor('topkIdx', req.topkIdx);
+    const topkWeights = hostTensor('topkWeights', req.topkWeights);
+    // The handle is one this backend made (the buffer checks its owner): its tensors are host tensors.
+    const packedRecvSrcInfo = hostTensor('handle.packedRecvSrcInfo', req.handle.packedRecvSrcInfo);
+    const packedRecvLayoutRange = hostTensor(
+      'handle.packedRecvLayoutRange',
+      req.handle.packedRecvLayoutRange,
+    );
     const { numExperts, hidden } = this.ctx.options;
     const out = HostTensor.zeros('bf16', [req.handle.numTokens, hidden]);
     // The handle's tensors (and usually x) are filled by the dispatch: read them once it is done.
@@ -227,11 +224,7 @@ class CpuBackend implements EpBackend {
     const payload = ready.then(() =>
       encodeMessage(
         {},
-        {
-          x: receivedRows(req.x, req.handle),
-          packedRecvSrcInfo: req.handle.packedRecvSrcInfo,
-          packedRecvLayoutRange: req.handle.packedRecvLayoutRange,
-        },
+        { x: receivedRows(x, packedRecvLayoutRange), packedRecvSrcInfo, packedRecvLayoutRange },
       ),
     );
     const gathered = this.exchanger.exchange('lowLatencyCombine', payload);
@@ -242,13 +235,7 @@ class CpuBackend implements EpBackend {
         packedRecvSrcInfo: m.tensors.packedRecvSrcInfo!,
         packedRecvLayoutRange: m.tensors.packedRecvLayoutRange!,
       }));
-      fillLowLatencyCombine(
-        out,
-        this.rank,
-        { topkIdx: req.topkIdx, topkWeights: req.topkWeights },
-        sides,
-        numExperts,
-      );
+      fillLowLatencyCombine(out, this.rank, { topkIdx, topkWeights }, sides, numExperts);
     };
     const { done, hook } = this.receivePhase(gathered, receive, req.returnRecvHook);
     return { combinedX: out, event: new CpuEvent(done), ...(hook ? { hook } : {}) };
@@ -306,27 +293,6 @@ class CpuBackend implements EpBackend {
   }
 }
 
-/** The CPU backend computes on host memory: every tensor argument must be a HostTensor. */
-function requireHost(tensors: Record<string, Tensor | readonly Tensor[] | undefined>): void {
-  for (const [argument, value] of Object.entries(tensors)) {
-    const list = Array.isArray(value) ? value : value === undefined ? [] : [value as Tensor];
-    list.forEach((t, i) => {
-      if (!(t instanceof HostTensor)) {
-        const name = Array.isArray(value) ? `${argument}[${i}]` : argument;
-        throw new ValidationError(name, describe(t), 'a HostTensor: the CPU backend works on host memory');
-      }
-    });
-  }
-}
-
-function layoutTensors(layout: DispatchLayout): Record<string, Tensor> {
-  return {
-    'layout.numTokensPerRank': layout.numTokensPerRank,
-    'layout.numTokensPerExpert': layout.numTokensPerExpert,
-    'layout.isTokenInRank': layout.isTokenInRank,
-  };
-}
-
 /** Throws the same ValidationError on every rank when ranks made mismatched calls. */
 function sameOnAllRanks(
   messages: readonly WireMessage[],
@@ -358,11 +324,14 @@ function firstRows(t: HostTensor, rows: number): HostTensor {
   return HostTensor.from(t.dtype, [rows, width], t.data.subarray(0, rows * width) as HostTensor['data']);
 }
 
-/** The received rows of a [E_l, R·T_max, H] tensor, packed as [E_l, most rows of any expert, H]. */
-function receivedRows(x: HostTensor, handle: LowLatencyHandle): HostTensor {
+/**
+ * The received rows of a [E_l, R·T_max, H] tensor, packed as [E_l, most rows of any expert, H];
+ * `layoutRange` is the dispatch handle's packedRecvLayoutRange.
+ */
+function receivedRows(x: HostTensor, layoutRange: HostTensor): HostTensor {
   const [localExperts, slots, hidden] = x.shape as [number, number, number];
-  const ranges = handle.packedRecvLayoutRange.data as BigInt64Array;
-  const numRanks = handle.packedRecvLayoutRange.shape[1]!;
+  const ranges = layoutRange.data as BigInt64Array;
+  const numRanks = layoutRange.shape[1]!;
   const used = new Int32Array(localExperts);
   for (let e = 0; e < localExperts; e++) {
     for (let s = 0; s < numRanks; s++) {

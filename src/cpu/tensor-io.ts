@@ -1,9 +1,25 @@
-// Small conversions the reference and the CPU backend share: reading index tensors of either integer
-// width, building index tensors of a chosen width, and row copies between raw element arrays.
+// Small conversions the reference and the CPU backend share: narrowing EP tensors to host tensors,
+// reading index tensors of either integer width, building index tensors of a chosen width, and row
+// copies between raw element arrays.
 
-import { HostTensor } from '../device/tensor.ts';
+import { describe, HostTensor } from '../device/tensor.ts';
+import type { Tensor } from '../ep/types.ts';
+import { ValidationError } from '../errors.ts';
 
 export type IndexDType = 'i32' | 'i64';
+
+/** The CPU backend computes on host memory: `t` (the argument named `argument`) must be a HostTensor. */
+export function hostTensor(argument: string, t: Tensor): HostTensor {
+  if (!(t instanceof HostTensor)) {
+    throw new ValidationError(argument, describe(t), 'a HostTensor: the CPU backend works on host memory');
+  }
+  return t;
+}
+
+/** `hostTensor` for an optional argument: undefined stays undefined. */
+export function optionalHostTensor(argument: string, t: Tensor | undefined): HostTensor | undefined {
+  return t === undefined ? undefined : hostTensor(argument, t);
+}
 
 /** Values of an i32 or i64 tensor in row-major order, as int32 (expert ids and token indices fit). */
 export function indexValues(t: HostTensor): Int32Array {

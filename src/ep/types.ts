@@ -3,12 +3,17 @@
 // E = experts, E_l = E / R local experts, T = tokens of this rank, K = top-k, H = hidden,
 // S = ceil(H / 128) FP8 scales per row, W = ceil(S / 4) UE8M0 words per row.
 
+import type { DeviceTensor } from '../device/device-tensor.ts';
 import type { Stream } from '../device/stream.ts';
 import type { HostTensor } from '../device/tensor.ts';
 import type { Group } from '../dist/group.ts';
 
-/** The tensor type the EP API takes and returns. The GPU backend widens it to `HostTensor | DeviceTensor`. */
-export type Tensor = HostTensor;
+/**
+ * The tensor type the EP API takes and returns: host memory for the CPU backend, device memory for the
+ * GPU backend. Narrow a result with `instanceof HostTensor` / `instanceof DeviceTensor`; a DeviceTensor's
+ * `toHost()` copies it to a HostTensor.
+ */
+export type Tensor = HostTensor | DeviceTensor;
 
 export type EpMode = 'normal' | 'low-latency' | 'both';
 export type BackendKind = 'cpu' | 'gpu' | 'auto';

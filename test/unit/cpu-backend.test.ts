@@ -8,7 +8,7 @@ import { Rng } from '../../src/cpu/random.ts';
 import { referenceCombine, referenceDispatch, referenceLayout } from '../../src/cpu/reference.ts';
 import { bf16ToF32, f32ToBf16 } from '../../src/device/dtypes.ts';
 import type { HostTensor } from '../../src/device/tensor.ts';
-import type { DispatchResult } from '../../src/ep/types.ts';
+import type { CombineResult, DispatchResult, Tensor } from '../../src/ep/types.ts';
 import { createWorld, destroyWorld, onAllRanks } from './helpers/ep-world.ts';
 import {
   type RoutingShape,
@@ -20,7 +20,7 @@ import {
   type ScaleKind,
 } from './helpers/inputs.ts';
 import { forSeeds } from './helpers/seeds.ts';
-import { assertTensorEqual, values } from './helpers/tensors.ts';
+import { asHost, assertTensorEqual, values } from './helpers/tensors.ts';
 
 const R = 4;
 
@@ -108,7 +108,7 @@ interface RankOutcome {
   d: DispatchResult;
   cached: DispatchResult;
   y: HostTensor;
-  combined: { combinedX: HostTensor; combinedTopkWeights?: HostTensor };
+  combined: CombineResult;
   layout: ReturnType<typeof referenceLayout>;
 }
 
@@ -208,11 +208,14 @@ async function check(seed: number, sc: Scenario): Promise<void> {
   checkRowsArriveIntact(inputs, out);
   if (!sc.worstCase) checkExpertCounts(inputs, out, sc);
 
-  const prefix = out[0]!.d.handle.rankPrefixMatrix;
+  const prefix = asHost(out[0]!.d.handle.rankPrefixMatrix);
   const combined = referenceCombine(
     inputs.map((inp, r) => ({ isTokenInRank: layouts[r]!.isTokenInRank, bias: inp.bias })),
     prefix,
-    out.map((o, r) => ({ x: ys[r]!, ...(o.d.recvTopkWeights ? { topkWeights: o.d.recvTopkWeights } : {}) })),
+    out.map((o, r) => ({
+      x: ys[r]!,
+      ...(o.d.recvTopkWeights ? { topkWeights: asHost(o.d.recvTopkWeights) } : {}),
+    })),
   );
   for (let r = 0; r < R; r++) {
     assertTensorEqual(out[r]!.combined.combinedX, combined[r]!.combinedX, `rank ${r} combinedX`);
@@ -232,7 +235,7 @@ function checkRowsArriveIntact(inputs: RankInput[], out: RankOutcome[]): void {
     const { recvX, handle } = out[r]!.d;
     const H = recvX.shape[1]!;
     const src = values(handle.recvSrcIdx);
-    const rows = recvX.contiguous().data as Uint8Array | Uint16Array;
+    const rows = asHost(recvX).contiguous().data as Uint8Array | Uint16Array;
     for (let s = 0; s < R; s++) {
       const begin = s > 0 ? prefix[(s - 1) * R + r]! : 0;
       const end = prefix[s * R + r]!;
@@ -270,7 +273,7 @@ function checkExpertCounts(inputs: RankInput[], out: RankOutcome[], sc: Scenario
 }
 
 /** Weights routed out and summed back equal the original ones (0 for -1 slots). */
-function checkWeightsComeBack(inp: RankInput, back: HostTensor): void {
+function checkWeightsComeBack(inp: RankInput, back: Tensor): void {
   const ids = values(inp.topkIdx);
   const w = values(inp.topkWeights!);
   const got = values(back);
@@ -328,7 +331,7 @@ describe('CPU backend, normal mode, without the oracle', () => {
       for (let r = 0; r < R; r++) {
         const map = values(referenceLayout(inputs[r]!.topkIdx, 16, R).isTokenInRank);
         const x = inputs[r]!.x.data as Uint16Array;
-        const got = out[r]!.data as Uint16Array;
+        const got = asHost(out[r]!).data as Uint16Array;
         for (let t = 0; t < sc.tokens[r]!; t++) {
           const copies = map.slice(t * R, t * R + R).reduce((a, b) => a + b, 0);
           for (let c = 0; c < sc.hidden; c++) {

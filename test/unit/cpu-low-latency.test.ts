@@ -25,7 +25,7 @@ import {
   routingTensor,
 } from './helpers/inputs.ts';
 import { forSeeds } from './helpers/seeds.ts';
-import { assertTensorEqual, values } from './helpers/tensors.ts';
+import { asHost, assertTensorEqual, values } from './helpers/tensors.ts';
 
 const R = 4;
 
@@ -134,7 +134,7 @@ async function check(seed: number, sc: Scenario): Promise<void> {
     });
     if (sc.hook) await c.hook!();
     await c.event.wait();
-    return { d, combined: c.combinedX, y: ys[r]! };
+    return { d, combined: asHost(c.combinedX), y: ys[r]! };
   });
   await destroyWorld(buffers);
 
@@ -159,8 +159,8 @@ async function check(seed: number, sc: Scenario): Promise<void> {
     inputs,
     out.map((o) => ({
       x: o.y,
-      packedRecvSrcInfo: o.d.handle.packedRecvSrcInfo,
-      packedRecvLayoutRange: o.d.handle.packedRecvLayoutRange,
+      packedRecvSrcInfo: asHost(o.d.handle.packedRecvSrcInfo),
+      packedRecvLayoutRange: asHost(o.d.handle.packedRecvLayoutRange),
     })),
     sc.numExperts,
   );
@@ -186,7 +186,9 @@ function checkReceivedSets(
   const H = sc.hidden;
   const counts = values(d.recvCount);
   const info = values(d.handle.packedRecvSrcInfo);
-  const ranges = d.handle.packedRecvLayoutRange.data as BigInt64Array;
+  const ranges = asHost(d.handle.packedRecvLayoutRange).data as BigInt64Array;
+  const recvX = asHost(d.recvX);
+  const recvScales = d.recvScales && asHost(d.recvScales);
   const cols = sc.ue8m0 ? ue8m0WordCount(H) : fp8ScaleCount(H);
   for (let e = 0; e < El; e++) {
     const expert = r * El + e;
@@ -201,7 +203,7 @@ function checkReceivedSets(
         got.push(`${s}:${t}`);
         const row = Array.from(inputs[s]!.x.data.subarray(t * H, (t + 1) * H) as Uint16Array);
         const rowData = Array.from(
-          d.recvX.data.subarray((e * slots + i) * H, (e * slots + i + 1) * H) as ArrayLike<number>,
+          recvX.data.subarray((e * slots + i) * H, (e * slots + i + 1) * H) as ArrayLike<number>,
         );
         if (!sc.fp8) {
           assert.deepEqual(rowData, row, `rank ${r} expert ${e} row ${i}`);
@@ -212,7 +214,7 @@ function checkReceivedSets(
         const want = sc.ue8m0 ? q.packed! : q.scales;
         for (let j = 0; j < cols; j++) {
           assert.equal(
-            d.recvScales!.data[d.recvScales!.offsetOf(e, i, j)],
+            recvScales!.data[recvScales!.offsetOf(e, i, j)],
             want[j],
             `rank ${r} expert ${e} row ${i} scale ${j}`,
           );
@@ -249,10 +251,11 @@ function checkCombineByLookup(
       if (expert < 0) continue;
       const dst = out[Math.floor(expert / El)]!;
       const e = expert % El;
-      const range = (dst.d.handle.packedRecvLayoutRange.data as BigInt64Array)[e * R + r]!;
+      const range = (asHost(dst.d.handle.packedRecvLayoutRange).data as BigInt64Array)[e * R + r]!;
+      const srcInfo = asHost(dst.d.handle.packedRecvSrcInfo).data;
       const begin = Number(range >> 32n);
       const rowsFromMe = Array.from({ length: Number(range & 0xffffffffn) }, (_, i) => begin + i);
-      const row = rowsFromMe.find((i) => dst.d.handle.packedRecvSrcInfo.data[e * slots + i] === t);
+      const row = rowsFromMe.find((i) => srcInfo[e * slots + i] === t);
       assert.ok(row !== undefined, `rank ${r} token ${t} missing at expert ${expert}`);
       const y = dst.y.data as Uint16Array;
       for (let c = 0; c < H; c++)

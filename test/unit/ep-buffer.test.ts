@@ -20,7 +20,7 @@ import type { EpBufferOptions, EpEvent } from '../../src/ep/types.ts';
 import { RendezvousError, TsepError, type ValidationError } from '../../src/errors.ts';
 import { createWorld, destroyWorld, onAllRanks } from './helpers/ep-world.ts';
 import { randomBf16, randomFp8, randomRouting, randomWeights } from './helpers/inputs.ts';
-import { assertTensorEqual, i32 } from './helpers/tensors.ts';
+import { asHost, assertTensorEqual, i32 } from './helpers/tensors.ts';
 
 const R = 4;
 const OPTIONS: EpBufferOptions = {
@@ -132,7 +132,7 @@ describe('events and hooks', () => {
       const ll = b.lowLatencyDispatch({ ...inputs[r]!, returnRecvHook: true });
       await tick();
       assert.equal(ll.event.query(), false);
-      assert.deepEqual(Array.from(ll.recvCount.data as Int32Array), [0, 0]);
+      assert.deepEqual(Array.from(asHost(ll.recvCount).data as Int32Array), [0, 0]);
       const first = ll.hook!();
       assert.equal(ll.hook!(), first);
       await first;

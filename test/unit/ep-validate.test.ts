@@ -25,7 +25,7 @@ import type {
 import { DisposedError, ValidationError } from '../../src/errors.ts';
 import { createWorld, destroyWorld, onAllRanks } from './helpers/ep-world.ts';
 import { randomBf16, randomFp8, randomRouting, randomWeights } from './helpers/inputs.ts';
-import { assertTensorEqual, bf16, f32, i32 } from './helpers/tensors.ts';
+import { asHost, assertTensorEqual, bf16, f32, i32 } from './helpers/tensors.ts';
 
 const R = 4;
 const H = 256;
@@ -414,7 +414,10 @@ describe('lowLatencyDispatch rejects bad input', () => {
       await d.event.wait();
       return d;
     });
-    const total = res.reduce((n, d) => n + (d.recvCount.data as Int32Array).reduce((a, b) => a + b, 0), 0);
+    const total = res.reduce(
+      (n, d) => n + (asHost(d.recvCount).data as Int32Array).reduce((a, b) => a + b, 0),
+      0,
+    );
     const routed = inputs.reduce(
       (n, inp) => n + (inp.topkIdx.data as Int32Array).filter((e) => e >= 0).length,
       0,

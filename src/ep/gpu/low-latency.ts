@@ -21,7 +21,6 @@ import type {
   LowLatencyDispatchResult,
   LowLatencyHandle,
   RecvHook,
-  Tensor,
 } from '../types.ts';
 import { GpuEvent } from './event.ts';
 import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
@@ -94,8 +93,8 @@ export class GpuLowLatencyHandle implements LowLatencyHandle {
   readonly kind = 'low-latency';
   readonly owner: HandleOwner;
   readonly numTokens: number;
-  readonly packedRecvSrcInfo: Tensor;
-  readonly packedRecvLayoutRange: Tensor;
+  readonly packedRecvSrcInfo: DeviceTensor;
+  readonly packedRecvLayoutRange: DeviceTensor;
   /** [E_l, R·T_max] i32 (a bit mask): the source's top-k slots that chose this row's expert (bit k = slot k). */
   readonly recvKMask: DeviceTensor;
   /** The path that made it. */
@@ -112,8 +111,8 @@ export class GpuLowLatencyHandle implements LowLatencyHandle {
     this.path = path;
     this.owner = owner;
     this.numTokens = numTokens;
-    this.packedRecvSrcInfo = srcInfo as unknown as Tensor; // until Tensor is widened
-    this.packedRecvLayoutRange = layoutRange as unknown as Tensor; // until Tensor is widened
+    this.packedRecvSrcInfo = srcInfo;
+    this.packedRecvLayoutRange = layoutRange;
     this.recvKMask = kmask;
   }
 }
@@ -144,9 +143,9 @@ interface DispatchSlot {
 }
 
 interface SlotViews {
-  recvX: Tensor;
-  recvScales: Tensor | undefined;
-  recvCount: Tensor;
+  recvX: DeviceTensor;
+  recvScales: DeviceTensor | undefined;
+  recvCount: DeviceTensor;
   srcInfo: DeviceTensor;
   range: DeviceTensor;
   kmask: DeviceTensor;
@@ -411,8 +410,8 @@ export class LowLatencyPath {
       );
     }
     const out = this.combineOut(this.combineCalls++ % OUTPUT_RING, T);
-    const srcInfo = handle.packedRecvSrcInfo as unknown as DeviceTensor; // until Tensor is widened
-    const range = handle.packedRecvLayoutRange as unknown as DeviceTensor;
+    const srcInfo = handle.packedRecvSrcInfo;
+    const range = handle.packedRecvLayoutRange;
     const tn = this.tuning;
     const recvGrid = Math.max(1, Math.min(tn.combineRecvBlocks, Math.ceil((T * (L.hidden / 8)) / THREADS)));
     const launch = (grid: number, phases: number): void => {
@@ -448,7 +447,7 @@ export class LowLatencyPath {
       launch(recvGrid, PHASE_RECV);
     }
     return {
-      combinedX: out as unknown as Tensor, // until Tensor is widened
+      combinedX: out,
       event: this.event(),
       ...(hook ? { hook } : {}),
     };
@@ -622,13 +621,10 @@ export class LowLatencyPath {
           strides: [cols * RT, 1, RT],
         });
       }
-      // until Tensor is widened: the public fields carry DeviceTensors typed as Tensor
       v = {
-        recvX: new DeviceTensor(kind === 'fp8' ? 'fp8_e4m3' : 'bf16', [El, RT, H], slot.x.ptr, {
-          device,
-        }) as unknown as Tensor,
-        recvScales: recvScales as unknown as Tensor | undefined,
-        recvCount: new DeviceTensor('i32', [El], slot.count.ptr, { device }) as unknown as Tensor,
+        recvX: new DeviceTensor(kind === 'fp8' ? 'fp8_e4m3' : 'bf16', [El, RT, H], slot.x.ptr, { device }),
+        recvScales,
+        recvCount: new DeviceTensor('i32', [El], slot.count.ptr, { device }),
         srcInfo: new DeviceTensor('i32', [El, RT], slot.srcInfo.ptr, { device }),
         range: new DeviceTensor('i64', [El, L.numRanks], slot.range.ptr, { device }),
         kmask: new DeviceTensor('i32', [El, RT], slot.kmask.ptr, { device }),

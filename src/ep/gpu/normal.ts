@@ -47,9 +47,6 @@ const SEND_THREADS = 512;
 /** SMs the send kernels use unless told otherwise (DeepEP's tests use 24). */
 export const DEFAULT_NORMAL_SMS = 24;
 
-// Until the public Tensor type covers device tensors, results are device tensors passed through it.
-const asTensor = (t: DeviceTensor): Tensor => t as unknown as Tensor;
-
 export class NormalPath {
   private readonly rt: GpuRuntime;
   private readonly sym: SymmetricBuffer;
@@ -180,9 +177,9 @@ export class NormalPath {
       [topk.ptr, T, K, perRank.ptr, perExpert.ptr, inRank.ptr],
     );
     return {
-      numTokensPerRank: asTensor(perRank),
-      numTokensPerExpert: asTensor(perExpert),
-      isTokenInRank: asTensor(inRank),
+      numTokensPerRank: perRank,
+      numTokensPerExpert: perExpert,
+      isTokenInRank: inRank,
     };
   }
 
@@ -283,8 +280,8 @@ export class NormalPath {
       }
     } else {
       const h = req.handle as GpuDispatchHandle;
-      isTokenInRank = h.isTokenInRank as unknown as DeviceTensor;
-      rankPrefix = h.rankPrefixMatrix as unknown as DeviceTensor;
+      isTokenInRank = rt.onDevice('handle.isTokenInRank', h.isTokenInRank);
+      rankPrefix = rt.onDevice('handle.rankPrefixMatrix', h.rankPrefixMatrix);
       sendPos = h.sendPos;
       recvCount = h.recvCount;
       rows = h.numRecvRows;
@@ -338,23 +335,23 @@ export class NormalPath {
       worstCaseTokens: worst,
       expertAlignment: alignment,
       numRecvTokensPerExpert: perExpert,
-      isTokenInRank: asTensor(isTokenInRank),
-      rankPrefixMatrix: asTensor(rankPrefix),
-      recvSrcIdx: asTensor(recvSrcIdx),
+      isTokenInRank,
+      rankPrefixMatrix: rankPrefix,
+      recvSrcIdx,
       sendPos,
       recvCount,
     };
     const result: DispatchResult = {
-      recvX: asTensor(recvX),
+      recvX,
       numRecvTokensPerExpert: perExpert,
       handle: fresh ? handle : req.handle,
       event: rt.record(),
     };
     return {
       ...result,
-      ...(recvScales ? { recvScales: asTensor(recvScales) } : {}),
-      ...(recvTopkIdx ? { recvTopkIdx: asTensor(recvTopkIdx) } : {}),
-      ...(recvTopkWeights ? { recvTopkWeights: asTensor(recvTopkWeights) } : {}),
+      ...(recvScales ? { recvScales } : {}),
+      ...(recvTopkIdx ? { recvTopkIdx } : {}),
+      ...(recvTopkWeights ? { recvTopkWeights } : {}),
     };
   }
 
@@ -428,6 +425,9 @@ export class NormalPath {
       throw new ValidationError('x', 'a strided tensor', 'a row-major contiguous tensor');
     const weights = req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;
     const bias = req.bias.map((b, i) => rt.onDevice(`bias[${i}]`, b));
+    const recvSrcIdx = rt.onDevice('handle.recvSrcIdx', h.recvSrcIdx);
+    const rankPrefix = rt.onDevice('handle.rankPrefixMatrix', h.rankPrefixMatrix);
+    const isTokenInRank = rt.onDevice('handle.isTokenInRank', h.isTokenInRank);
     const K = weights ? weights.shape[1]! : 0;
     const mod = await this.module(this.defines(2, 0, K, false, weights !== undefined));
     const T = h.numTokens;
@@ -453,8 +453,8 @@ export class NormalPath {
         this.sym.peerTable.ptr,
         this.me,
         x.ptr,
-        (h.recvSrcIdx as unknown as DeviceTensor).ptr,
-        (h.rankPrefixMatrix as unknown as DeviceTensor).ptr,
+        recvSrcIdx.ptr,
+        rankPrefix.ptr,
         weights?.ptr ?? 0n,
         ...this.areaArgs(),
       ]);
@@ -482,7 +482,7 @@ export class NormalPath {
         this.sym.peerTable.ptr,
         this.me,
         T,
-        (h.isTokenInRank as unknown as DeviceTensor).ptr,
+        isTokenInRank.ptr,
         bias[0]?.ptr ?? 0n,
         bias[1]?.ptr ?? 0n,
         combinedX.ptr,
@@ -492,8 +492,8 @@ export class NormalPath {
         this.errorPtr,
       ]);
     return {
-      combinedX: asTensor(combinedX),
-      ...(combinedW ? { combinedTopkWeights: asTensor(combinedW) } : {}),
+      combinedX,
+      ...(combinedW ? { combinedTopkWeights: combinedW } : {}),
       event: rt.record(),
     };
   }

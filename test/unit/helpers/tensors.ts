@@ -3,6 +3,13 @@
 import assert from 'node:assert/strict';
 import { dtypeSize, f32ToBf16 } from '../../../src/device/dtypes.ts';
 import { HostTensor } from '../../../src/device/tensor.ts';
+import type { Tensor } from '../../../src/ep/types.ts';
+
+/** `t` as a HostTensor, asserting it is one (the CPU backend's results are). */
+export function asHost(t: Tensor, what = 'tensor'): HostTensor {
+  assert.ok(t instanceof HostTensor, `${what}: expected a HostTensor`);
+  return t;
+}
 
 /** A bf16 tensor from float values (rounded to bf16). */
 export function bf16(shape: readonly number[], values: readonly number[]): HostTensor<'bf16'> {
@@ -29,15 +36,18 @@ export function bool(shape: readonly number[], values: readonly number[]): HostT
   return HostTensor.from('bool', shape, Uint8Array.from(values));
 }
 
-/** Logical elements in row-major order (strides honoured), as numbers. */
-export function values(t: HostTensor): number[] {
-  return Array.from(t.contiguous().data as ArrayLike<number | bigint>, Number);
+/** Logical elements in row-major order (strides honoured), as numbers; `t` must be a HostTensor. */
+export function values(t: Tensor): number[] {
+  return Array.from(asHost(t).contiguous().data as ArrayLike<number | bigint>, Number);
 }
 
-/** Same dtype, shape and every element bit for bit (compared in logical row-major order). */
+/**
+ * Same dtype, shape and every element bit for bit (compared in logical row-major order); both must be
+ * HostTensors.
+ */
 export function assertTensorEqual(
-  actual: HostTensor | undefined,
-  expected: HostTensor | undefined,
+  actual: Tensor | undefined,
+  expected: Tensor | undefined,
   what: string,
 ): void {
   if (expected === undefined) {
@@ -48,8 +58,8 @@ export function assertTensorEqual(
   assert.equal(actual.dtype, expected.dtype, `${what}: dtype`);
   assert.deepEqual(actual.shape, expected.shape, `${what}: shape`);
   // Compare raw bytes: bit for bit (NaN payloads, -0) rather than by value.
-  const a = actual.contiguous();
-  const e = expected.contiguous();
+  const a = asHost(actual, what).contiguous();
+  const e = asHost(expected, `${what} (expected)`).contiguous();
   const ab = a.bytes();
   const eb = e.bytes();
   const size = dtypeSize(expected.dtype);
