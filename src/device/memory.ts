@@ -39,12 +39,6 @@ function keepPoolMemory(device: Device): void {
   pooled.add(device.ordinal);
 }
 
-function capturing(stream: Stream): boolean {
-  const status = new Int32Array(1);
-  cu('cuStreamIsCapturing', stream.handle, status);
-  return status[0] !== 0;
-}
-
 export class DeviceBuffer {
   readonly device: Device;
   readonly bytes: number;
@@ -66,7 +60,7 @@ export class DeviceBuffer {
    * While `stream` is being captured into a graph this falls back to a plain allocation.
    */
   static allocAsync(bytes: number, stream: Stream): DeviceBuffer {
-    if (capturing(stream)) return DeviceBuffer.alloc(bytes, stream.device);
+    if (stream.isCapturing()) return DeviceBuffer.alloc(bytes, stream.device);
     if (!Number.isSafeInteger(bytes) || bytes < 0) {
       throw new ValidationError('bytes', String(bytes), 'a non-negative integer');
     }

@@ -71,6 +71,13 @@ export class Stream {
     cu('cuStreamSynchronize', this.handle);
   }
 
+  /** True while work enqueued on this stream is being captured into a graph instead of run. */
+  isCapturing(): boolean {
+    const status = new Int32Array(1);
+    cu('cuStreamIsCapturing', this.handle, status);
+    return status[0] !== 0;
+  }
+
   /** Makes later work on this stream wait for `event` (no host wait). */
   waitEvent(event: Event): void {
     cu('cuStreamWaitEvent', this.handle, event.handle, 0);

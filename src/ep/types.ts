@@ -1,4 +1,4 @@
-// The EP contract shared by the public EpBuffer and every backend (CPU now, GPU later): options,
+// The EP contract shared by the public EpBuffer and every backend (CPU and GPU): options,
 // call arguments, results, handles, events, and the backend interface. Shapes use R = ranks,
 // E = experts, E_l = E / R local experts, T = tokens of this rank, K = top-k, H = hidden,
 // S = ceil(H / 128) FP8 scales per row, W = ceil(S / 4) UE8M0 words per row.

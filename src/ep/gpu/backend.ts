@@ -19,6 +19,7 @@ import type {
   LowLatencyDispatchResult,
   Tensor,
 } from '../types.ts';
+import { releaseEvents } from './event.ts';
 import { LowLatencyPath } from './low-latency.ts';
 import { NormalPath } from './normal.ts';
 import { GpuRuntime } from './runtime.ts';
@@ -108,6 +109,7 @@ class GpuBackend implements EpBackend {
   async destroy(): Promise<void> {
     await this.normal?.destroy();
     await this.lowLatency?.destroy();
+    releaseEvents(this.rt.stream);
     this.rt.stream.dispose();
   }
 }

@@ -1,17 +1,43 @@
 // The GPU backend's EpEvent: a CUDA event recorded on the communication stream after a call's work.
+//
+// Creating a CUDA event costs microseconds, so calls record events from a ring per stream instead. Reusing
+// one is safe: it is only re-recorded later on the same stream, so a holder of an old GpuEvent can at worst
+// see it complete later than its own call did, never earlier. Inside a graph capture a fresh event is
+// used, because the graph may be replayed on another stream.
 
-import type { Stream } from '../../device/stream.ts';
-import { Event } from '../../device/stream.ts';
+import { Event, type Stream } from '../../device/stream.ts';
 import type { EpEvent } from '../types.ts';
+
+const RING = 256;
+const rings = new WeakMap<Stream, { events: Event[]; next: number }>();
+
+function nextEvent(stream: Stream): Event {
+  if (stream.isCapturing()) return Event.create(stream.device);
+  let ring = rings.get(stream);
+  if (!ring) {
+    ring = { events: [], next: 0 };
+    rings.set(stream, ring);
+  }
+  const i = ring.next;
+  ring.next = (i + 1) % RING;
+  ring.events[i] ??= Event.create(stream.device);
+  return ring.events[i];
+}
+
+/** Frees the ring of `stream` (call before disposing the stream). */
+export function releaseEvents(stream: Stream): void {
+  for (const e of rings.get(stream)?.events ?? []) e.dispose();
+  rings.delete(stream);
+}
 
 export class GpuEvent implements EpEvent {
   /** The CUDA event; other streams can wait on it with `stream.waitEvent(event.cuda)`. */
   readonly cuda: Event;
   private readonly after: Promise<void> | undefined;
 
-  /** Records a new event on `stream`; `after` is host work (e.g. a counts read) the event also covers. */
+  /** Records an event on `stream`; `after` is host work (e.g. a counts read) the event also covers. */
   constructor(stream: Stream, after?: Promise<void>) {
-    this.cuda = Event.create(stream.device).record(stream);
+    this.cuda = nextEvent(stream).record(stream);
     this.after = after;
   }
 
