@@ -172,6 +172,30 @@ extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, int
   else mine->expect_combine += (u64)R * send_blocks;
 }
 
+// One warp copies a row of ROW_VECS 16-byte vectors from `src` to every non-null destination, loading each
+// vector once (UNROLL loads per lane in flight) and storing it N times.
+template <int N>
+__device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N], int lane) {
+  constexpr int UNROLL = 4;
+  for (int v0 = 0; v0 < ROW_VECS; v0 += 32 * UNROLL) {
+    int4 buf[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int v = v0 + u * 32 + lane;
+      if (v < ROW_VECS) buf[u] = __ldg(src + v);
+    }
+#pragma unroll
+    for (int d = 0; d < N; ++d) {
+      if (dst[d] == nullptr) continue;
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int v = v0 + u * 32 + lane;
+        if (v < ROW_VECS) dst[d][v] = buf[u];
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ dispatch
 // Warps walk tokens; each token's row is read once and stored to every destination rank's buffer.
 extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
@@ -196,26 +220,11 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
       }
     }
     if (n == 0) continue;
-    const int4 *src = reinterpret_cast<const int4 *>(x + (size_t)t * ROW_BYTES);
-    constexpr int UNROLL = 4;
-    for (int v0 = 0; v0 < ROW_VECS; v0 += 32 * UNROLL) {
-      int4 buf[UNROLL];
+    int4 *dst[R];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int v = v0 + u * 32 + lane;
-        if (v < ROW_VECS) buf[u] = __ldg(src + v);
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (row[r] < 0) continue;
-        int4 *dst = reinterpret_cast<int4 *>(dst_base[r] + areas.x + (size_t)row[r] * ROW_BYTES);
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-          const int v = v0 + u * 32 + lane;
-          if (v < ROW_VECS) dst[v] = buf[u];
-        }
-      }
-    }
+    for (int r = 0; r < R; ++r)
+      dst[r] = row[r] < 0 ? nullptr : reinterpret_cast<int4 *>(dst_base[r] + areas.x + (size_t)row[r] * ROW_BYTES);
+    copy_row(reinterpret_cast<const int4 *>(x + (size_t)t * ROW_BYTES), dst, lane);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (row[r] < 0) continue;
@@ -324,22 +333,8 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
     const int t = src_idx[i];
     u8 *base = reinterpret_cast<u8 *>(peers[s]);
     const size_t slot = (size_t)me * TSEP_TMAX + t;
-    const int4 *src = reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES);
-    int4 *dst = reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES);
-    constexpr int UNROLL = 4;
-    for (int v0 = 0; v0 < ROW_VECS; v0 += 32 * UNROLL) {
-      int4 buf[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int v = v0 + u * 32 + lane;
-        if (v < ROW_VECS) buf[u] = __ldg(src + v);
-      }
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int v = v0 + u * 32 + lane;
-        if (v < ROW_VECS) dst[v] = buf[u];
-      }
-    }
+    int4 *const dst[1] = {reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES)};
+    copy_row(reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES), dst, lane);
 #if TSEP_WEIGHTS
     if (weights != nullptr && lane < K)
       reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = weights[(size_t)i * K + lane];
