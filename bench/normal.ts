@@ -185,6 +185,36 @@ for (const sms of smsList) {
 }
 await add('layout', 0, await timeCall(async () => buffer.getDispatchLayout(topk, E)), 0);
 
+// With TSEP_PROFILE=1: device time per kernel of each call (median over calls, slowest rank), at the
+// last SM count; calls run one at a time with the ranks aligned, as above.
+const phaseRows: (string | number)[][] = [];
+if (process.env.TSEP_PROFILE === '1') {
+  const bfHandle = (await buffer.dispatch({ x: xBf16, topkIdx: topk, topkWeights: weights, layout })).handle;
+  const calls: [string, () => Promise<unknown>][] = [
+    ['dispatch fp8 (cached)', () => buffer.dispatch({ x: xFp8, scales, handle })],
+    ['dispatch bf16 (cached)', () => buffer.dispatch({ x: xBf16, handle: bfHandle })],
+    [
+      'dispatch fp8 (fresh)',
+      () => buffer.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout }),
+    ],
+    ['combine bf16', () => buffer.combine({ x: expertOut, handle })],
+  ];
+  for (const [op, fn] of calls) {
+    const per: Record<string, number[]> = {};
+    for (let i = 0; i < iters; i++) {
+      await stream.synchronize();
+      await group.barrier();
+      beforeEach();
+      release(await fn());
+      for (const [phase, ms] of Object.entries((await buffer.phaseTimes()) ?? {}))
+        (per[phase] ??= []).push(ms);
+    }
+    for (const [phase, ms] of Object.entries(per)) {
+      phaseRows.push([op, phase, summarize(await slowest(ms)).median * 1000]);
+    }
+  }
+}
+
 // NCCL all-to-all of the same bytes (each rank sends an equal share of what it receives), same job.
 const comm = await NcclCommunicator.create(group, dev);
 const ncclFor = async (bytes: number) => {
@@ -253,6 +283,7 @@ if (rank === 0) {
     fp8BytesPerRank: fp8Bytes,
     bf16BytesPerRank: bf16Bytes,
     rows,
+    phases: phaseRows,
   });
   process.stdout.write(`wrote ${path}\n`);
 }

@@ -137,6 +137,16 @@ export class EpBuffer {
     this.impl.setNumSms?.(n);
   }
 
+  /**
+   * Where the device time of the latest normal-mode call went: milliseconds per kernel (notify or
+   * barrier, send, receive; combine send, reduce). GPU backend with TSEP_PROFILE=1 only (profiling adds
+   * timing events between the kernels); undefined otherwise. Waits for the call to finish.
+   */
+  phaseTimes(): Promise<Record<string, number> | undefined> {
+    this.checkAlive('phaseTimes');
+    return this.impl.phaseTimes?.() ?? Promise.resolve(undefined);
+  }
+
   sizeHint(): EpSizeHint {
     this.checkAlive('sizeHint');
     return this.impl.sizeHint();

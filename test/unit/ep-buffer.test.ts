@@ -17,7 +17,7 @@ import { StoreGroup } from '../../src/dist/store-group.ts';
 import { EpBuffer } from '../../src/ep/buffer.ts';
 import { selectBackend } from '../../src/ep/select.ts';
 import type { EpBufferOptions, EpEvent } from '../../src/ep/types.ts';
-import { RendezvousError, TsepError, type ValidationError } from '../../src/errors.ts';
+import { RendezvousError, TsepError, ValidationError } from '../../src/errors.ts';
 import { createWorld, destroyWorld, onAllRanks } from './helpers/ep-world.ts';
 import { randomBf16, randomFp8, randomRouting, randomWeights } from './helpers/inputs.ts';
 import { asHost, assertTensorEqual, i32 } from './helpers/tensors.ts';
@@ -102,6 +102,11 @@ describe('backend selection', () => {
     assert.equal(buffers[1]!.rank, 1);
     assert.equal(buffers[1]!.numRanks, 2);
     assert.equal(buffers[1]!.numLocalExperts, 3);
+    // GPU-only facilities are absent on the CPU backend, and tuning knobs are validated.
+    assert.equal(buffers[0]!.stream, undefined);
+    assert.equal(await buffers[0]!.phaseTimes(), undefined);
+    buffers[0]!.setNumSms(16);
+    assert.throws(() => buffers[0]!.setNumSms(0), ValidationError);
     await destroyWorld(buffers);
   });
 });

@@ -98,6 +98,10 @@ class GpuBackend implements EpBackend {
     return this.rt.stream;
   }
 
+  phaseTimes(): Promise<Record<string, number> | undefined> {
+    return this.rt.phaseTimes();
+  }
+
   setNumSms(n: number): void {
     if (this.normal) this.normal.numSms = n;
   }

@@ -208,6 +208,7 @@ export class NormalPath {
     const peers = this.sym.peerTable.ptr;
     const stream = rt.stream;
     rt.after(req.previousEvent);
+    rt.markStart();
 
     let rankPrefix: DeviceTensor;
     let sendPos: DeviceTensor;
@@ -259,6 +260,7 @@ export class NormalPath {
           this.timeoutNs,
           errPtr,
         ]);
+      this.rt.mark('notify');
       this.launchSend(mod, x, scales, topk, weights, sendPos, rankPrefix, T);
       if (worst > 0) {
         rows = worst;
@@ -327,6 +329,7 @@ export class NormalPath {
         this.timeoutNs,
         errPtr,
       ]);
+    this.rt.mark('receive');
     const handle: GpuDispatchHandle = {
       kind: 'dispatch',
       owner: rt.owner,
@@ -366,6 +369,7 @@ export class NormalPath {
         this.timeoutNs,
         this.errorPtr,
       ]);
+    this.rt.mark('barrier');
   }
 
   private launchSend(
@@ -411,6 +415,7 @@ export class NormalPath {
         rankPrefix.ptr,
         ...this.areaArgs(),
       ]);
+    this.rt.mark('send');
   }
 
   combine(req: CombineRequest): Promise<CombineResult> {
@@ -434,6 +439,7 @@ export class NormalPath {
     const H = rt.options.hidden;
     const stream = rt.stream;
     rt.after(req.previousEvent);
+    rt.markStart();
     this.launchPrepare(mod, 1);
     mod
       .kernel('tsep_combine_send', [
@@ -458,6 +464,7 @@ export class NormalPath {
         weights?.ptr ?? 0n,
         ...this.areaArgs(),
       ]);
+    this.rt.mark('combine send');
     const combinedX = DeviceTensor.emptyOn('bf16', [T, H], stream);
     const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], stream) : undefined;
     mod
@@ -491,6 +498,7 @@ export class NormalPath {
         this.timeoutNs,
         this.errorPtr,
       ]);
+    this.rt.mark('reduce');
     return {
       combinedX,
       ...(combinedW ? { combinedTopkWeights: combinedW } : {}),

@@ -4,7 +4,7 @@
 import { Device } from '../../device/context.ts';
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Module } from '../../device/module.ts';
-import { Stream } from '../../device/stream.ts';
+import { Event, Stream } from '../../device/stream.ts';
 import type { TensorMeta } from '../../device/tensor.ts';
 import { describe } from '../../device/tensor.ts';
 import type { Group } from '../../dist/group.ts';
@@ -55,6 +55,37 @@ export class GpuRuntime {
       );
     }
     previous.streamWait(this.stream);
+  }
+
+  /**
+   * With TSEP_PROFILE=1, timing events between the kernels of the latest call, so `phaseTimes()` can say
+   * where a call's device time went. `markStart` opens a call, `mark` closes one of its phases.
+   */
+  private readonly profiling = process.env.TSEP_PROFILE === '1';
+  private marks: { phase: string; event: Event }[] = [];
+
+  markStart(): void {
+    if (!this.profiling) return;
+    for (const m of this.marks) m.event.dispose();
+    this.marks = [];
+    this.mark('start');
+  }
+
+  mark(phase: string): void {
+    if (this.profiling)
+      this.marks.push({ phase, event: Event.create(this.device, { timing: true }).record(this.stream) });
+  }
+
+  /** Milliseconds of each phase of the latest profiled call (undefined unless TSEP_PROFILE=1); waits for it. */
+  async phaseTimes(): Promise<Record<string, number> | undefined> {
+    if (!this.profiling || this.marks.length < 2) return undefined;
+    await this.marks[this.marks.length - 1]!.event.synchronize();
+    const out: Record<string, number> = {};
+    for (let i = 1; i < this.marks.length; i++) {
+      const { phase, event } = this.marks[i]!;
+      out[phase] = (out[phase] ?? 0) + Event.elapsedMs(this.marks[i - 1]!.event, event);
+    }
+    return out;
   }
 
   /** An event after everything enqueued so far on the communication stream. */
