@@ -12,7 +12,8 @@
 // Specialized at compile time (-D):
 //   TSEP_R ranks, TSEP_EL experts per rank, TSEP_H hidden, TSEP_ELT bytes per x element (1 fp8, 2 bf16),
 //   TSEP_SW scale words per row (0 = no scales), TSEP_K top-k slots (0 = no top-k), TSEP_IDX64 (int64 ids),
-//   TSEP_WEIGHTS (weights present), TSEP_TMAX (rows per source block in the combine stage).
+//   TSEP_WEIGHTS (weights present), TSEP_TMAX (rows per source block in the combine stage), TSEP_UNROLL
+//   (loads per lane in flight in the row copies).
 #include "ep_sync.cuh"
 
 #ifndef TSEP_R
@@ -41,6 +42,9 @@
 #endif
 #ifndef TSEP_TMAX
 #define TSEP_TMAX 128
+#endif
+#ifndef TSEP_UNROLL
+#define TSEP_UNROLL 4  // 16-byte loads per lane in flight in the row copies
 #endif
 
 #if TSEP_IDX64
@@ -176,7 +180,7 @@ extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, int
 // vector once (UNROLL loads per lane in flight) and storing it N times.
 template <int N>
 __device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N], int lane) {
-  constexpr int UNROLL = 4;
+  constexpr int UNROLL = TSEP_UNROLL;
   for (int v0 = 0; v0 < ROW_VECS; v0 += 32 * UNROLL) {
     int4 buf[UNROLL];
 #pragma unroll

@@ -58,6 +58,8 @@ export class NormalPath {
   private queue: Promise<unknown> = Promise.resolve();
   /** SMs (blocks) the dispatch and combine send kernels use; the same on every rank. */
   numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
+  /** 16-byte loads per lane in flight in the send kernels' row copies (a tuning knob; TSEP_NORMAL_UNROLL). */
+  private readonly unroll = Number(process.env.TSEP_NORMAL_UNROLL ?? 4);
 
   private constructor(
     rt: GpuRuntime,
@@ -153,6 +155,7 @@ export class NormalPath {
       TSEP_IDX64: idx64 ? 1 : 0,
       TSEP_WEIGHTS: weights ? 1 : 0,
       TSEP_TMAX: this.rt.options.maxTokensPerRank,
+      TSEP_UNROLL: this.unroll,
     };
   }
 
