@@ -206,8 +206,10 @@ if (process.env.TSEP_PROFILE === '1') {
       await group.barrier();
       beforeEach();
       release(await fn());
-      for (const [phase, ms] of Object.entries((await buffer.phaseTimes()) ?? {}))
-        (per[phase] ??= []).push(ms);
+      for (const [phase, ms] of Object.entries((await buffer.phaseTimes()) ?? {})) {
+        per[phase] ??= [];
+        per[phase].push(ms);
+      }
     }
     for (const [phase, ms] of Object.entries(per)) {
       phaseRows.push([op, phase, summarize(await slowest(ms)).median * 1000]);

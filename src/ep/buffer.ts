@@ -138,6 +138,18 @@ export class EpBuffer {
   }
 
   /**
+   * Collective (every rank calls it): after an EpTimeoutError (a rank died, skipped a call or made a
+   * different one), brings the buffer back to a usable state without re-creating the process group: waits
+   * for this rank's bounded kernels to end, clears every rank's device-side state and error record.
+   * Results and handles of earlier calls must not be reused afterwards. The CPU backend has no device
+   * state and resolves at once.
+   */
+  async reset(): Promise<void> {
+    this.checkAlive('reset');
+    await this.impl.reset?.();
+  }
+
+  /**
    * Where the device time of the latest normal-mode call went: milliseconds per kernel (notify or
    * barrier, send, receive; combine send, reduce). GPU backend with TSEP_PROFILE=1 only (profiling adds
    * timing events between the kernels); undefined otherwise. Waits for the call to finish.

@@ -294,6 +294,8 @@ export interface EpBackend {
   readonly stream?: Stream;
   /** GPU backends: sets the SMs the normal-mode send kernels use (the same on every rank). */
   setNumSms?(n: number): void;
+  /** Collective: brings the buffer back to a usable state after a timeout (GPU backends). */
+  reset?(): Promise<void>;
   /** GPU backends with TSEP_PROFILE=1: device milliseconds of each kernel of the latest call. */
   phaseTimes?(): Promise<Record<string, number> | undefined>;
   /** Waits for work in flight, then releases what the backend holds. */

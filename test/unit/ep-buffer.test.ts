@@ -105,6 +105,7 @@ describe('backend selection', () => {
     // GPU-only facilities are absent on the CPU backend, and tuning knobs are validated.
     assert.equal(buffers[0]!.stream, undefined);
     assert.equal(await buffers[0]!.phaseTimes(), undefined);
+    await Promise.all(buffers.map((b) => b.reset())); // no device state: resolves, buffer stays usable
     buffers[0]!.setNumSms(16);
     assert.throws(() => buffers[0]!.setNumSms(0), ValidationError);
     await destroyWorld(buffers);

@@ -98,6 +98,12 @@ class GpuBackend implements EpBackend {
     return this.rt.stream;
   }
 
+  async reset(): Promise<void> {
+    await this.normal?.reset();
+    this.lowLatency?.clean();
+    await this.rt.stream.synchronize();
+  }
+
   phaseTimes(): Promise<Record<string, number> | undefined> {
     return this.rt.phaseTimes();
   }

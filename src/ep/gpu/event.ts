@@ -30,24 +30,33 @@ export function releaseEvents(stream: Stream): void {
   rings.delete(stream);
 }
 
+export interface GpuEventOptions {
+  /** Host work (e.g. a counts read) the event also covers. */
+  after?: Promise<void>;
+  /** Runs once the GPU work is done; throws if a kernel reported a failure (a timed-out wait). */
+  check?: () => void;
+}
+
 export class GpuEvent implements EpEvent {
   /** The CUDA event; other streams can wait on it with `stream.waitEvent(event.cuda)`. */
   readonly cuda: Event;
-  private readonly after: Promise<void> | undefined;
+  private readonly options: GpuEventOptions;
 
-  /** Records an event on `stream`; `after` is host work (e.g. a counts read) the event also covers. */
-  constructor(stream: Stream, after?: Promise<void>) {
+  /** Records an event on `stream` after the work enqueued so far. */
+  constructor(stream: Stream, options: GpuEventOptions = {}) {
     this.cuda = nextEvent(stream).record(stream);
-    this.after = after;
+    this.options = options;
   }
 
   query(): boolean {
     return this.cuda.query();
   }
 
+  /** Resolves when the work is done; rejects with EpTimeoutError if a kernel of the call gave up waiting. */
   async wait(): Promise<void> {
-    await this.after;
+    await this.options.after;
     await this.cuda.synchronize();
+    this.options.check?.();
   }
 
   /** Makes `stream` wait for this event on the device (no host wait). */

@@ -10,7 +10,6 @@
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import { DeviceBuffer } from '../../device/memory.ts';
 import type { Kernel } from '../../device/module.ts';
-import type { Stream } from '../../device/stream.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
 import type {
@@ -22,7 +21,7 @@ import type {
   LowLatencyHandle,
   RecvHook,
 } from '../types.ts';
-import { GpuEvent } from './event.ts';
+import type { GpuEvent } from './event.ts';
 import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -114,19 +113,6 @@ export class GpuLowLatencyHandle implements LowLatencyHandle {
     this.packedRecvSrcInfo = srcInfo;
     this.packedRecvLayoutRange = layoutRange;
     this.recvKMask = kmask;
-  }
-}
-
-/** An EpEvent that also raises a device timeout recorded by any low-latency kernel of its path. */
-class LlEvent extends GpuEvent {
-  private readonly check: () => void;
-  constructor(stream: Stream, check: () => void) {
-    super(stream);
-    this.check = check;
-  }
-  override async wait(): Promise<void> {
-    await super.wait();
-    this.check();
   }
 }
 
@@ -560,10 +546,12 @@ export class LowLatencyPath {
     }
   }
 
-  private event(): LlEvent {
-    return new LlEvent(this.rt.stream, () => {
-      const msg = this.deviceError();
-      if (msg !== undefined) throw new EpTimeoutError(msg);
+  private event(): GpuEvent {
+    return this.rt.record({
+      check: () => {
+        const msg = this.deviceError();
+        if (msg !== undefined) throw new EpTimeoutError(msg);
+      },
     });
   }
 

@@ -20,8 +20,9 @@ import type {
   DispatchResult,
   Tensor,
 } from '../types.ts';
-import { deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
+import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
 import {
+  CTRL_BYTES,
   ERROR_RECORD,
   MAX_LOCAL_EXPERTS,
   MAX_RANKS,
@@ -120,6 +121,24 @@ export class NormalPath {
     return this.rt.group.localRank;
   }
 
+  /** Throws EpTimeoutError when a kernel of this buffer gave up waiting (until `reset()`). */
+  private readonly check = (): void => throwIfDeviceError(this.sym.signal, ERROR_RECORD);
+
+  /**
+   * Collective (every rank calls it): after a timeout, waits for this rank's work to end (every device
+   * wait is bounded), then zeroes every rank's control block and error record between two barriers of the
+   * group, so the next call starts from a clean state on all ranks.
+   */
+  async reset(): Promise<void> {
+    await this.queue;
+    await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
+    await this.rt.group.barrier();
+    this.sym.local.fill(0, this.rt.stream, 0, CTRL_BYTES);
+    await this.rt.stream.synchronize();
+    clearDeviceError(this.sym.signal, ERROR_RECORD);
+    await this.rt.group.barrier();
+  }
+
   /** Runs host phases one call at a time, in call order (they share the buffer and the signal page). */
   private serial<T>(work: () => Promise<T>): Promise<T> {
     const run = this.queue.then(work, work);
@@ -191,6 +210,7 @@ export class NormalPath {
   }
 
   private async runDispatch(req: DispatchRequest): Promise<DispatchResult> {
+    this.check();
     const rt = this.rt;
     const R = this.R;
     const x = rt.onDevice('x', req.x);
@@ -272,7 +292,7 @@ export class NormalPath {
         const sig = this.sym.signal.int32();
         await pollUntil(
           () => {
-            throwIfDeviceError(this.sym.signal, ERROR_RECORD);
+            this.check();
             return Atomics.load(sig, SIGNAL_SEQ) === seq;
           },
           {
@@ -351,7 +371,7 @@ export class NormalPath {
       recvX,
       numRecvTokensPerExpert: perExpert,
       handle: fresh ? handle : req.handle,
-      event: rt.record(),
+      event: rt.record({ check: this.check }),
     };
     return {
       ...result,
@@ -426,6 +446,7 @@ export class NormalPath {
   }
 
   private async runCombine(req: CombineRequest): Promise<CombineResult> {
+    this.check();
     const rt = this.rt;
     const h = req.handle as GpuDispatchHandle;
     const x = rt.onDevice('x', req.x);
@@ -505,7 +526,7 @@ export class NormalPath {
     return {
       combinedX,
       ...(combinedW ? { combinedTopkWeights: combinedW } : {}),
-      event: rt.record(),
+      event: rt.record({ check: this.check }),
     };
   }
 

@@ -11,7 +11,7 @@ import type { Group } from '../../dist/group.ts';
 import { ValidationError } from '../../errors.ts';
 import { type Define, loadKernelModule } from '../../jit/compile.ts';
 import type { BackendContext, EpEvent, HandleOwner, ResolvedEpBufferOptions } from '../types.ts';
-import { GpuEvent } from './event.ts';
+import { GpuEvent, type GpuEventOptions } from './event.ts';
 
 export class GpuRuntime {
   readonly group: Group;
@@ -89,8 +89,8 @@ export class GpuRuntime {
   }
 
   /** An event after everything enqueued so far on the communication stream. */
-  record(after?: Promise<void>): GpuEvent {
-    return new GpuEvent(this.stream, after);
+  record(options?: GpuEventOptions): GpuEvent {
+    return new GpuEvent(this.stream, options);
   }
 
   /** The device tensor behind an argument, checked to be on this rank's GPU. */
