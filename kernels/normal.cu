@@ -353,9 +353,12 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
 }
 
 // Owner side: one warp per token; out = bf16(bias0 + bias1 + Σ_{ranks r, ascending} row[r][t]) in float32.
+// The row of token t from rank r is stage row r·T_max + t (NVLink: combine_send put it there), or, when
+// `send_pos` is given, row_base[r] + send_pos[t][r] (NCCL: rank r's rows arrived as one block in token order).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
                                                                      const u8 *in_rank, const u16 *bias0,
                                                                      const u16 *bias1, u16 *out, float *out_weights,
+                                                                     const int *send_pos, const int *row_base,
                                                                      Areas areas, u64 timeout_ns,
                                                                      tsep::ErrorRecord *err) {
   __shared__ int ok;
@@ -373,8 +376,12 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
   static_assert(H % 8 == 0, "hidden must be a multiple of 8");
   for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
     unsigned mask = 0;
+    size_t stage_row[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
+    for (int r = 0; r < R; ++r) {
+      mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
+      stage_row[r] = send_pos != nullptr ? (size_t)row_base[r] + send_pos[(size_t)t * R + r] : (size_t)r * TSEP_TMAX + t;
+    }
     for (int v = lane; v < HV; v += 32) {
       float acc[8];
       uint4 b0 = make_uint4(0, 0, 0, 0), b1 = make_uint4(0, 0, 0, 0);
@@ -389,7 +396,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (!((mask >> r) & 1)) continue;
-        const uint4 row = reinterpret_cast<const uint4 *>(base + areas.x + ((size_t)r * TSEP_TMAX + t) * ROW_BYTES)[v];
+        const uint4 row = reinterpret_cast<const uint4 *>(base + areas.x + stage_row[r] * ROW_BYTES)[v];
         const u32 *q = &row.x;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -410,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
 #pragma unroll
       for (int r = 0; r < R; ++r)
         if ((mask >> r) & 1)
-          w = __fadd_rn(w, reinterpret_cast<const float *>(base + areas.weights)[((size_t)r * TSEP_TMAX + t) * K + lane]);
+          w = __fadd_rn(w, reinterpret_cast<const float *>(base + areas.weights)[stage_row[r] * K + lane]);
       out_weights[(size_t)t * K + lane] = w;
     }
 #endif

@@ -128,16 +128,43 @@ export class NcclCommunicator {
       if (a.length !== this.size)
         throw new ValidationError(name, `${a.length} entries`, `${this.size}, one per rank`);
     }
-    const t = ncclType(dtype);
-    const es = BigInt(dtypeSize(dtype));
+    ncclType(dtype); // rejects dtypes NCCL cannot move
+    const es = dtypeSize(dtype);
+    this.exchange(
+      Array.from({ length: this.size }, (_, r) => ({
+        peer: r,
+        send: send + BigInt(sendOffsets[r]! * es),
+        sendBytes: sendCounts[r]! * es,
+        recv: recv + BigInt(recvOffsets[r]! * es),
+        recvBytes: recvCounts[r]! * es,
+      })),
+      stream,
+    );
+  }
+
+  /**
+   * Point-to-point transfers in one NCCL group, as bytes: each entry sends `sendBytes` from `send` to
+   * `peer` and/or receives `recvBytes` from `peer` into `recv` (an entry may do either or both; zero-byte
+   * sides are skipped). Every rank must post the matching entries.
+   */
+  exchange(
+    transfers: readonly {
+      peer: number;
+      send?: bigint;
+      sendBytes?: number;
+      recv?: bigint;
+      recvBytes?: number;
+    }[],
+    stream: Stream,
+  ): void {
     this.device.makeCurrent();
     ncclGroupStart();
     try {
-      for (let r = 0; r < this.size; r++) {
-        if (sendCounts[r]! > 0)
-          ncclSend(send + BigInt(sendOffsets[r]!) * es, sendCounts[r]!, t, r, this.handle, stream.handle);
-        if (recvCounts[r]! > 0)
-          ncclRecv(recv + BigInt(recvOffsets[r]!) * es, recvCounts[r]!, t, r, this.handle, stream.handle);
+      for (const t of transfers) {
+        if (t.send !== undefined && (t.sendBytes ?? 0) > 0)
+          ncclSend(t.send, t.sendBytes!, 1, t.peer, this.handle, stream.handle);
+        if (t.recv !== undefined && (t.recvBytes ?? 0) > 0)
+          ncclRecv(t.recv, t.recvBytes!, 1, t.peer, this.handle, stream.handle);
       }
     } finally {
       ncclGroupEnd();

@@ -1,5 +1,6 @@
 // The normal (high-throughput) mode of the GPU backend over NVLink: layout, dispatch, combine. The
-// kernels are in kernels/layout.cu and kernels/normal.cu; the buffer layout in normal-layout.ts.
+// kernels are in kernels/layout.cu and kernels/normal.cu (launchers in normal-kernels.ts); the buffer
+// layout in normal-layout.ts.
 //
 // A fresh dispatch enqueues notify (count exchange) and send (rows pushed into the receivers' buffers)
 // at once, then reads the received row count from host-mapped memory while the rows are in flight,
@@ -7,7 +8,7 @@
 // the host read entirely. Calls are serialized on the host, in call order, like the stream they use.
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
-import type { Kernel, Module } from '../../device/module.ts';
+import type { Kernel } from '../../device/module.ts';
 import { pollUntil } from '../../device/poll.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { ValidationError } from '../../errors.ts';
@@ -21,6 +22,15 @@ import type {
   Tensor,
 } from '../types.ts';
 import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
+import {
+  CallQueue,
+  DEFAULT_NORMAL_SMS,
+  dispatchInputs,
+  dispatchOutputs,
+  launchLayout,
+  loadLayoutKernels,
+  NormalModules,
+} from './normal-kernels.ts';
 import {
   CTRL_BYTES,
   ERROR_RECORD,
@@ -43,24 +53,31 @@ export interface GpuDispatchHandle extends DispatchHandle {
   readonly recvCount: DeviceTensor;
 }
 
-/** Threads per block of the send kernels; a block is one SM's worth of copy warps. */
-const SEND_THREADS = 512;
-/** SMs the send kernels use unless told otherwise (DeepEP's tests use 24). */
-export const DEFAULT_NORMAL_SMS = 24;
+/** Checks shared by both transports: ranks and local experts the control block and kernels support. */
+export function checkNormalShape(rt: GpuRuntime): void {
+  const R = rt.group.size;
+  if (R > MAX_RANKS) throw new ValidationError('group size', String(R), `at most ${MAX_RANKS} ranks`);
+  const EL = rt.options.numExperts / R;
+  if (EL > MAX_LOCAL_EXPERTS) {
+    throw new ValidationError(
+      'numExperts',
+      String(rt.options.numExperts),
+      `at most ${MAX_LOCAL_EXPERTS} experts per rank`,
+    );
+  }
+}
 
 export class NormalPath {
   private readonly rt: GpuRuntime;
   private readonly sym: SymmetricBuffer;
   private readonly areas: NormalAreas;
   private readonly layoutKernels: Record<'i32' | 'i64', Kernel>;
-  private readonly modules = new Map<string, Promise<Module>>();
+  private readonly modules: NormalModules;
   private readonly timeoutNs = deviceTimeoutNs();
+  private readonly queue = new CallQueue();
   private seq = 0;
-  private queue: Promise<unknown> = Promise.resolve();
   /** SMs (blocks) the dispatch and combine send kernels use; the same on every rank. */
   numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
-  /** 16-byte loads per lane in flight in the send kernels' row copies (a tuning knob; TSEP_NORMAL_UNROLL). */
-  private readonly unroll = Number(process.env.TSEP_NORMAL_UNROLL ?? 4);
 
   private constructor(
     rt: GpuRuntime,
@@ -72,6 +89,7 @@ export class NormalPath {
     this.sym = sym;
     this.areas = areas;
     this.layoutKernels = layout;
+    this.modules = new NormalModules(rt);
   }
 
   static async create(rt: GpuRuntime): Promise<NormalPath> {
@@ -84,22 +102,9 @@ export class NormalPath {
         'one host for the NVLink normal mode',
       );
     }
-    if (R > MAX_RANKS) throw new ValidationError('group size', String(R), `at most ${MAX_RANKS} ranks`);
-    const EL = o.numExperts / R;
-    if (EL > MAX_LOCAL_EXPERTS) {
-      throw new ValidationError(
-        'numExperts',
-        String(o.numExperts),
-        `at most ${MAX_LOCAL_EXPERTS} experts per rank`,
-      );
-    }
+    checkNormalShape(rt);
     const areas = normalAreas(R, o.maxTokensPerRank, o.hidden, o.numTopk);
-    // Layout kernels are needed synchronously by getDispatchLayout, so they are compiled up front.
-    const [m32, m64] = await Promise.all(
-      [0, 1].map((idx64) => rt.kernels('layout.cu', { TSEP_R: R, TSEP_EL: EL, TSEP_IDX64: idx64 })),
-    );
-    const params = ['ptr', 'i32', 'i32', 'ptr', 'ptr', 'ptr'] as const;
-    const layout = { i32: m32!.kernel('tsep_layout', params), i64: m64!.kernel('tsep_layout', params) };
+    const layout = await loadLayoutKernels(rt);
     const sym = await SymmetricBuffer.create(rt.group, areas.bytes, rt.device, { signalBytes: SIGNAL_BYTES });
     return new NormalPath(rt, sym, areas, layout);
   }
@@ -121,6 +126,14 @@ export class NormalPath {
     return this.rt.group.localRank;
   }
 
+  private get peers(): bigint {
+    return this.sym.peerTable.ptr;
+  }
+
+  private get errorPtr(): bigint {
+    return this.sym.signal.devicePtr + BigInt(ERROR_RECORD);
+  }
+
   /** Throws EpTimeoutError when a kernel of this buffer gave up waiting (until `reset()`). */
   private readonly check = (): void => throwIfDeviceError(this.sym.signal, ERROR_RECORD);
 
@@ -130,7 +143,7 @@ export class NormalPath {
    * group, so the next call starts from a clean state on all ranks.
    */
   async reset(): Promise<void> {
-    await this.queue;
+    await this.queue.idle();
     await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
     await this.rt.group.barrier();
     this.sym.local.fill(0, this.rt.stream, 0, CTRL_BYTES);
@@ -139,96 +152,28 @@ export class NormalPath {
     await this.rt.group.barrier();
   }
 
-  /** Runs host phases one call at a time, in call order (they share the buffer and the signal page). */
-  private serial<T>(work: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(work, work);
-    this.queue = run.catch(() => undefined);
-    return run;
-  }
-
-  private module(defines: Record<string, number>): Promise<Module> {
-    const key = JSON.stringify(defines);
-    let m = this.modules.get(key);
-    if (!m) {
-      m = this.rt.kernels('normal.cu', defines);
-      this.modules.set(key, m);
-      m.catch(() => this.modules.delete(key));
-    }
-    return m;
-  }
-
-  private defines(
-    elt: number,
-    scaleWords: number,
-    k: number,
-    idx64: boolean,
-    weights: boolean,
-  ): Record<string, number> {
-    return {
-      TSEP_R: this.R,
-      TSEP_EL: this.EL,
-      TSEP_H: this.rt.options.hidden,
-      TSEP_ELT: elt,
-      TSEP_SW: scaleWords,
-      TSEP_K: k,
-      TSEP_IDX64: idx64 ? 1 : 0,
-      TSEP_WEIGHTS: weights ? 1 : 0,
-      TSEP_TMAX: this.rt.options.maxTokensPerRank,
-      TSEP_UNROLL: this.unroll,
-    };
-  }
-
-  private areaArgs(): bigint[] {
-    const a = this.areas;
-    return [a.x, a.scales, a.srcIdx, a.topk, a.weights].map(BigInt);
-  }
-
-  private get errorPtr(): bigint {
-    return this.sym.signal.devicePtr + BigInt(ERROR_RECORD);
-  }
-
-  layout(topkIdxArg: Tensor): DispatchLayout {
-    const topk = this.rt.onDevice('topkIdx', topkIdxArg);
-    const [T, K] = topk.shape as [number, number];
-    const R = this.R;
-    const perRank = DeviceTensor.emptyOn('i32', [R], this.rt.stream);
-    const perExpert = DeviceTensor.emptyOn('i32', [R * this.EL], this.rt.stream);
-    const inRank = DeviceTensor.emptyOn('bool', [T, R], this.rt.stream);
-    this.layoutKernels[topk.dtype === 'i64' ? 'i64' : 'i32'].launch(
-      { grid: 1, block: 1024, stream: this.rt.stream },
-      [topk.ptr, T, K, perRank.ptr, perExpert.ptr, inRank.ptr],
-    );
-    return {
-      numTokensPerRank: perRank,
-      numTokensPerExpert: perExpert,
-      isTokenInRank: inRank,
-    };
+  layout(topkIdx: Tensor): DispatchLayout {
+    return launchLayout(this.rt, this.layoutKernels, topkIdx);
   }
 
   dispatch(req: DispatchRequest): Promise<DispatchResult> {
-    return this.serial(() => this.runDispatch(req));
+    return this.queue.run(() => this.runDispatch(req));
   }
 
   private async runDispatch(req: DispatchRequest): Promise<DispatchResult> {
     this.check();
     const rt = this.rt;
     const R = this.R;
-    const x = rt.onDevice('x', req.x);
-    if (!x.isContiguous())
-      throw new ValidationError('x', 'a strided tensor', 'a row-major contiguous tensor');
-    const T = x.shape[0]!;
-    const H = rt.options.hidden;
-    const elt = x.dtype === 'fp8_e4m3' ? 1 : 2;
-    const scales = req.scales ? rt.onDevice('scales', req.scales) : undefined;
-    const sw = scales ? scales.shape[1]! : 0;
-    const fresh = req.kind === 'fresh';
-    const topk = fresh && req.topkIdx ? rt.onDevice('topkIdx', req.topkIdx) : undefined;
-    const weights = fresh && req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;
-    const K = topk ? topk.shape[1]! : 0;
-    const mod = await this.module(this.defines(elt, sw, K, topk?.dtype === 'i64', weights !== undefined));
+    const inp = dispatchInputs(rt, req);
+    const { T } = inp;
+    const kernels = await this.modules.get({
+      elt: inp.elt,
+      scaleWords: inp.scaleWords,
+      K: inp.K,
+      idx64: inp.topk?.dtype === 'i64',
+      weights: inp.weights !== undefined,
+    });
     const G = this.numSms;
-    const errPtr = this.errorPtr;
-    const peers = this.sym.peerTable.ptr;
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
@@ -239,6 +184,7 @@ export class NormalPath {
     let isTokenInRank: DeviceTensor;
     let rows: number;
     let perExpert: number[];
+    const fresh = req.kind === 'fresh';
     const worst = fresh ? req.worstCaseTokens : req.handle.worstCaseTokens;
     const alignment = fresh ? req.expertAlignment : req.handle.expertAlignment;
     if (fresh) {
@@ -248,43 +194,33 @@ export class NormalPath {
       sendPos = DeviceTensor.emptyOn('i32', [T, R], stream);
       recvCount = DeviceTensor.emptyOn('i32', [1], stream);
       const seq = ++this.seq;
-      mod
-        .kernel('tsep_notify', [
-          'ptr',
-          'i32',
-          'i32',
-          'ptr',
-          'ptr',
-          'ptr',
-          'ptr',
-          'ptr',
-          'ptr',
-          'ptr',
-          'i32',
-          'i32',
-          'i32',
-          'u64',
-          'ptr',
-        ])
-        .launch({ grid: R + 1, block: 256, stream }, [
-          peers,
-          this.me,
-          T,
-          isTokenInRank.ptr,
-          rt.onDevice('layout.numTokensPerRank', layout.numTokensPerRank).ptr,
-          rt.onDevice('layout.numTokensPerExpert', layout.numTokensPerExpert).ptr,
-          rankPrefix.ptr,
-          sendPos.ptr,
-          recvCount.ptr,
-          this.sym.signal.devicePtr,
-          seq,
-          alignment,
-          G,
-          this.timeoutNs,
-          errPtr,
-        ]);
-      this.rt.mark('notify');
-      this.launchSend(mod, x, scales, topk, weights, sendPos, rankPrefix, T);
+      kernels.notify(stream, R + 1, {
+        peers: this.peers,
+        me: this.me,
+        T,
+        inRank: isTokenInRank.ptr,
+        perRank: rt.onDevice('layout.numTokensPerRank', layout.numTokensPerRank).ptr,
+        perExpert: rt.onDevice('layout.numTokensPerExpert', layout.numTokensPerExpert).ptr,
+        rankPrefix: rankPrefix.ptr,
+        sendPos: sendPos.ptr,
+        recvCount: recvCount.ptr,
+        host: this.sym.signal.devicePtr,
+        seq,
+        alignment,
+        sendBlocks: G,
+        timeoutNs: this.timeoutNs,
+        err: this.errorPtr,
+      });
+      rt.mark('notify');
+      kernels.send(stream, G, {
+        peers: this.peers,
+        me: this.me,
+        inp,
+        sendPos: sendPos.ptr,
+        rankPrefix: rankPrefix.ptr,
+        areas: this.areas,
+      });
+      rt.mark('send');
       if (worst > 0) {
         rows = worst;
         perExpert = [];
@@ -311,48 +247,37 @@ export class NormalPath {
       recvCount = h.recvCount;
       rows = h.numRecvRows;
       perExpert = [...h.numRecvTokensPerExpert];
-      this.launchPrepare(mod, 0);
-      this.launchSend(mod, x, scales, undefined, undefined, sendPos, rankPrefix, T);
+      kernels.prepare(stream, {
+        peers: this.peers,
+        me: this.me,
+        which: 0,
+        sendBlocks: G,
+        timeoutNs: this.timeoutNs,
+        err: this.errorPtr,
+      });
+      rt.mark('barrier');
+      kernels.send(stream, G, {
+        peers: this.peers,
+        me: this.me,
+        inp,
+        sendPos: sendPos.ptr,
+        rankPrefix: rankPrefix.ptr,
+        areas: this.areas,
+      });
+      rt.mark('send');
     }
-    const recvX = DeviceTensor.emptyOn(x.dtype, [rows, H], stream);
-    const recvScales = scales ? DeviceTensor.emptyOn(scales.dtype, [rows, sw], stream) : undefined;
-    const recvSrcIdx = DeviceTensor.emptyOn('i32', [rows], stream);
-    const recvTopkIdx = topk ? DeviceTensor.emptyOn(topk.dtype, [rows, K], stream) : undefined;
-    const recvTopkWeights = weights ? DeviceTensor.emptyOn('f32', [rows, K], stream) : undefined;
-    mod
-      .kernel('tsep_dispatch_recv', [
-        'ptr',
-        'i32',
-        'ptr',
-        'i32',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'ptr',
-      ])
-      .launch({ grid: rt.smCount, block: 512, stream }, [
-        peers,
-        this.me,
-        recvCount.ptr,
-        rows,
-        recvX.ptr,
-        recvScales?.ptr ?? 0n,
-        recvSrcIdx.ptr,
-        recvTopkIdx?.ptr ?? 0n,
-        recvTopkWeights?.ptr ?? 0n,
-        ...this.areaArgs(),
-        this.timeoutNs,
-        errPtr,
-      ]);
-    this.rt.mark('receive');
+    const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
+    kernels.recv(stream, rt.smCount, {
+      peers: this.peers,
+      me: this.me,
+      recvCount: recvCount.ptr,
+      rows,
+      out,
+      areas: this.areas,
+      timeoutNs: this.timeoutNs,
+      err: this.errorPtr,
+    });
+    rt.mark('receive');
     const handle: GpuDispatchHandle = {
       kind: 'dispatch',
       owner: rt.owner,
@@ -363,86 +288,23 @@ export class NormalPath {
       numRecvTokensPerExpert: perExpert,
       isTokenInRank,
       rankPrefixMatrix: rankPrefix,
-      recvSrcIdx,
+      recvSrcIdx: out.recvSrcIdx,
       sendPos,
       recvCount,
     };
-    const result: DispatchResult = {
-      recvX,
+    return {
+      recvX: out.recvX,
       numRecvTokensPerExpert: perExpert,
       handle: fresh ? handle : req.handle,
       event: rt.record({ check: this.check }),
+      ...(out.recvScales ? { recvScales: out.recvScales } : {}),
+      ...(out.recvTopkIdx ? { recvTopkIdx: out.recvTopkIdx } : {}),
+      ...(out.recvTopkWeights ? { recvTopkWeights: out.recvTopkWeights } : {}),
     };
-    return {
-      ...result,
-      ...(recvScales ? { recvScales } : {}),
-      ...(recvTopkIdx ? { recvTopkIdx } : {}),
-      ...(recvTopkWeights ? { recvTopkWeights } : {}),
-    };
-  }
-
-  private launchPrepare(mod: Module, which: 0 | 1): void {
-    mod
-      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'i32', 'u64', 'ptr'])
-      .launch({ grid: 1, block: 32, stream: this.rt.stream }, [
-        this.sym.peerTable.ptr,
-        this.me,
-        which,
-        this.numSms,
-        this.timeoutNs,
-        this.errorPtr,
-      ]);
-    this.rt.mark('barrier');
-  }
-
-  private launchSend(
-    mod: Module,
-    x: DeviceTensor,
-    scales: DeviceTensor | undefined,
-    topk: DeviceTensor | undefined,
-    weights: DeviceTensor | undefined,
-    sendPos: DeviceTensor,
-    rankPrefix: DeviceTensor,
-    T: number,
-  ): void {
-    mod
-      .kernel('tsep_dispatch_send', [
-        'ptr',
-        'i32',
-        'i32',
-        'ptr',
-        'ptr',
-        'i64',
-        'i64',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-      ])
-      .launch({ grid: this.numSms, block: SEND_THREADS, stream: this.rt.stream }, [
-        this.sym.peerTable.ptr,
-        this.me,
-        T,
-        x.ptr,
-        scales?.ptr ?? 0n,
-        scales?.strides[0] ?? 0,
-        scales?.strides[1] ?? 0,
-        topk?.ptr ?? 0n,
-        weights?.ptr ?? 0n,
-        sendPos.ptr,
-        rankPrefix.ptr,
-        ...this.areaArgs(),
-      ]);
-    this.rt.mark('send');
   }
 
   combine(req: CombineRequest): Promise<CombineResult> {
-    return this.serial(() => this.runCombine(req));
+    return this.queue.run(() => this.runCombine(req));
   }
 
   private async runCombine(req: CombineRequest): Promise<CombineResult> {
@@ -458,71 +320,53 @@ export class NormalPath {
     const rankPrefix = rt.onDevice('handle.rankPrefixMatrix', h.rankPrefixMatrix);
     const isTokenInRank = rt.onDevice('handle.isTokenInRank', h.isTokenInRank);
     const K = weights ? weights.shape[1]! : 0;
-    const mod = await this.module(this.defines(2, 0, K, false, weights !== undefined));
+    const kernels = await this.modules.get({
+      elt: 2,
+      scaleWords: 0,
+      K,
+      idx64: false,
+      weights: weights !== undefined,
+    });
     const T = h.numTokens;
-    const H = rt.options.hidden;
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
-    this.launchPrepare(mod, 1);
-    mod
-      .kernel('tsep_combine_send', [
-        'ptr',
-        'i32',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-      ])
-      .launch({ grid: this.numSms, block: SEND_THREADS, stream }, [
-        this.sym.peerTable.ptr,
-        this.me,
-        x.ptr,
-        recvSrcIdx.ptr,
-        rankPrefix.ptr,
-        weights?.ptr ?? 0n,
-        ...this.areaArgs(),
-      ]);
-    this.rt.mark('combine send');
-    const combinedX = DeviceTensor.emptyOn('bf16', [T, H], stream);
+    kernels.prepare(stream, {
+      peers: this.peers,
+      me: this.me,
+      which: 1,
+      sendBlocks: this.numSms,
+      timeoutNs: this.timeoutNs,
+      err: this.errorPtr,
+    });
+    rt.mark('barrier');
+    kernels.combineSend(stream, this.numSms, {
+      peers: this.peers,
+      me: this.me,
+      x: x.ptr,
+      srcIdx: recvSrcIdx.ptr,
+      rankPrefix: rankPrefix.ptr,
+      weights: weights?.ptr ?? 0n,
+      areas: this.areas,
+    });
+    rt.mark('combine send');
+    const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], stream);
     const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], stream) : undefined;
-    mod
-      .kernel('tsep_combine_reduce', [
-        'ptr',
-        'i32',
-        'i32',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'ptr',
-      ])
-      .launch({ grid: rt.smCount, block: 512, stream }, [
-        this.sym.peerTable.ptr,
-        this.me,
-        T,
-        isTokenInRank.ptr,
-        bias[0]?.ptr ?? 0n,
-        bias[1]?.ptr ?? 0n,
-        combinedX.ptr,
-        combinedW?.ptr ?? 0n,
-        ...this.areaArgs(),
-        this.timeoutNs,
-        this.errorPtr,
-      ]);
-    this.rt.mark('reduce');
+    kernels.reduce(stream, rt.smCount, {
+      peers: this.peers,
+      me: this.me,
+      T,
+      inRank: isTokenInRank.ptr,
+      bias,
+      out: combinedX.ptr,
+      outWeights: combinedW?.ptr ?? 0n,
+      sendPos: 0n,
+      rowBase: 0n,
+      areas: this.areas,
+      timeoutNs: this.timeoutNs,
+      err: this.errorPtr,
+    });
+    rt.mark('reduce');
     return {
       combinedX,
       ...(combinedW ? { combinedTopkWeights: combinedW } : {}),
@@ -531,7 +375,7 @@ export class NormalPath {
   }
 
   async destroy(): Promise<void> {
-    await this.queue;
+    await this.queue.idle();
     await this.rt.stream.synchronize();
     await this.sym.destroy();
   }

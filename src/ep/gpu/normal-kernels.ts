@@ -1,0 +1,424 @@
+// Typed launchers for the normal-mode kernels (kernels/layout.cu, kernels/normal.cu), shared by the
+// NVLink and the NCCL transports: one place that knows each kernel's parameter list, the module cache per
+// specialization, and the host-side call queue.
+
+import { DeviceTensor } from '../../device/device-tensor.ts';
+import type { Kernel, Module } from '../../device/module.ts';
+import type { Stream } from '../../device/stream.ts';
+import { ValidationError } from '../../errors.ts';
+import type { DispatchLayout, DispatchRequest, Tensor } from '../types.ts';
+import type { NormalAreas } from './normal-layout.ts';
+import type { GpuRuntime } from './runtime.ts';
+
+/** Threads per block of the send kernels; a block is one SM's worth of copy warps. */
+export const SEND_THREADS = 512;
+/** SMs the send kernels use unless told otherwise (DeepEP's tests use 24). */
+export const DEFAULT_NORMAL_SMS = 24;
+
+export function areaArgs(a: NormalAreas): bigint[] {
+  return [a.x, a.scales, a.srcIdx, a.topk, a.weights].map(BigInt);
+}
+
+/** Getting the layout is synchronous, so its kernels (one per index width) are compiled up front. */
+export async function loadLayoutKernels(rt: GpuRuntime): Promise<Record<'i32' | 'i64', Kernel>> {
+  const R = rt.group.size;
+  const EL = rt.options.numExperts / R;
+  const [m32, m64] = await Promise.all(
+    [0, 1].map((idx64) => rt.kernels('layout.cu', { TSEP_R: R, TSEP_EL: EL, TSEP_IDX64: idx64 })),
+  );
+  const params = ['ptr', 'i32', 'i32', 'ptr', 'ptr', 'ptr'] as const;
+  return { i32: m32!.kernel('tsep_layout', params), i64: m64!.kernel('tsep_layout', params) };
+}
+
+/** Per-rank and per-expert counts and the token -> rank map of `topkIdx`, on the runtime's stream. */
+export function launchLayout(
+  rt: GpuRuntime,
+  kernels: Record<'i32' | 'i64', Kernel>,
+  topkIdx: Tensor,
+): DispatchLayout {
+  const topk = rt.onDevice('topkIdx', topkIdx);
+  const [T, K] = topk.shape as [number, number];
+  const R = rt.group.size;
+  const perRank = DeviceTensor.emptyOn('i32', [R], rt.stream);
+  const perExpert = DeviceTensor.emptyOn('i32', [rt.options.numExperts], rt.stream);
+  const inRank = DeviceTensor.emptyOn('bool', [T, R], rt.stream);
+  kernels[topk.dtype === 'i64' ? 'i64' : 'i32'].launch({ grid: 1, block: 1024, stream: rt.stream }, [
+    topk.ptr,
+    T,
+    K,
+    perRank.ptr,
+    perExpert.ptr,
+    inRank.ptr,
+  ]);
+  return { numTokensPerRank: perRank, numTokensPerExpert: perExpert, isTokenInRank: inRank };
+}
+
+/** The device tensors of a dispatch request, checked, and the kernel specialization they need. */
+export interface DispatchInputs {
+  x: DeviceTensor;
+  T: number;
+  elt: number;
+  scales: DeviceTensor | undefined;
+  scaleWords: number;
+  topk: DeviceTensor | undefined;
+  weights: DeviceTensor | undefined;
+  K: number;
+}
+
+export function dispatchInputs(rt: GpuRuntime, req: DispatchRequest): DispatchInputs {
+  const x = rt.onDevice('x', req.x);
+  if (!x.isContiguous()) throw new ValidationError('x', 'a strided tensor', 'a row-major contiguous tensor');
+  const scales = req.scales ? rt.onDevice('scales', req.scales) : undefined;
+  const fresh = req.kind === 'fresh';
+  const topk = fresh && req.topkIdx ? rt.onDevice('topkIdx', req.topkIdx) : undefined;
+  const weights = fresh && req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;
+  return {
+    x,
+    T: x.shape[0]!,
+    elt: x.dtype === 'fp8_e4m3' ? 1 : 2,
+    scales,
+    scaleWords: scales ? scales.shape[1]! : 0,
+    topk,
+    weights,
+    K: topk ? topk.shape[1]! : 0,
+  };
+}
+
+/** Exact- or worst-case-size dispatch outputs from the stream-ordered pool. */
+export function dispatchOutputs(inp: DispatchInputs, rows: number, hidden: number, stream: Stream) {
+  return {
+    recvX: DeviceTensor.emptyOn(inp.x.dtype, [rows, hidden], stream),
+    recvScales: inp.scales
+      ? DeviceTensor.emptyOn(inp.scales.dtype, [rows, inp.scaleWords], stream)
+      : undefined,
+    recvSrcIdx: DeviceTensor.emptyOn('i32', [rows], stream),
+    recvTopkIdx: inp.topk ? DeviceTensor.emptyOn(inp.topk.dtype, [rows, inp.K], stream) : undefined,
+    recvTopkWeights: inp.weights ? DeviceTensor.emptyOn('f32', [rows, inp.K], stream) : undefined,
+  };
+}
+
+/** One specialization of kernels/normal.cu, with a launcher per kernel. */
+export class NormalKernels {
+  private readonly mod: Module;
+  constructor(mod: Module) {
+    this.mod = mod;
+  }
+
+  /** Blocks < R number this rank's tokens per destination; block R (grid R + 1) exchanges the counts. */
+  notify(
+    stream: Stream,
+    grid: number,
+    a: {
+      peers: bigint;
+      me: number;
+      T: number;
+      inRank: bigint;
+      perRank: bigint;
+      perExpert: bigint;
+      rankPrefix: bigint;
+      sendPos: bigint;
+      recvCount: bigint;
+      host: bigint;
+      seq: number;
+      alignment: number;
+      sendBlocks: number;
+      timeoutNs: bigint;
+      err: bigint;
+    },
+  ): void {
+    this.mod
+      .kernel('tsep_notify', [
+        'ptr',
+        'i32',
+        'i32',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'i32',
+        'i32',
+        'i32',
+        'u64',
+        'ptr',
+      ])
+      .launch({ grid, block: 256, stream }, [
+        a.peers,
+        a.me,
+        a.T,
+        a.inRank,
+        a.perRank,
+        a.perExpert,
+        a.rankPrefix,
+        a.sendPos,
+        a.recvCount,
+        a.host,
+        a.seq,
+        a.alignment,
+        a.sendBlocks,
+        a.timeoutNs,
+        a.err,
+      ]);
+  }
+
+  prepare(
+    stream: Stream,
+    a: { peers: bigint; me: number; which: 0 | 1; sendBlocks: number; timeoutNs: bigint; err: bigint },
+  ): void {
+    this.mod
+      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'i32', 'u64', 'ptr'])
+      .launch({ grid: 1, block: 32, stream }, [a.peers, a.me, a.which, a.sendBlocks, a.timeoutNs, a.err]);
+  }
+
+  /** Each token's row (and metadata) to row `rowOffset(me → r) + sendPos[t][r]` of every destination r. */
+  send(
+    stream: Stream,
+    blocks: number,
+    a: {
+      peers: bigint;
+      me: number;
+      inp: DispatchInputs;
+      sendPos: bigint;
+      rankPrefix: bigint;
+      areas: NormalAreas;
+    },
+  ): void {
+    const { inp } = a;
+    this.mod
+      .kernel('tsep_dispatch_send', [
+        'ptr',
+        'i32',
+        'i32',
+        'ptr',
+        'ptr',
+        'i64',
+        'i64',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+      ])
+      .launch({ grid: blocks, block: SEND_THREADS, stream }, [
+        a.peers,
+        a.me,
+        inp.T,
+        inp.x.ptr,
+        inp.scales?.ptr ?? 0n,
+        inp.scales?.strides[0] ?? 0,
+        inp.scales?.strides[1] ?? 0,
+        inp.topk?.ptr ?? 0n,
+        inp.weights?.ptr ?? 0n,
+        a.sendPos,
+        a.rankPrefix,
+        ...areaArgs(a.areas),
+      ]);
+  }
+
+  recv(
+    stream: Stream,
+    blocks: number,
+    a: {
+      peers: bigint;
+      me: number;
+      recvCount: bigint;
+      rows: number;
+      out: ReturnType<typeof dispatchOutputs>;
+      areas: NormalAreas;
+      timeoutNs: bigint;
+      err: bigint;
+    },
+  ): void {
+    this.mod
+      .kernel('tsep_dispatch_recv', [
+        'ptr',
+        'i32',
+        'ptr',
+        'i32',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'ptr',
+      ])
+      .launch({ grid: blocks, block: 512, stream }, [
+        a.peers,
+        a.me,
+        a.recvCount,
+        a.rows,
+        a.out.recvX.ptr,
+        a.out.recvScales?.ptr ?? 0n,
+        a.out.recvSrcIdx.ptr,
+        a.out.recvTopkIdx?.ptr ?? 0n,
+        a.out.recvTopkWeights?.ptr ?? 0n,
+        ...areaArgs(a.areas),
+        a.timeoutNs,
+        a.err,
+      ]);
+  }
+
+  combineSend(
+    stream: Stream,
+    blocks: number,
+    a: {
+      peers: bigint;
+      me: number;
+      x: bigint;
+      srcIdx: bigint;
+      rankPrefix: bigint;
+      weights: bigint;
+      areas: NormalAreas;
+    },
+  ): void {
+    this.mod
+      .kernel('tsep_combine_send', [
+        'ptr',
+        'i32',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+      ])
+      .launch({ grid: blocks, block: SEND_THREADS, stream }, [
+        a.peers,
+        a.me,
+        a.x,
+        a.srcIdx,
+        a.rankPrefix,
+        a.weights,
+        ...areaArgs(a.areas),
+      ]);
+  }
+
+  /** `sendPos`/`rowBase` 0n: stage row r·T_max + t (NVLink); else rowBase[r] + sendPos[t][r] (NCCL). */
+  reduce(
+    stream: Stream,
+    blocks: number,
+    a: {
+      peers: bigint;
+      me: number;
+      T: number;
+      inRank: bigint;
+      bias: readonly DeviceTensor[];
+      out: bigint;
+      outWeights: bigint;
+      sendPos: bigint;
+      rowBase: bigint;
+      areas: NormalAreas;
+      timeoutNs: bigint;
+      err: bigint;
+    },
+  ): void {
+    this.mod
+      .kernel('tsep_combine_reduce', [
+        'ptr',
+        'i32',
+        'i32',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'u64',
+        'ptr',
+      ])
+      .launch({ grid: blocks, block: 512, stream }, [
+        a.peers,
+        a.me,
+        a.T,
+        a.inRank,
+        a.bias[0]?.ptr ?? 0n,
+        a.bias[1]?.ptr ?? 0n,
+        a.out,
+        a.outWeights,
+        a.sendPos,
+        a.rowBase,
+        ...areaArgs(a.areas),
+        a.timeoutNs,
+        a.err,
+      ]);
+  }
+}
+
+/** Compiles (once per specialization) and wraps kernels/normal.cu. */
+export class NormalModules {
+  private readonly rt: GpuRuntime;
+  private readonly cache = new Map<string, Promise<NormalKernels>>();
+  /** 16-byte loads per lane in flight in the send kernels' row copies (a tuning knob; TSEP_NORMAL_UNROLL). */
+  private readonly unroll = Number(process.env.TSEP_NORMAL_UNROLL ?? 4);
+
+  constructor(rt: GpuRuntime) {
+    this.rt = rt;
+  }
+
+  get(spec: {
+    elt: number;
+    scaleWords: number;
+    K: number;
+    idx64: boolean;
+    weights: boolean;
+  }): Promise<NormalKernels> {
+    const R = this.rt.group.size;
+    const defines = {
+      TSEP_R: R,
+      TSEP_EL: this.rt.options.numExperts / R,
+      TSEP_H: this.rt.options.hidden,
+      TSEP_ELT: spec.elt,
+      TSEP_SW: spec.scaleWords,
+      TSEP_K: spec.K,
+      TSEP_IDX64: spec.idx64 ? 1 : 0,
+      TSEP_WEIGHTS: spec.weights ? 1 : 0,
+      TSEP_TMAX: this.rt.options.maxTokensPerRank,
+      TSEP_UNROLL: this.unroll,
+    };
+    const key = JSON.stringify(defines);
+    let m = this.cache.get(key);
+    if (!m) {
+      m = this.rt.kernels('normal.cu', defines).then((mod) => new NormalKernels(mod));
+      this.cache.set(key, m);
+      m.catch(() => this.cache.delete(key));
+    }
+    return m;
+  }
+}
+
+/** Host phases of EP calls run one at a time, in call order (they share buffers and signal pages). */
+export class CallQueue {
+  private tail: Promise<unknown> = Promise.resolve();
+
+  run<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.tail.then(work, work);
+    this.tail = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Resolves once every queued call has settled. */
+  async idle(): Promise<void> {
+    await this.tail;
+  }
+}
