@@ -3,6 +3,7 @@
 
 import type { Command } from 'commander';
 import { Device } from '../device/context.ts';
+import { chooseTransport, type TransportChoice } from '../ep/transport.ts';
 import { cacheDir } from '../jit/cache.ts';
 import { archFor } from '../jit/compile.ts';
 import { driverPath } from '../native/cuda.ts';
@@ -34,6 +35,8 @@ export interface DoctorReport {
   peerAccess: boolean[][];
   cacheDir: string;
   backend: string;
+  /** What `transport: 'auto'` would pick for one rank per visible GPU on this host. */
+  transport?: TransportChoice;
 }
 
 export function collectDoctorReport(): DoctorReport {
@@ -70,6 +73,15 @@ export function collectDoctorReport(): DoctorReport {
     peerAccess,
     cacheDir: cacheDir(),
     backend: gpus.length > 0 ? 'gpu' : 'cpu (no GPU found)',
+    ...(gpus.length > 0
+      ? {
+          transport: chooseTransport('auto', {
+            ranks: gpus.length,
+            localRanks: gpus.length,
+            peerAccess: peerAccess.every((row) => row.every(Boolean)),
+          }),
+        }
+      : {}),
   };
 }
 
@@ -101,6 +113,8 @@ export function formatDoctorReport(r: DoctorReport): string {
     });
   }
   s += `cache    ${r.cacheDir}\nbackend  ${r.backend}\n`;
+  if (r.transport)
+    s += `transport ${r.transport.transport} for one rank per GPU here: ${r.transport.reason}\n`;
   return s;
 }
 

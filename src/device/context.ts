@@ -88,6 +88,16 @@ export class Device {
     return d;
   }
 
+  /** PCI bus id of every visible GPU, by ordinal (creates no context). */
+  static pciBusIds(): string[] {
+    const n = Device.count();
+    return Array.from({ length: n }, (_, i) => {
+      const bus = new Uint8Array(64);
+      cu('cuDeviceGetPCIBusId', bus, bus.length, i);
+      return cString(bus);
+    });
+  }
+
   /** The device most recently made current (throws if none). */
   static current(): Device {
     if (!current)

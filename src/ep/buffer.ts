@@ -126,6 +126,11 @@ export class EpBuffer {
     return this.impl.stream;
   }
 
+  /** GPU backend: 'nvlink' or 'nccl' (see the `transport` option) and why; undefined on the CPU backend. */
+  get transport(): { readonly transport: 'nvlink' | 'nccl'; readonly reason: string } | undefined {
+    return this.impl.transport;
+  }
+
   /**
    * Sets how many SMs the normal-mode send kernels use (GPU backend; default 24). Every rank must use the
    * same value. The CPU backend ignores it.

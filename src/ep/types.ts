@@ -18,6 +18,8 @@ export type Tensor = HostTensor | DeviceTensor;
 export type EpMode = 'normal' | 'low-latency' | 'both';
 export type BackendKind = 'cpu' | 'gpu' | 'auto';
 export type BackendName = 'cpu' | 'gpu';
+/** How the GPU backend moves data: NVLink peer stores, NCCL transfers, or the best available ('auto'). */
+export type TransportKind = 'auto' | 'nvlink' | 'nccl';
 
 export interface EpBufferOptions {
   /** Hidden size H of every row; a positive multiple of 16 (rows are whole 16-byte vectors). */
@@ -34,6 +36,12 @@ export interface EpBufferOptions {
   fp8?: boolean;
   /** 'auto' (default) takes the GPU backend when a GPU is present, else the CPU backend. */
   backend?: BackendKind;
+  /**
+   * GPU backend: 'nvlink' (peer stores between the GPUs of one host), 'nccl' (any topology, normal mode
+   * only for now) or 'auto' (default: NVLink when every rank is on one host and every pair of their GPUs
+   * has peer access, else NCCL). The CPU backend ignores it.
+   */
+  transport?: TransportKind;
 }
 
 export interface ResolvedEpBufferOptions {
@@ -44,6 +52,7 @@ export interface ResolvedEpBufferOptions {
   readonly mode: EpMode;
   readonly fp8: boolean;
   readonly backend: BackendKind;
+  readonly transport: TransportKind;
 }
 
 /**
@@ -290,6 +299,8 @@ export interface EpBackend {
   lowLatencyCombine(request: LowLatencyCombineRequest): LowLatencyCombineResult;
   cleanLowLatencyBuffer(): void;
   sizeHint(): EpSizeHint;
+  /** GPU backends: the transport in use and why it was chosen. */
+  readonly transport?: { readonly transport: 'nvlink' | 'nccl'; readonly reason: string };
   /** GPU backends: the stream the buffer's kernels run on (for events, timing and graph capture). */
   readonly stream?: Stream;
   /** GPU backends: sets the SMs the normal-mode send kernels use (the same on every rank). */

@@ -26,6 +26,7 @@ import type {
   LowLatencyHandle,
   ResolvedEpBufferOptions,
   Tensor,
+  TransportKind,
 } from './types.ts';
 
 /** Largest top-k the API accepts. */
@@ -39,6 +40,7 @@ export interface ValidationContext {
 
 const MODES: readonly EpMode[] = ['normal', 'low-latency', 'both'];
 const BACKENDS: readonly BackendKind[] = ['cpu', 'gpu', 'auto'];
+const TRANSPORTS: readonly TransportKind[] = ['auto', 'nvlink', 'nccl'];
 
 function show(value: unknown): string {
   if (typeof value === 'string') return `'${value}'`;
@@ -136,8 +138,12 @@ export function resolveOptions(options: EpBufferOptions, numRanks: number): Reso
   if (!BACKENDS.includes(backend)) {
     throw new ValidationError('backend', show(backend), `one of ${BACKENDS.map(show).join(', ')}`);
   }
+  const transport = options.transport ?? 'auto';
+  if (!TRANSPORTS.includes(transport)) {
+    throw new ValidationError('transport', show(transport), `one of ${TRANSPORTS.map(show).join(', ')}`);
+  }
   const fp8 = checkBool('fp8', options.fp8, false);
-  return { hidden, maxTokensPerRank, numExperts, numTopk, mode, fp8, backend };
+  return { hidden, maxTokensPerRank, numExperts, numTopk, mode, fp8, backend, transport };
 }
 
 function checkMode(ctx: ValidationContext, family: 'normal' | 'low-latency', call: string): void {

@@ -98,6 +98,7 @@ describe('backend selection', () => {
       mode: 'normal',
       fp8: false,
       backend: 'auto',
+      transport: 'auto',
     });
     assert.equal(buffers[1]!.rank, 1);
     assert.equal(buffers[1]!.numRanks, 2);

@@ -157,6 +157,7 @@ describe('EpBuffer.create rejects bad options', () => {
     ['numTopk above 32', 'numTopk', { numExperts: 64, numTopk: 33 }],
     ['unknown mode', 'mode', { mode: 'fast' as never }],
     ['unknown backend', 'backend', { backend: 'tpu' as never }],
+    ['unknown transport', 'transport', { transport: 'pcie' as never }],
     ['fp8 not a boolean', 'fp8', { fp8: 1 as never }],
     ['options not an object', 'options', null],
   ];

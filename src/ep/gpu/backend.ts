@@ -1,8 +1,10 @@
-// The GPU backend: one process per GPU, NVLink between the GPUs of a host. It composes the normal path
-// and the low-latency path (each owns its symmetric buffer), as the buffer's `mode` asks.
+// The GPU backend: one process per GPU. It picks the transport (NVLink peer stores between the GPUs of a
+// host, or NCCL) and composes the normal path and the low-latency path (each owns its communication
+// memory), as the buffer's `mode` asks.
 
 import type { Stream } from '../../device/stream.ts';
 import { TsepError } from '../../errors.ts';
+import { chooseTransport, type TransportChoice } from '../transport.ts';
 import type {
   BackendContext,
   CombineRequest,
@@ -21,8 +23,16 @@ import type {
 } from '../types.ts';
 import { releaseEvents } from './event.ts';
 import { LowLatencyPath } from './low-latency.ts';
+import { NcclNormalPath } from './nccl-normal.ts';
 import { NormalPath } from './normal.ts';
 import { GpuRuntime } from './runtime.ts';
+import { probeTransportFacts } from './transport-probe.ts';
+
+/** What the backend needs of a normal-mode implementation (NVLink or NCCL). */
+type NormalMode = Pick<
+  NormalPath,
+  'layout' | 'dispatch' | 'combine' | 'reset' | 'bytes' | 'destroy' | 'numSms'
+>;
 
 export const gpuBackendFactory: EpBackendFactory = {
   name: 'gpu',
@@ -32,25 +42,37 @@ export const gpuBackendFactory: EpBackendFactory = {
 class GpuBackend implements EpBackend {
   readonly name = 'gpu';
   private readonly rt: GpuRuntime;
-  private readonly normal: NormalPath | undefined;
+  /** The transport in use and why it was chosen. */
+  readonly transport: TransportChoice;
+  private readonly normal: NormalMode | undefined;
   private readonly lowLatency: LowLatencyPath | undefined;
 
   private constructor(
     rt: GpuRuntime,
-    normal: NormalPath | undefined,
+    transport: TransportChoice,
+    normal: NormalMode | undefined,
     lowLatency: LowLatencyPath | undefined,
   ) {
     this.rt = rt;
+    this.transport = transport;
     this.normal = normal;
     this.lowLatency = lowLatency;
   }
 
   static async create(context: BackendContext): Promise<GpuBackend> {
     const rt = GpuRuntime.create(context);
+    const transport = chooseTransport(context.options.transport, await probeTransportFacts(rt));
     const mode = context.options.mode;
-    const normal = mode === 'low-latency' ? undefined : await NormalPath.create(rt);
+    if (transport.transport === 'nccl' && mode !== 'normal') {
+      throw new TsepError(
+        'TSEP_UNSUPPORTED',
+        `The low-latency mode needs the NVLink transport for now, and this buffer uses NCCL (${transport.reason}). Use mode 'normal', or run on one host with peer access between the GPUs.`,
+      );
+    }
+    const normalImpl = transport.transport === 'nccl' ? NcclNormalPath : NormalPath;
+    const normal = mode === 'low-latency' ? undefined : await normalImpl.create(rt);
     const lowLatency = mode === 'normal' ? undefined : await LowLatencyPath.create(rt, context.owner);
-    return new GpuBackend(rt, normal, lowLatency);
+    return new GpuBackend(rt, transport, normal, lowLatency);
   }
 
   private lowLatencyPath(call: string): LowLatencyPath {
@@ -63,7 +85,7 @@ class GpuBackend implements EpBackend {
     return this.lowLatency;
   }
 
-  private normalPath(call: string): NormalPath {
+  private normalPath(call: string): NormalMode {
     if (!this.normal) {
       throw new TsepError('TSEP_UNSUPPORTED', `${call} needs a buffer created with mode 'normal' or 'both'.`);
     }

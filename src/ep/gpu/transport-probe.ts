@@ -1,0 +1,24 @@
+// The facts behind the transport choice, gathered collectively: how the ranks sit on hosts, and whether
+// every pair of this host's ranks' GPUs has peer access. Ranks may see different GPUs (CUDA_VISIBLE_DEVICES
+// per rank), so GPUs are matched by PCI bus id; a peer GPU this rank cannot see counts as no access.
+
+import { Device } from '../../device/context.ts';
+import type { TransportFacts } from '../transport.ts';
+import type { GpuRuntime } from './runtime.ts';
+
+export async function probeTransportFacts(rt: GpuRuntime): Promise<TransportFacts> {
+  const g = rt.group;
+  const mine = rt.device.info.pciBusId;
+  const buses = (await g.allGather(new TextEncoder().encode(mine))).map((b) => new TextDecoder().decode(b));
+  const visible = Device.pciBusIds();
+  const first = g.rank - g.localRank;
+  let ok = true;
+  for (let l = 0; l < g.localSize; l++) {
+    const bus = buses[first + l]!;
+    if (bus === mine) continue;
+    const ordinal = visible.indexOf(bus);
+    ok &&= ordinal >= 0 && rt.device.canAccessPeer(ordinal);
+  }
+  const votes = await g.allGather(Uint8Array.of(ok ? 1 : 0));
+  return { ranks: g.size, localRanks: g.localSize, peerAccess: votes.every((v) => v[0] === 1) };
+}
