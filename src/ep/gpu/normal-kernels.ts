@@ -5,7 +5,6 @@
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import type { Stream } from '../../device/stream.ts';
-import { ValidationError } from '../../errors.ts';
 import type { DispatchLayout, DispatchRequest, Tensor } from '../types.ts';
 import type { NormalAreas } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -67,8 +66,7 @@ export interface DispatchInputs {
 
 export function dispatchInputs(rt: GpuRuntime, req: DispatchRequest): DispatchInputs {
   const x = rt.onDevice('x', req.x);
-  if (!x.isContiguous()) throw new ValidationError('x', 'a strided tensor', 'a row-major contiguous tensor');
-  const scales = req.scales ? rt.onDevice('scales', req.scales) : undefined;
+  const scales = req.scales ? rt.onDevice('scales', req.scales, { strided: true }) : undefined;
   const fresh = req.kind === 'fresh';
   const topk = fresh && req.topkIdx ? rt.onDevice('topkIdx', req.topkIdx) : undefined;
   const weights = fresh && req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;

@@ -312,8 +312,6 @@ export class NormalPath {
     const rt = this.rt;
     const h = req.handle as GpuDispatchHandle;
     const x = rt.onDevice('x', req.x);
-    if (!x.isContiguous())
-      throw new ValidationError('x', 'a strided tensor', 'a row-major contiguous tensor');
     const weights = req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;
     const bias = req.bias.map((b, i) => rt.onDevice(`bias[${i}]`, b));
     const recvSrcIdx = rt.onDevice('handle.recvSrcIdx', h.recvSrcIdx);

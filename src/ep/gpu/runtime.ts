@@ -93,14 +93,20 @@ export class GpuRuntime {
     return new GpuEvent(this.stream, options);
   }
 
-  /** The device tensor behind an argument, checked to be on this rank's GPU. */
-  onDevice(argument: string, t: TensorMeta): DeviceTensor {
+  /**
+   * The device tensor behind an argument, checked to be on this rank's GPU and, unless `strided` (only
+   * FP8 scales may have any strides), row-major contiguous, as the kernels read it.
+   */
+  onDevice(argument: string, t: TensorMeta, options: { strided?: boolean } = {}): DeviceTensor {
     if (!(t instanceof DeviceTensor) || t.device.ordinal !== this.device.ordinal) {
       throw new ValidationError(
         argument,
         describe(t),
         `a DeviceTensor on cuda:${this.device.ordinal} (this rank's GPU)`,
       );
+    }
+    if (!options.strided && !t.isContiguous()) {
+      throw new ValidationError(argument, describe(t), 'a row-major contiguous tensor');
     }
     return t;
   }
