@@ -46,6 +46,7 @@
 #ifndef TSEP_UNROLL
 #define TSEP_UNROLL 4  // 16-byte loads per lane in flight in the row copies
 #endif
+static_assert(TSEP_UNROLL >= 1 && TSEP_UNROLL <= 16, "TSEP_UNROLL must be 1..16");
 
 #if TSEP_IDX64
 typedef long long idx_t;
@@ -56,7 +57,7 @@ typedef int idx_t;
 constexpr int R = TSEP_R;
 constexpr int EL = TSEP_EL;
 constexpr int H = TSEP_H;
-constexpr int K = TSEP_K;
+[[maybe_unused]] constexpr int K = TSEP_K;
 constexpr int ROW_BYTES = H * TSEP_ELT;
 constexpr int ROW_VECS = ROW_BYTES / 16;
 static_assert(ROW_BYTES % 16 == 0, "rows must be whole 16-byte vectors");
@@ -91,6 +92,10 @@ __device__ __forceinline__ bool barrier_all(const u64 *peers, int me, u64 timeou
   Ctrl *mine = ctrl_of(peers, me);
   return tsep::rank_barrier(slots, mine->barrier, &mine->round, me, R, timeout_ns, err, kernel, 0);
 }
+
+// True once any kernel of this rank gave up waiting: later kernels then do nothing until reset(), rather
+// than act on state a failed kernel never wrote.
+__device__ __forceinline__ bool failed(tsep::ErrorRecord *err) { return tsep::ld_volatile(&err->flag) != 0; }
 
 // ------------------------------------------------------------------------------------------ notify
 // Blocks 0..R-1: block r numbers this rank's tokens bound for rank r (send_pos[t][r], -1 if not sent).
@@ -205,7 +210,9 @@ __device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N],
 extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
     const u64 *peers, int me, int num_tokens, const u8 *x, const u8 *scales, long long scale_s0,
     long long scale_s1, const idx_t *topk, const float *weights, const int *send_pos, const int *rank_prefix,
-    Areas areas) {
+    Areas areas, tsep::ErrorRecord *err) {
+  // After a timed-out notify the prefix matrix was never written: send nothing (peers time out too).
+  if (failed(err)) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
@@ -283,11 +290,11 @@ extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const in
   Ctrl *mine = ctrl_of(peers, me);
   if (threadIdx.x == 0) {
     const u64 expect = *(volatile u64 *)&mine->expect_dispatch;
-    ok = tsep::wait_geq(&mine->arrive_dispatch, expect, timeout_ns, err, me, KERNEL_RECV, 0, -1);
+    ok = !failed(err) && tsep::wait_geq(&mine->arrive_dispatch, expect, timeout_ns, err, me, KERNEL_RECV, 0, -1);
   }
   __syncthreads();
   if (!ok) return;
-  const int n = *recv_count;
+  const int n = min(max(*recv_count, 0), rows);
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
   copy_bytes(out_x, base + areas.x, (size_t)n * ROW_BYTES, tid, nth);
@@ -319,7 +326,9 @@ extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const in
 // instead of one destination after the other.
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
                                                                    const int *src_idx, const int *rank_prefix,
-                                                                   const float *weights, Areas areas) {
+                                                                   const float *weights, Areas areas,
+                                                                   tsep::ErrorRecord *err) {
+  if (failed(err)) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   int start[R], count[R];
@@ -365,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
   Ctrl *mine = ctrl_of(peers, me);
   if (threadIdx.x == 0) {
     const u64 expect = *(volatile u64 *)&mine->expect_combine;
-    ok = tsep::wait_geq(&mine->arrive_combine, expect, timeout_ns, err, me, KERNEL_REDUCE, 0, -1);
+    ok = !failed(err) && tsep::wait_geq(&mine->arrive_combine, expect, timeout_ns, err, me, KERNEL_REDUCE, 0, -1);
   }
   __syncthreads();
   if (!ok) return;

@@ -22,4 +22,20 @@ for f in kernels/*.cu; do
   echo "check:kernels: ok $f"
   n=$((n + 1))
 done
-echo "check:kernels: $n kernel source(s) compiled for sm_90a with $("$NVCC" --version | tail -n 1)"
+# Specializations the library really compiles, beyond each file's defaults: EP8 FP8 with scales and int32
+# ids, a cached dispatch / weightless combine (no top-k), and the copy-unroll knob's ends.
+variants=(
+  "normal.cu -DTSEP_R=8 -DTSEP_EL=32 -DTSEP_H=7168 -DTSEP_ELT=1 -DTSEP_SW=56 -DTSEP_K=8 -DTSEP_IDX64=0 -DTSEP_WEIGHTS=1 -DTSEP_TMAX=4096"
+  "normal.cu -DTSEP_R=4 -DTSEP_EL=64 -DTSEP_H=7168 -DTSEP_ELT=2 -DTSEP_SW=0 -DTSEP_K=0 -DTSEP_WEIGHTS=0 -DTSEP_TMAX=4096"
+  "normal.cu -DTSEP_R=2 -DTSEP_H=2560 -DTSEP_UNROLL=1"
+  "normal.cu -DTSEP_R=4 -DTSEP_H=4096 -DTSEP_UNROLL=8"
+  "layout.cu -DTSEP_R=8 -DTSEP_EL=32 -DTSEP_IDX64=0"
+)
+for v in "${variants[@]}"; do
+  read -r file defines <<<"$v"
+  # shellcheck disable=SC2086
+  "$NVCC" -cubin -gencode=arch=compute_90a,code=sm_90a -std=c++17 -Werror all-warnings $defines \
+    -o "$out/variant.cubin" "kernels/$file"
+  echo "check:kernels: ok $file $defines"
+done
+echo "check:kernels: $n kernel source(s) and ${#variants[@]} specializations compiled for sm_90a with $("$NVCC" --version | tail -n 1)"

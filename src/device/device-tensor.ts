@@ -28,12 +28,19 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
   readonly ptr: bigint;
   /** The allocation this tensor owns, if any (disposed with the tensor). */
   readonly owner: DeviceBuffer | undefined;
+  /** For views: the allocation they look into, kept reachable so it is not garbage-collected first. */
+  private readonly keepAlive: DeviceBuffer | undefined;
 
   constructor(
     dtype: D,
     shape: readonly number[],
     ptr: bigint,
-    options: { strides?: readonly number[]; owner?: DeviceBuffer; device?: Device } = {},
+    options: {
+      strides?: readonly number[];
+      owner?: DeviceBuffer;
+      device?: Device;
+      keepAlive?: DeviceBuffer;
+    } = {},
   ) {
     checkShape('shape', shape);
     this.dtype = dtype;
@@ -46,6 +53,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     this.device = Object.freeze({ kind: 'cuda', ordinal: dev.ordinal });
     this.ptr = ptr;
     this.owner = options.owner;
+    this.keepAlive = options.keepAlive;
   }
 
   /** A new row-major tensor with undefined contents. */
@@ -151,7 +159,10 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
         'the same element count',
       );
     }
-    return new DeviceTensor(this.dtype, shape, this.ptr, { device: this.deviceObject() });
+    return new DeviceTensor(this.dtype, shape, this.ptr, {
+      device: this.deviceObject(),
+      keepAlive: this.owner ?? this.keepAlive,
+    });
   }
 
   /** Frees the memory if this tensor owns it. Views are not affected by their own dispose. */

@@ -39,6 +39,28 @@ function keepPoolMemory(device: Device): void {
   pooled.add(device.ordinal);
 }
 
+interface PoolAllocation {
+  ptr: bigint;
+  stream: Stream;
+  device: Device;
+}
+
+// Pool allocations that were never disposed are freed when their DeviceBuffer is garbage-collected, on the
+// stream they were made for (or synchronously if that stream is gone). GC does not see GPU memory
+// pressure, so dispose() remains the way to get memory back promptly.
+const unreleased = new FinalizationRegistry<PoolAllocation>((a) => {
+  try {
+    a.device.makeCurrent();
+    cu('cuMemFreeAsync', a.ptr, a.stream.handle);
+  } catch {
+    try {
+      cu('cuMemFree_v2', a.ptr);
+    } catch {
+      // The context is gone (process teardown): nothing left to free.
+    }
+  }
+});
+
 export class DeviceBuffer {
   readonly device: Device;
   readonly bytes: number;
@@ -68,7 +90,9 @@ export class DeviceBuffer {
     keepPoolMemory(stream.device);
     const out = new BigUint64Array(1);
     cu('cuMemAllocAsync', out, Math.max(bytes, 1), stream.handle);
-    return new DeviceBuffer(stream.device, out[0]!, bytes, stream);
+    const buf = new DeviceBuffer(stream.device, out[0]!, bytes, stream);
+    unreleased.register(buf, { ptr: out[0]!, stream, device: stream.device }, buf);
+    return buf;
   }
 
   /** Allocates `bytes` of device memory (contents undefined). */
@@ -141,8 +165,12 @@ export class DeviceBuffer {
   dispose(): void {
     if (this.p === 0n) return;
     this.device.makeCurrent();
-    if (this.freeStream) cu('cuMemFreeAsync', this.p, this.freeStream.handle);
-    else cu('cuMemFree_v2', this.p);
+    if (this.freeStream) {
+      unreleased.unregister(this);
+      cu('cuMemFreeAsync', this.p, this.freeStream.handle);
+    } else {
+      cu('cuMemFree_v2', this.p);
+    }
     this.p = 0n;
   }
 

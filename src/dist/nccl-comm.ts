@@ -20,6 +20,7 @@ import {
   ncclVersion,
 } from '../native/nccl.ts';
 import type { Group } from './group.ts';
+import type { StoreClient } from './store.ts';
 
 /** Oldest NCCL tsep works with (grouped send/recv and ncclGetLastError). */
 export const MIN_NCCL: readonly [number, number] = [2, 18];
@@ -73,8 +74,20 @@ export class NcclCommunicator {
   static async create(group: Group, device: Device): Promise<NcclCommunicator> {
     checkNcclVersion();
     const id = await group.broadcast(group.rank === 0 ? ncclGetUniqueId() : undefined, 0);
+    // ncclCommInitRank blocks the calling thread until every rank joins, and rank 0 may host the TCP
+    // store in this very event loop (torchrun, Slurm). So rank 0 starts only once every other rank's
+    // last store operation (this `set`) is done; afterwards no rank needs the store to join.
+    const store = (group as { store?: StoreClient }).store;
+    const tag = `tsep/nccl/${Buffer.from(id.subarray(0, 16)).toString('hex')}`;
+    if (store && group.rank !== 0) await store.set(`${tag}/${group.rank}`, '1');
+    if (store && group.rank === 0) {
+      await store.wait(Array.from({ length: group.size - 1 }, (_, i) => `${tag}/${i + 1}`));
+    }
     device.makeCurrent();
     const comm = ncclCommInitRank(group.size, id, group.rank);
+    if (store && group.rank === 0) {
+      await Promise.all(Array.from({ length: group.size - 1 }, (_, i) => store.delete(`${tag}/${i + 1}`)));
+    }
     return new NcclCommunicator(comm, group.rank, group.size, device);
   }
 

@@ -65,7 +65,7 @@ const prefix = (v: readonly number[]): number[] => {
 
 export class NcclNormalPath {
   private readonly rt: GpuRuntime;
-  private readonly comm: NcclCommunicator;
+  private comm: NcclCommunicator;
   private readonly layoutKernels: Record<'i32' | 'i64', Kernel>;
   private readonly modules: NormalModules;
   private readonly queue = new CallQueue();
@@ -138,9 +138,16 @@ export class NcclNormalPath {
   }
 
   /** Nothing device-side to clear: NCCL calls carry no state between calls. */
-  async reset(): Promise<void> {
-    await this.queue.idle();
-    this.comm.checkAsyncError();
+  /**
+   * Collective: after a failure (a timed-out wait, a peer that died), aborts the communicator — which
+   * ends any NCCL kernel still waiting for a peer — and joins a new one. Queued like a call.
+   */
+  reset(): Promise<void> {
+    return this.queue.run(async () => {
+      this.comm.abort();
+      await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
+      this.comm = await NcclCommunicator.create(this.rt.group, this.rt.device);
+    });
   }
 
   dispatch(req: DispatchRequest): Promise<DispatchResult> {
@@ -211,7 +218,18 @@ export class NcclNormalPath {
       });
       rt.mark('positions');
       this.pack(kernels, inp, sendPos);
-      await countsRead.wait();
+      // Bounded: a missing or dead peer leaves the all-gather waiting; then abort it, so the stream moves
+      // on, and report (reset() joins a new communicator).
+      try {
+        await countsRead.cuda.synchronize({
+          timeoutMs: Number(this.timeoutNs / 1_000_000n),
+          what: `the dispatch counts all-gather over NCCL (rank ${rt.group.rank})`,
+        });
+        this.comm.checkAsyncError();
+      } catch (e) {
+        this.comm.abort();
+        throw e;
+      }
       const row = (src: number) => pinned.subarray(src * (R + E), (src + 1) * (R + E));
       counts = {
         send: Array.from(row(me).subarray(0, R)),
@@ -247,9 +265,8 @@ export class NcclNormalPath {
     }
     const rows = counts.recv.reduce((a, b) => a + b, 0);
     const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
-    this.exchangeDispatch(inp, counts, out);
-    rt.mark('nccl');
-
+    // The handle's small tensors are uploaded before the exchange is enqueued, so the (possibly staged)
+    // host copies never wait behind a transfer that needs the peers.
     const handle: NcclDispatchHandle = fromHandle ?? {
       kind: 'dispatch',
       owner: rt.owner,
@@ -266,6 +283,10 @@ export class NcclNormalPath {
       counts,
       sendOffsets: this.upload('i32', [R], prefix(counts.send)),
     };
+    this.exchangeDispatch(inp, counts, out);
+    rt.mark('nccl');
+    // A cached dispatch keeps its handle's source indices; the fresh copy is not needed (stream-ordered free).
+    if (fromHandle) out.recvSrcIdx.dispose();
     return {
       recvX: out.recvX,
       numRecvTokensPerExpert: perExpert,
@@ -290,6 +311,7 @@ export class NcclNormalPath {
       sendPos: sendPos.ptr,
       rankPrefix: 0n,
       areas: this.stagingAreas,
+      err: this.errorPtr,
     });
     this.rt.mark('pack');
   }

@@ -5,6 +5,7 @@
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import type { Stream } from '../../device/stream.ts';
+import { ValidationError } from '../../errors.ts';
 import type { DispatchLayout, DispatchRequest, Tensor } from '../types.ts';
 import type { NormalAreas } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -181,6 +182,7 @@ export class NormalKernels {
       sendPos: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
+      err: bigint;
     },
   ): void {
     const { inp } = a;
@@ -202,6 +204,7 @@ export class NormalKernels {
         'u64',
         'u64',
         'u64',
+        'ptr',
       ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
@@ -216,6 +219,7 @@ export class NormalKernels {
         a.sendPos,
         a.rankPrefix,
         ...areaArgs(a.areas),
+        a.err,
       ]);
   }
 
@@ -279,6 +283,7 @@ export class NormalKernels {
       rankPrefix: bigint;
       weights: bigint;
       areas: NormalAreas;
+      err: bigint;
     },
   ): void {
     this.mod
@@ -294,6 +299,7 @@ export class NormalKernels {
         'u64',
         'u64',
         'u64',
+        'ptr',
       ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
@@ -303,6 +309,7 @@ export class NormalKernels {
         a.rankPrefix,
         a.weights,
         ...areaArgs(a.areas),
+        a.err,
       ]);
   }
 
@@ -363,12 +370,24 @@ export class NormalKernels {
   }
 }
 
+function unrollSetting(): number {
+  const v = Number(process.env.TSEP_NORMAL_UNROLL ?? 4);
+  if (!Number.isInteger(v) || v < 1 || v > 16) {
+    throw new ValidationError(
+      'TSEP_NORMAL_UNROLL',
+      String(process.env.TSEP_NORMAL_UNROLL),
+      'an integer from 1 to 16',
+    );
+  }
+  return v;
+}
+
 /** Compiles (once per specialization) and wraps kernels/normal.cu. */
 export class NormalModules {
   private readonly rt: GpuRuntime;
   private readonly cache = new Map<string, Promise<NormalKernels>>();
   /** 16-byte loads per lane in flight in the send kernels' row copies (a tuning knob; TSEP_NORMAL_UNROLL). */
-  private readonly unroll = Number(process.env.TSEP_NORMAL_UNROLL ?? 4);
+  private readonly unroll = unrollSetting();
 
   constructor(rt: GpuRuntime) {
     this.rt = rt;

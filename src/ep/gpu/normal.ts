@@ -142,14 +142,16 @@ export class NormalPath {
    * wait is bounded), then zeroes every rank's control block and error record between two barriers of the
    * group, so the next call starts from a clean state on all ranks.
    */
-  async reset(): Promise<void> {
-    await this.queue.idle();
-    await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
-    await this.rt.group.barrier();
-    this.sym.local.fill(0, this.rt.stream, 0, CTRL_BYTES);
-    await this.rt.stream.synchronize();
-    clearDeviceError(this.sym.signal, ERROR_RECORD);
-    await this.rt.group.barrier();
+  reset(): Promise<void> {
+    // Queued like a call, so no dispatch of this rank can touch a control block while it is cleared.
+    return this.queue.run(async () => {
+      await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
+      await this.rt.group.barrier();
+      this.sym.local.fill(0, this.rt.stream, 0, CTRL_BYTES);
+      await this.rt.stream.synchronize();
+      clearDeviceError(this.sym.signal, ERROR_RECORD);
+      await this.rt.group.barrier();
+    });
   }
 
   layout(topkIdx: Tensor): DispatchLayout {
@@ -219,6 +221,7 @@ export class NormalPath {
         sendPos: sendPos.ptr,
         rankPrefix: rankPrefix.ptr,
         areas: this.areas,
+        err: this.errorPtr,
       });
       rt.mark('send');
       if (worst > 0) {
@@ -263,6 +266,7 @@ export class NormalPath {
         sendPos: sendPos.ptr,
         rankPrefix: rankPrefix.ptr,
         areas: this.areas,
+        err: this.errorPtr,
       });
       rt.mark('send');
     }
@@ -278,6 +282,8 @@ export class NormalPath {
       err: this.errorPtr,
     });
     rt.mark('receive');
+    // A cached dispatch keeps its handle's source indices; the fresh copy is not needed (stream-ordered free).
+    if (!fresh) out.recvSrcIdx.dispose();
     const handle: GpuDispatchHandle = {
       kind: 'dispatch',
       owner: rt.owner,
@@ -346,6 +352,7 @@ export class NormalPath {
       rankPrefix: rankPrefix.ptr,
       weights: weights?.ptr ?? 0n,
       areas: this.areas,
+      err: this.errorPtr,
     });
     rt.mark('combine send');
     const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], stream);
