@@ -63,6 +63,25 @@ const prefix = (v: readonly number[]): number[] => {
   return out;
 };
 
+/** The parts of a dispatch's arguments that decide which transfers it makes, as one int32. */
+function payloadShape(inp: DispatchInputs): number {
+  return (
+    (inp.elt === 1 ? 1 : 0) |
+    (inp.scaleWords << 1) | // < 1024
+    ((inp.scales?.dtype === 'i32' ? 1 : 0) << 11) |
+    (inp.K << 12) | // ≤ 32
+    ((inp.topk?.dtype === 'i64' ? 1 : 0) << 18) |
+    ((inp.weights ? 1 : 0) << 19)
+  );
+}
+
+function describeShape(v: number): string {
+  const sw = (v >> 1) & 0x3ff;
+  const scales = sw ? `${sw} ${(v >> 11) & 1 ? 'UE8M0' : 'f32'} scale words` : 'no scales';
+  const ids = `top-k ${(v >> 12) & 0x3f}${(v >> 18) & 1 ? ' (i64)' : ''}`;
+  return `${v & 1 ? 'fp8' : 'bf16'} x, ${scales}, ${ids}, ${(v >> 19) & 1 ? 'weights' : 'no weights'}`;
+}
+
 export class NcclNormalPath {
   private readonly rt: GpuRuntime;
   private comm: NcclCommunicator;
@@ -107,9 +126,9 @@ export class NcclNormalPath {
     this.stage.fill(0); // zero control block: the reduce kernel's arrival wait passes at once
     this.stageTable = DeviceBuffer.alloc(8 * R, dev);
     this.stageTable.copyFromHost(BigUint64Array.from({ length: R }, () => this.stage.ptr));
-    this.counts = DeviceBuffer.alloc(4 * (R + E), dev);
-    this.allCounts = DeviceBuffer.alloc(4 * R * (R + E), dev);
-    this.hostCounts = HostBuffer.alloc(4 * R * (R + E), dev);
+    this.counts = DeviceBuffer.alloc(4 * (R + E + 1), dev);
+    this.allCounts = DeviceBuffer.alloc(4 * R * (R + E + 1), dev);
+    this.hostCounts = HostBuffer.alloc(4 * R * (R + E + 1), dev);
     this.signal = HostBuffer.alloc(SIGNAL_BYTES, dev);
   }
 
@@ -192,8 +211,12 @@ export class NcclNormalPath {
       const perExpertDev = rt.onDevice('layout.numTokensPerExpert', req.layout.numTokensPerExpert);
       DeviceBuffer.copyAsync(this.counts.ptr, perRank.ptr, 4 * R, stream);
       DeviceBuffer.copyAsync(this.counts.ptr + BigInt(4 * R), perExpertDev.ptr, 4 * E, stream);
-      this.comm.allGather(this.counts.ptr, this.allCounts.ptr, R + E, 'i32', stream);
-      const pinned = new Int32Array(this.hostCounts.arrayBuffer, 0, R * (R + E));
+      // The call's shape travels with the counts: NCCL pairs every send with a receive, so ranks that pass
+      // different optional tensors must fail together here, before any transfer.
+      const shape = payloadShape(inp);
+      this.counts.copyFromHostAsync(Int32Array.of(shape), stream, 4 * (R + E));
+      this.comm.allGather(this.counts.ptr, this.allCounts.ptr, R + E + 1, 'i32', stream);
+      const pinned = new Int32Array(this.hostCounts.arrayBuffer, 0, R * (R + E + 1));
       this.allCounts.copyToHostAsync(pinned, stream);
       const countsRead = rt.record();
       rt.mark('counts');
@@ -230,7 +253,15 @@ export class NcclNormalPath {
         this.comm.abort();
         throw e;
       }
-      const row = (src: number) => pinned.subarray(src * (R + E), (src + 1) * (R + E));
+      const row = (src: number) => pinned.subarray(src * (R + E + 1), (src + 1) * (R + E + 1));
+      const other = Array.from({ length: R }, (_, s) => s).find((s) => row(s)[R + E] !== shape);
+      if (other !== undefined) {
+        throw new ValidationError(
+          'dispatch arguments',
+          `${describeShape(shape)} on rank ${me} but ${describeShape(row(other)[R + E]!)} on rank ${other}`,
+          'the same payload type, scales, top-k width, index type and weights on every rank',
+        );
+      }
       counts = {
         send: Array.from(row(me).subarray(0, R)),
         recv: Array.from({ length: R }, (_, s) => row(s)[me]!),
