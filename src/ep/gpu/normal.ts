@@ -187,6 +187,19 @@ export class NormalPath {
     let rows: number;
     let perExpert: number[];
     const fresh = req.kind === 'fresh';
+    // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile.
+    const send = (positions: DeviceTensor, prefix: DeviceTensor) => {
+      kernels.send(stream, G, {
+        peers: this.peers,
+        me: this.me,
+        inp,
+        sendPos: positions.ptr,
+        rankPrefix: prefix.ptr,
+        areas: this.areas,
+        err: this.errorPtr,
+      });
+      rt.mark('send');
+    };
     const worst = fresh ? req.worstCaseTokens : req.handle.worstCaseTokens;
     const alignment = fresh ? req.expertAlignment : req.handle.expertAlignment;
     if (fresh) {
@@ -214,16 +227,7 @@ export class NormalPath {
         err: this.errorPtr,
       });
       rt.mark('notify');
-      kernels.send(stream, G, {
-        peers: this.peers,
-        me: this.me,
-        inp,
-        sendPos: sendPos.ptr,
-        rankPrefix: rankPrefix.ptr,
-        areas: this.areas,
-        err: this.errorPtr,
-      });
-      rt.mark('send');
+      send(sendPos, rankPrefix);
       if (worst > 0) {
         rows = worst;
         perExpert = [];
@@ -259,16 +263,7 @@ export class NormalPath {
         err: this.errorPtr,
       });
       rt.mark('barrier');
-      kernels.send(stream, G, {
-        peers: this.peers,
-        me: this.me,
-        inp,
-        sendPos: sendPos.ptr,
-        rankPrefix: rankPrefix.ptr,
-        areas: this.areas,
-        err: this.errorPtr,
-      });
-      rt.mark('send');
+      send(sendPos, rankPrefix);
     }
     const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
     kernels.recv(stream, rt.smCount, {
