@@ -33,8 +33,9 @@ export function launchRanks(
   fixture: URL,
   args: readonly string[],
   timeoutS: number,
+  extraEnv: NodeJS.ProcessEnv = {},
 ): Promise<RankRun> {
-  const env: NodeJS.ProcessEnv = { ...process.env, TSEP_STORE_TIMEOUT_S: '60' };
+  const env: NodeJS.ProcessEnv = { ...process.env, TSEP_STORE_TIMEOUT_S: '60', ...extraEnv };
   delete env.NODE_TEST_CONTEXT; // the ranks are plain programs, not test files
   const launchArgs = ['launch', '-n', String(ranks), '--timeout', String(timeoutS), '--'];
   const child = spawn(

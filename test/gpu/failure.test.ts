@@ -1,0 +1,42 @@
+// A rank that does not take part must not hang the others (issue "Reliability"): a rank that skips a
+// dispatch makes every other rank raise EpTimeoutError naming it within the timeout + 2 s, after which
+// reset() and a checked dispatch succeed; a rank killed mid-dispatch makes `tsep launch` stop the job and
+// name it. Runs on 2 ranks, and on 4 where there are 4 GPUs.
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { seededRandom } from './gpu.ts';
+import { indent, launchRanks, rankCounts, skipFor } from './ranks.ts';
+
+const TIMEOUT_S = 2;
+const fixture = new URL('./fixtures/failure-check.ts', import.meta.url);
+
+for (const ranks of rankCounts.filter((r) => r <= 4)) {
+  test(`${ranks} ranks: a rank that skips a dispatch is named by the others' EpTimeoutError; reset() recovers`, {
+    skip: skipFor(ranks),
+    timeout: 180_000,
+  }, async () => {
+    const seed = Math.floor(seededRandom(`failure skip ${ranks}`)() * 2 ** 31);
+    const run = await launchRanks(ranks, fixture, [String(seed), 'skip'], 150, {
+      TSEP_TIMEOUT_S: String(TIMEOUT_S),
+    });
+    process.stdout.write(`# failure-check ${seed} skip:\n${indent(run.stdout)}\n`);
+    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+    assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+    for (let r = 0; r < ranks; r++) {
+      assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] failure-check ok rank ${r}$`, 'm'), detail);
+      if (r !== 1)
+        assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] rank ${r}: EpTimeoutError after`, 'm'), detail);
+    }
+  });
+
+  test(`${ranks} ranks: a rank killed mid-dispatch makes tsep launch fail naming it`, {
+    skip: skipFor(ranks),
+    timeout: 120_000,
+  }, async () => {
+    const run = await launchRanks(ranks, fixture, ['7', 'kill'], 90, { TSEP_TIMEOUT_S: String(TIMEOUT_S) });
+    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+    assert.equal(run.code, 128 + 9, `exit ${run.code ?? run.signal}${detail}`);
+    assert.match(run.stderr, new RegExp(`first failure was rank ${ranks - 1} .*killed by SIGKILL`), detail);
+  });
+}
