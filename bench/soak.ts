@@ -1,0 +1,188 @@
+// Soak test (issue "Reliability"), run on every rank under the launcher:
+//   tsep bench soak [-n R] [-- --iters 10000 --tokens 128 --hidden 2048 --topk 8 --sample 1000]
+// Alternates normal-mode (fresh dispatch + combine) and low-latency (BF16 dispatch + combine) round trips
+// with fresh random routing and token counts every iteration; every output is compared with the CPU
+// reference bit for bit (the experts are the identity: each rank sends back what it received). Device
+// memory in use is sampled every `sample` iterations; the run fails on any mismatch or if memory in use
+// grows by more than 1 MiB between the first and the last sample.
+
+import { parseArgs } from 'node:util';
+import { Rng } from '../src/cpu/random.ts';
+import { referenceLayout } from '../src/cpu/ref-layout.ts';
+import {
+  combineForRank,
+  type DispatchSource,
+  dispatchToRank,
+  type LowLatencyConfig,
+  referenceLowLatencyCombine,
+  referenceLowLatencyDispatch,
+} from '../src/cpu/reference.ts';
+import { DeviceTensor } from '../src/device/device-tensor.ts';
+import type { HostTensor } from '../src/device/tensor.ts';
+import { initProcessGroup } from '../src/dist/init.ts';
+import { EpBuffer } from '../src/ep/buffer.ts';
+import { host, Mismatch, sameTensor } from '../test/gpu/fixtures/ep-compare.ts';
+import { randomBf16, randomRouting, randomWeights, routingTensor } from '../test/unit/helpers/inputs.ts';
+import { writeResult } from './stats.ts';
+
+const { values: opt } = parseArgs({
+  options: {
+    iters: { type: 'string', default: '10000' },
+    tokens: { type: 'string', default: '128' },
+    hidden: { type: 'string', default: '2048' },
+    topk: { type: 'string', default: '8' },
+    sample: { type: 'string', default: '1000' },
+    seed: { type: 'string', default: String(Date.now() >>> 0) },
+  },
+  strict: true,
+});
+const iters = Number(opt.iters);
+const Tmax = Number(opt.tokens);
+const H = Number(opt.hidden);
+const K = Number(opt.topk);
+const sampleEvery = Number(opt.sample);
+const seed = Number(opt.seed) >>> 0;
+
+const group = await initProcessGroup({ timeoutMs: 120_000 });
+const R = group.size;
+const me = group.rank;
+const E = 8 * R;
+const buffer = await EpBuffer.create(group, {
+  hidden: H,
+  maxTokensPerRank: Tmax,
+  numExperts: E,
+  numTopk: K,
+  mode: 'both',
+  backend: 'gpu',
+});
+const dev = buffer.stream!.device;
+const up = (t: HostTensor) => DeviceTensor.fromHost(t, dev);
+const llConfig: LowLatencyConfig = {
+  numExperts: E,
+  maxTokensPerRank: Tmax,
+  fp8: false,
+  roundScale: false,
+  ue8m0: false,
+};
+
+/** Every rank's inputs of iteration i (the same on every rank). */
+function inputs(i: number) {
+  const rng = new Rng(seed + i * 104_729);
+  return Array.from({ length: R }, () => {
+    const T = 1 + rng.int(Tmax);
+    const topkIdx = routingTensor(
+      rng.float() < 0.5 ? 'i32' : 'i64',
+      T,
+      K,
+      randomRouting(rng, T, K, E, { dropRate: 0.1 }),
+    );
+    return {
+      x: randomBf16(rng, T, H) as HostTensor,
+      topkIdx,
+      topkWeights: randomWeights(rng, T, K) as HostTensor,
+    };
+  });
+}
+
+async function normalRound(i: number): Promise<void> {
+  const all = inputs(i);
+  const sources: DispatchSource[] = all.map((a) => {
+    const l = referenceLayout(a.topkIdx, E, R);
+    return { ...a, isTokenInRank: l.isTokenInRank, numTokensPerExpert: l.numTokensPerExpert };
+  });
+  const received = sources.map((_, r) =>
+    dispatchToRank(sources, r, { numExperts: E, expertAlignment: 1, worstCaseTokens: 0 }),
+  );
+  const mine = all[me]!;
+  const [x, topk, w] = [up(mine.x), up(mine.topkIdx), up(mine.topkWeights)];
+  const d = await buffer.dispatch({
+    x,
+    topkIdx: topk,
+    topkWeights: w,
+    layout: buffer.getDispatchLayout(topk, E),
+  });
+  const c = await buffer.combine({ x: d.recvX, handle: d.handle });
+  await c.event.wait();
+  sameTensor(`iteration ${i} recvX`, host(d.recvX), received[me]!.recvX);
+  sameTensor(`iteration ${i} recvTopkIdx`, host(d.recvTopkIdx), received[me]!.recvTopkIdx);
+  sameTensor(`iteration ${i} recvTopkWeights`, host(d.recvTopkWeights), received[me]!.recvTopkWeights);
+  const want = combineForRank(
+    me,
+    { isTokenInRank: sources[me]!.isTokenInRank, bias: [] },
+    received[me]!.rankPrefixMatrix,
+    received.map((r) => ({ x: r.recvX })),
+  );
+  sameTensor(`iteration ${i} combinedX`, host(c.combinedX), want.combinedX);
+  for (const t of [x, topk, w, d.recvX, d.recvTopkIdx, d.recvTopkWeights, c.combinedX])
+    (t as DeviceTensor | undefined)?.dispose();
+}
+
+async function lowLatencyRound(i: number): Promise<void> {
+  const all = inputs(i);
+  const received = referenceLowLatencyDispatch(all, llConfig);
+  const mine = all[me]!;
+  const [x, topk, w] = [up(mine.x), up(mine.topkIdx), up(mine.topkWeights)];
+  const ll = buffer.lowLatencyDispatch({ x, topkIdx: topk, fp8: false });
+  const c = buffer.lowLatencyCombine({ x: ll.recvX, topkIdx: topk, topkWeights: w, handle: ll.handle });
+  await c.event.wait();
+  sameTensor(`iteration ${i} LL recvCount`, host(ll.recvCount), received[me]!.recvCount);
+  const want = referenceLowLatencyCombine(
+    all.map((a) => ({ topkIdx: a.topkIdx, topkWeights: a.topkWeights })),
+    received.map((r) => ({
+      x: r.recvX,
+      packedRecvSrcInfo: r.packedRecvSrcInfo,
+      packedRecvLayoutRange: r.packedRecvLayoutRange,
+    })),
+    E,
+  );
+  sameTensor(`iteration ${i} LL combinedX`, host(c.combinedX), want[me]);
+  for (const t of [x, topk, w]) t.dispose();
+}
+
+const samples: { iteration: number; usedBytes: number }[] = [];
+const sample = async (iteration: number) => {
+  await buffer.stream!.synchronize();
+  const { free, total } = dev.memoryInfo();
+  samples.push({ iteration, usedBytes: total - free });
+  if (me === 0)
+    process.stdout.write(
+      `soak: iteration ${iteration}, device memory in use ${((total - free) / 2 ** 20).toFixed(1)} MiB\n`,
+    );
+};
+
+let mismatches = 0;
+const start = performance.now();
+for (let i = 0; i < iters; i++) {
+  if (i % sampleEvery === 0) await sample(i);
+  try {
+    await (i % 2 === 0 ? normalRound(i) : lowLatencyRound(i));
+  } catch (e) {
+    if (!(e instanceof Mismatch)) throw e;
+    mismatches++;
+    if (mismatches <= 5) process.stderr.write(`rank ${me}: ${e.message} (seed ${seed})\n`);
+  }
+}
+await sample(iters);
+const all = (await group.allGather(new Uint8Array(Int32Array.of(mismatches).buffer))).map(
+  (b) => new Int32Array(new Uint8Array(b).buffer)[0]!,
+);
+const growth = samples.at(-1)!.usedBytes - samples[0]!.usedBytes;
+const ok = all.every((m) => m === 0) && growth <= 2 ** 20;
+if (me === 0) {
+  process.stdout.write(
+    `soak: ${iters} iterations on ${R} ranks in ${((performance.now() - start) / 1000).toFixed(1)} s; mismatches per rank [${all.join(', ')}]; ` +
+      `device memory in use first ${(samples[0]!.usedBytes / 2 ** 20).toFixed(1)} MiB, last ${(samples.at(-1)!.usedBytes / 2 ** 20).toFixed(1)} MiB (growth ${(growth / 2 ** 20).toFixed(2)} MiB) — ${ok ? 'ok' : 'FAILED'}\n`,
+  );
+  writeResult('soak', {
+    bench: 'soak',
+    date: new Date().toISOString(),
+    ranks: R,
+    iters,
+    seed,
+    mismatches: all,
+    samples,
+  });
+}
+await buffer.destroy();
+await group.destroy();
+process.exitCode = ok ? 0 : 1;
