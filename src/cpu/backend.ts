@@ -128,6 +128,7 @@ class CpuBackend implements EpBackend {
             isTokenInRank: req.layout.isTokenInRank,
             rankPrefixMatrix: received.rankPrefixMatrix,
             recvSrcIdx: received.recvSrcIdx,
+            dispose: () => {}, // host memory: the garbage collector frees it
           };
     return {
       recvX: received.recvX,
@@ -194,6 +195,7 @@ class CpuBackend implements EpBackend {
       numTokens: x.shape[0]!,
       packedRecvSrcInfo: out.packedRecvSrcInfo,
       packedRecvLayoutRange: out.packedRecvLayoutRange,
+      dispose: () => {}, // host memory: the garbage collector frees it
     };
     const { done, hook } = this.receivePhase(gathered, receive, req.returnRecvHook);
     this.llReady.set(handle, done);

@@ -105,6 +105,11 @@ export interface DispatchHandle {
   readonly rankPrefixMatrix: Tensor;
   /** [numRecvRows] i32: each received row's token index in its source batch; -1 on unused rows. */
   readonly recvSrcIdx: Tensor;
+  /**
+   * Frees the device memory the handle itself allocated (GPU backend; the layout's tensors stay the
+   * caller's). The handle must not be used afterwards. No-op on the CPU backend.
+   */
+  dispose(): void;
 }
 
 export interface LowLatencyHandle {
@@ -116,6 +121,8 @@ export interface LowLatencyHandle {
   readonly packedRecvSrcInfo: Tensor;
   /** [E_l, R] i64: (begin << 32) | count of the block local expert e received from rank s. */
   readonly packedRecvLayoutRange: Tensor;
+  /** Nothing to free today (low-latency outputs live in the buffer's rings); kept for symmetry. */
+  dispose(): void;
 }
 
 // ------------------------------------------------------------------------------------------ normal mode

@@ -99,6 +99,9 @@ export class GpuLowLatencyHandle implements LowLatencyHandle {
   /** The path that made it. */
   readonly path: LowLatencyPath;
 
+  /** Its tensors are views into the path's output ring, which the path owns: nothing to free. */
+  dispose(): void {}
+
   constructor(
     path: LowLatencyPath,
     owner: HandleOwner,

@@ -298,6 +298,9 @@ export class NcclNormalPath {
     const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
     // The handle's small tensors are uploaded before the exchange is enqueued, so the (possibly staged)
     // host copies never wait behind a transfer that needs the peers.
+    const rankPrefixDev = fromHandle ? undefined : this.upload('i32', [R, R], rankPrefix);
+    const recvCountDev = fromHandle ? undefined : this.upload('i32', [1], [rows]);
+    const sendOffsets = fromHandle ? undefined : this.upload('i32', [R], prefix(counts.send));
     const handle: NcclDispatchHandle = fromHandle ?? {
       kind: 'dispatch',
       owner: rt.owner,
@@ -307,12 +310,16 @@ export class NcclNormalPath {
       expertAlignment: alignment,
       numRecvTokensPerExpert: perExpert,
       isTokenInRank,
-      rankPrefixMatrix: this.upload('i32', [R, R], rankPrefix),
+      rankPrefixMatrix: rankPrefixDev!,
       recvSrcIdx: out.recvSrcIdx,
       sendPos,
-      recvCount: this.upload('i32', [1], [rows]),
+      recvCount: recvCountDev!,
       counts,
-      sendOffsets: this.upload('i32', [R], prefix(counts.send)),
+      sendOffsets: sendOffsets!,
+      // The layout's isTokenInRank stays the caller's; the rest was allocated for this handle.
+      dispose: () => {
+        for (const t of [rankPrefixDev!, out.recvSrcIdx, sendPos, recvCountDev!, sendOffsets!]) t.dispose();
+      },
     };
     this.exchangeDispatch(inp, counts, out);
     rt.mark('nccl');

@@ -292,6 +292,10 @@ export class NormalPath {
       recvSrcIdx: out.recvSrcIdx,
       sendPos,
       recvCount,
+      // The layout's isTokenInRank stays the caller's; the rest was allocated for this handle.
+      dispose: () => {
+        for (const t of [rankPrefix, out.recvSrcIdx, sendPos, recvCount]) t.dispose();
+      },
     };
     return {
       recvX: out.recvX,
