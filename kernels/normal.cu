@@ -432,3 +432,61 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
 #endif
   }
 }
+
+// ------------------------------------------------------------------------------------------ NCCL helpers
+// The NCCL transport's worst-case mode keeps every count on the device: the all-gathered counts (row s =
+// rank s's [per-rank | per-expert | shape] words, `stride` words apart) give the received rows per source.
+
+// One block: the rank prefix matrix, the received row count and the rows received from each source.
+extern "C" __global__ void tsep_nccl_counts(const int *all, int stride, int me, int *rank_prefix, int *recv_count,
+                                            int *recv_from) {
+  if (threadIdx.x != 0) return;
+  for (int dst = 0; dst < R; ++dst) {
+    int acc = 0;
+    for (int src = 0; src < R; ++src) {
+      acc += all[src * stride + dst];
+      rank_prefix[src * R + dst] = acc;
+    }
+  }
+  int total = 0;
+  for (int src = 0; src < R; ++src) {
+    recv_from[src] = all[src * stride + me];
+    total += recv_from[src];
+  }
+  *recv_count = total;
+}
+
+// Moves R blocks of rows between a padded layout (block s starts `block_stride` bytes after block s−1,
+// `count[s]` rows used) and a packed one (block s right after block s−1). gather: padded `src` -> packed
+// `dst` of `dst_rows` rows, the rows past the last block filled with `fill`; else scatter: packed `src` ->
+// padded `dst`.
+extern "C" __global__ void tsep_move_blocks(const int *count, int gather, const u8 *src, u8 *dst,
+                                            long long block_stride, int dst_rows, int row_bytes, int fill) {
+  __shared__ int start[R + 1];
+  if (threadIdx.x == 0) {
+    start[0] = 0;
+    for (int s = 0; s < R; ++s) start[s + 1] = start[s] + count[s];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  const int rows = gather ? dst_rows : start[R];
+  for (int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < rows; i += warps) {
+    if (i >= start[R]) {  // gather only: past the received rows
+      for (int b = lane; b < row_bytes; b += 32) dst[(size_t)i * row_bytes + b] = (u8)fill;
+      continue;
+    }
+    int s = 0;
+    while (i >= start[s + 1]) ++s;
+    const size_t padded = (size_t)s * block_stride + (size_t)(i - start[s]) * row_bytes;
+    const size_t packed = (size_t)i * row_bytes;
+    const u8 *from = src + (gather ? padded : packed);
+    u8 *to = dst + (gather ? packed : padded);
+    if (row_bytes % 16 == 0) {
+      for (int v = lane; v < row_bytes / 16; v += 32)
+        reinterpret_cast<int4 *>(to)[v] = reinterpret_cast<const int4 *>(from)[v];
+    } else {
+      for (int b = lane; b < row_bytes; b += 32) to[b] = from[b];
+    }
+  }
+}

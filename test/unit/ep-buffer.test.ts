@@ -337,7 +337,11 @@ describe('handles', () => {
     assert.notEqual(ds[0]!.handle.owner, h.owner);
     // dispose() frees nothing on the CPU backend; the handle's host tensors stay readable.
     h.dispose();
-    assertTensorEqual(h.isTokenInRank, referenceLayout(inputs[1]!.topkIdx, 8, R).isTokenInRank, 'after dispose');
+    assertTensorEqual(
+      h.isTokenInRank,
+      referenceLayout(inputs[1]!.topkIdx, 8, R).isTokenInRank,
+      'after dispose',
+    );
     await destroyWorld(buffers);
   });
 });

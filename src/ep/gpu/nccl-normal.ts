@@ -8,14 +8,16 @@
 //   offset — which is the final order (source rank, then source token).
 //   combine: each source's rows go back as one block; the owner receives rank r's block at its own offset
 //   and the reduce kernel finds token t's row at offset(r) + sendPos[t][r].
-// Cached dispatch reuses the handle's positions and host counts (no host wait). Worst-case mode is not
-// available over NCCL yet (its counts are only on the device).
+// Cached dispatch reuses the handle's positions and host counts (no host wait). The worst-case mode keeps
+// the counts on the device: every block travels padded to T_max rows, and small kernels pack and unpack
+// the padding (no host wait, capturable in a graph).
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import { DeviceBuffer, HostBuffer } from '../../device/memory.ts';
 import type { Kernel } from '../../device/module.ts';
+import { HostTensor } from '../../device/tensor.ts';
 import { NcclCommunicator } from '../../dist/nccl-comm.ts';
-import { TsepError, ValidationError } from '../../errors.ts';
+import { ValidationError } from '../../errors.ts';
 import type {
   CombineRequest,
   CombineResult,
@@ -33,7 +35,10 @@ import {
   dispatchInputs,
   dispatchOutputs,
   launchLayout,
+  launchMoveBlocks,
+  launchNcclCounts,
   loadLayoutKernels,
+  type NormalKernels,
   NormalModules,
 } from './normal-kernels.ts';
 import { ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
@@ -48,8 +53,12 @@ export interface NcclCounts {
 }
 
 export interface NcclDispatchHandle extends GpuDispatchHandle {
-  readonly counts: NcclCounts;
-  /** [R] i32 on the device: first stage row of each rank's block in a combine (exclusive prefix of send). */
+  readonly transport: 'nccl';
+  /** Exact-size dispatch: rows per peer, known on the host. */
+  readonly counts?: NcclCounts;
+  /** Worst-case dispatch: rows received from each rank, known on the device only ([R] i32). */
+  readonly recvFrom?: DeviceTensor;
+  /** [R] i32: first stage row of each rank's block in a combine (exact: prefix of send; worst: r·T_max). */
   readonly sendOffsets: DeviceTensor;
 }
 
@@ -104,6 +113,8 @@ export class NcclNormalPath {
   private readonly hostCounts: HostBuffer;
   /** Error record and scratch for kernels that expect a signal page. */
   private readonly signal: HostBuffer;
+  /** [R] i32 = r·T_max: where each rank's padded block starts in the stage (worst-case mode). */
+  private readonly paddedOffsets: DeviceTensor;
   numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
 
   private constructor(rt: GpuRuntime, comm: NcclCommunicator, layout: Record<'i32' | 'i64', Kernel>) {
@@ -130,6 +141,14 @@ export class NcclNormalPath {
     this.allCounts = DeviceBuffer.alloc(4 * R * (R + E + 1), dev);
     this.hostCounts = HostBuffer.alloc(4 * R * (R + E + 1), dev);
     this.signal = HostBuffer.alloc(SIGNAL_BYTES, dev);
+    this.paddedOffsets = DeviceTensor.fromHost(
+      HostTensor.from(
+        'i32',
+        [R],
+        Int32Array.from({ length: R }, (_, r) => r * T),
+      ),
+      dev,
+    );
   }
 
   static async create(rt: GpuRuntime): Promise<NcclNormalPath> {
@@ -156,7 +175,6 @@ export class NcclNormalPath {
     return launchLayout(this.rt, this.layoutKernels, topkIdx);
   }
 
-  /** Nothing device-side to clear: NCCL calls carry no state between calls. */
   /**
    * Collective: after a failure (a timed-out wait, a peer that died), aborts the communicator — which
    * ends any NCCL kernel still waiting for a peer — and joins a new one. Queued like a call.
@@ -181,12 +199,7 @@ export class NcclNormalPath {
     const EL = E / R;
     const stream = rt.stream;
     const fresh = req.kind === 'fresh';
-    if ((fresh ? req.worstCaseTokens : req.handle.worstCaseTokens) > 0) {
-      throw new TsepError(
-        'TSEP_UNSUPPORTED',
-        "worstCaseTokens is not available with transport 'nccl' yet; use transport 'nvlink' or exact-size dispatch.",
-      );
-    }
+    const worst = fresh ? req.worstCaseTokens : req.handle.worstCaseTokens;
     const inp = dispatchInputs(rt, req);
     const kernels = await this.modules.get({
       elt: inp.elt,
@@ -197,12 +210,19 @@ export class NcclNormalPath {
     });
     rt.after(req.previousEvent);
     rt.markStart();
-    let counts: NcclCounts;
     let sendPos: DeviceTensor;
     let isTokenInRank: DeviceTensor;
-    let perExpert: number[];
     let alignment: number;
-    let rankPrefix: number[] = [];
+    let perExpert: number[] = [];
+    let counts: NcclCounts | undefined;
+    let created:
+      | {
+          rankPrefix: DeviceTensor;
+          recvCount: DeviceTensor;
+          recvFrom?: DeviceTensor;
+          sendOffsets?: DeviceTensor;
+        }
+      | undefined;
     let fromHandle: NcclDispatchHandle | undefined;
     if (fresh) {
       alignment = req.expertAlignment;
@@ -212,12 +232,14 @@ export class NcclNormalPath {
       DeviceBuffer.copyAsync(this.counts.ptr, perRank.ptr, 4 * R, stream);
       DeviceBuffer.copyAsync(this.counts.ptr + BigInt(4 * R), perExpertDev.ptr, 4 * E, stream);
       // The call's shape travels with the counts: NCCL pairs every send with a receive, so ranks that pass
-      // different optional tensors must fail together here, before any transfer.
+      // different optional tensors must fail together here, before any transfer (exact-size mode; the
+      // worst-case mode never reads the counts on the host).
       const shape = payloadShape(inp);
-      this.counts.copyFromHostAsync(Int32Array.of(shape), stream, 4 * (R + E));
+      // (A host copy cannot be captured into a graph, and the worst-case mode is what graphs capture.)
+      if (worst === 0) this.counts.copyFromHostAsync(Int32Array.of(shape), stream, 4 * (R + E));
       this.comm.allGather(this.counts.ptr, this.allCounts.ptr, R + E + 1, 'i32', stream);
       const pinned = new Int32Array(this.hostCounts.arrayBuffer, 0, R * (R + E + 1));
-      this.allCounts.copyToHostAsync(pinned, stream);
+      if (worst === 0) this.allCounts.copyToHostAsync(pinned, stream);
       const countsRead = rt.record();
       rt.mark('counts');
       // Blocks 0..R-1 of notify only: number this rank's tokens per destination (no NVLink exchange).
@@ -241,46 +263,69 @@ export class NcclNormalPath {
       });
       rt.mark('positions');
       this.pack(kernels, inp, sendPos);
-      // Bounded: a missing or dead peer leaves the all-gather waiting; then abort it, so the stream moves
-      // on, and report (reset() joins a new communicator).
-      try {
-        await countsRead.cuda.synchronize({
-          timeoutMs: Number(this.timeoutNs / 1_000_000n),
-          what: `the dispatch counts all-gather over NCCL (rank ${rt.group.rank})`,
+      if (worst > 0) {
+        created = {
+          rankPrefix: DeviceTensor.emptyOn('i32', [R, R], stream),
+          recvCount: DeviceTensor.emptyOn('i32', [1], stream),
+          recvFrom: DeviceTensor.emptyOn('i32', [R], stream),
+        };
+        launchNcclCounts(kernels, stream, {
+          all: this.allCounts.ptr,
+          stride: R + E + 1,
+          me,
+          rankPrefix: created.rankPrefix.ptr,
+          recvCount: created.recvCount.ptr,
+          recvFrom: created.recvFrom!.ptr,
         });
-        this.comm.checkAsyncError();
-      } catch (e) {
-        this.comm.abort();
-        throw e;
+      } else {
+        // Bounded: a missing or dead peer leaves the all-gather waiting; then abort it, so the stream moves
+        // on, and report (reset() joins a new communicator).
+        try {
+          await countsRead.cuda.synchronize({
+            timeoutMs: Number(this.timeoutNs / 1_000_000n),
+            what: `the dispatch counts all-gather over NCCL (rank ${rt.group.rank})`,
+          });
+          this.comm.checkAsyncError();
+        } catch (e) {
+          this.comm.abort();
+          throw e;
+        }
+        const row = (src: number) => pinned.subarray(src * (R + E + 1), (src + 1) * (R + E + 1));
+        const other = Array.from({ length: R }, (_, s) => s).find((s) => row(s)[R + E] !== shape);
+        if (other !== undefined) {
+          throw new ValidationError(
+            'dispatch arguments',
+            `${describeShape(shape)} on rank ${me} but ${describeShape(row(other)[R + E]!)} on rank ${other}`,
+            'the same payload type, scales, top-k width, index type and weights on every rank',
+          );
+        }
+        counts = {
+          send: Array.from(row(me).subarray(0, R)),
+          recv: Array.from({ length: R }, (_, s) => row(s)[me]!),
+        };
+        // [i][j] = Σ_{i' ≤ i} tokens rank i' sends to rank j: every rank's counts came with the all-gather.
+        const rankPrefix = Array.from({ length: R * R }, (_, k) => {
+          const [i, j] = [Math.floor(k / R), k % R];
+          let acc = 0;
+          for (let src = 0; src <= i; src++) acc += row(src)[j]!;
+          return acc;
+        });
+        perExpert = Array.from({ length: EL }, (_, e) => {
+          let c = 0;
+          for (let src = 0; src < R; src++) c += row(src)[R + me * EL + e]!;
+          return Math.ceil(c / alignment) * alignment;
+        });
+        // Uploaded before the exchange is enqueued, so the (possibly staged) host copies never wait behind
+        // a transfer that needs the peers.
+        created = {
+          rankPrefix: this.upload('i32', [R, R], rankPrefix),
+          recvCount: this.upload('i32', [1], [counts.recv.reduce((x, y) => x + y, 0)]),
+          sendOffsets: this.upload('i32', [R], prefix(counts.send)),
+        };
       }
-      const row = (src: number) => pinned.subarray(src * (R + E + 1), (src + 1) * (R + E + 1));
-      const other = Array.from({ length: R }, (_, s) => s).find((s) => row(s)[R + E] !== shape);
-      if (other !== undefined) {
-        throw new ValidationError(
-          'dispatch arguments',
-          `${describeShape(shape)} on rank ${me} but ${describeShape(row(other)[R + E]!)} on rank ${other}`,
-          'the same payload type, scales, top-k width, index type and weights on every rank',
-        );
-      }
-      counts = {
-        send: Array.from(row(me).subarray(0, R)),
-        recv: Array.from({ length: R }, (_, s) => row(s)[me]!),
-      };
-      // [i][j] = Σ_{i' ≤ i} tokens rank i' sends to rank j: every rank's counts arrived with the all-gather.
-      rankPrefix = Array.from({ length: R * R }, (_, k) => {
-        const [i, j] = [Math.floor(k / R), k % R];
-        let acc = 0;
-        for (let s = 0; s <= i; s++) acc += row(s)[j]!;
-        return acc;
-      });
-      perExpert = Array.from({ length: EL }, (_, e) => {
-        let c = 0;
-        for (let s = 0; s < R; s++) c += row(s)[R + me * EL + e]!;
-        return Math.ceil(c / alignment) * alignment;
-      });
     } else {
       fromHandle = req.handle as NcclDispatchHandle;
-      if (!('counts' in fromHandle)) {
+      if (fromHandle.transport !== 'nccl') {
         throw new ValidationError(
           'handle',
           'a handle from the NVLink transport',
@@ -294,37 +339,50 @@ export class NcclNormalPath {
       perExpert = [...fromHandle.numRecvTokensPerExpert];
       this.pack(kernels, inp, sendPos);
     }
-    const rows = counts.recv.reduce((a, b) => a + b, 0);
+    const rows = worst > 0 ? worst : counts!.recv.reduce((x, y) => x + y, 0);
     const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
-    // The handle's small tensors are uploaded before the exchange is enqueued, so the (possibly staged)
-    // host copies never wait behind a transfer that needs the peers.
-    const rankPrefixDev = fromHandle ? undefined : this.upload('i32', [R, R], rankPrefix);
-    const recvCountDev = fromHandle ? undefined : this.upload('i32', [1], [rows]);
-    const sendOffsets = fromHandle ? undefined : this.upload('i32', [R], prefix(counts.send));
-    const handle: NcclDispatchHandle = fromHandle ?? {
-      kind: 'dispatch',
-      owner: rt.owner,
-      numTokens: inp.T,
-      numRecvRows: rows,
-      worstCaseTokens: 0,
-      expertAlignment: alignment,
-      numRecvTokensPerExpert: perExpert,
-      isTokenInRank,
-      rankPrefixMatrix: rankPrefixDev!,
-      recvSrcIdx: out.recvSrcIdx,
-      sendPos,
-      recvCount: recvCountDev!,
-      counts,
-      sendOffsets: sendOffsets!,
-      // The layout's isTokenInRank stays the caller's; the rest was allocated for this handle.
-      dispose: () => {
-        for (const t of [rankPrefixDev!, out.recvSrcIdx, sendPos, recvCountDev!, sendOffsets!]) t.dispose();
-      },
-    };
-    this.exchangeDispatch(inp, counts, out);
+    const recvFrom = fromHandle?.recvFrom ?? created?.recvFrom;
+    if (worst > 0) this.exchangeDispatchPadded(kernels, inp, recvFrom!, out, rows);
+    else this.exchangeDispatch(inp, counts!, out);
     rt.mark('nccl');
-    // A cached dispatch keeps its handle's source indices; the fresh copy is not needed (stream-ordered free).
-    if (fromHandle) out.recvSrcIdx.dispose();
+    let handle: NcclDispatchHandle;
+    if (fromHandle) {
+      // A cached dispatch keeps its handle's source indices; the fresh copy is not needed (stream-ordered free).
+      out.recvSrcIdx.dispose();
+      handle = fromHandle;
+    } else {
+      const c = created!;
+      const own = [
+        c.rankPrefix,
+        c.recvCount,
+        out.recvSrcIdx,
+        sendPos,
+        ...(c.recvFrom ? [c.recvFrom] : []),
+        ...(c.sendOffsets ? [c.sendOffsets] : []),
+      ];
+      handle = {
+        kind: 'dispatch',
+        transport: 'nccl',
+        owner: rt.owner,
+        numTokens: inp.T,
+        numRecvRows: rows,
+        worstCaseTokens: worst,
+        expertAlignment: alignment,
+        numRecvTokensPerExpert: perExpert,
+        isTokenInRank,
+        rankPrefixMatrix: c.rankPrefix,
+        recvSrcIdx: out.recvSrcIdx,
+        sendPos,
+        recvCount: c.recvCount,
+        ...(counts ? { counts } : {}),
+        ...(c.recvFrom ? { recvFrom: c.recvFrom } : {}),
+        sendOffsets: c.sendOffsets ?? this.paddedOffsets,
+        // The layout's isTokenInRank and the shared padded offsets are not the handle's to free.
+        dispose: () => {
+          for (const t of own) t.dispose();
+        },
+      };
+    }
     return {
       recvX: out.recvX,
       numRecvTokensPerExpert: perExpert,
@@ -336,12 +394,67 @@ export class NcclNormalPath {
     };
   }
 
-  /** The send kernel with the staging regions as its destinations (me = 0: row = position). */
-  private pack(
-    kernels: Awaited<ReturnType<NormalModules['get']>>,
+  /** The arrays a dispatch moves: bytes per row, staging/stage area, output tensor, fill of unused rows. */
+  private dispatchArrays(inp: DispatchInputs, out: ReturnType<typeof dispatchOutputs>) {
+    return (
+      [
+        [this.rt.options.hidden * inp.elt, 'x', out.recvX, 0],
+        [inp.scaleWords * 4, 'scales', out.recvScales, 0],
+        [4, 'srcIdx', out.recvSrcIdx, 0xff],
+        [inp.K * (inp.topk?.dtype === 'i64' ? 8 : 4), 'topk', out.recvTopkIdx, 0xff],
+        [inp.K * 4, 'weights', out.recvTopkWeights, 0],
+      ] as [number, keyof NormalAreas, DeviceTensor | undefined, number][]
+    ).filter(([bytes, , dst]) => dst !== undefined && bytes > 0) as [
+      number,
+      keyof NormalAreas,
+      DeviceTensor,
+      number,
+    ][];
+  }
+
+  /**
+   * Worst-case mode: every staging region travels whole (T_max rows) into the stage at r·T_max, then the
+   * used rows of each block are packed into the outputs and the rest filled (zeros, −1 ids).
+   */
+  private exchangeDispatchPadded(
+    kernels: NormalKernels,
     inp: DispatchInputs,
-    sendPos: DeviceTensor,
+    recvFrom: DeviceTensor,
+    out: ReturnType<typeof dispatchOutputs>,
+    rows: number,
   ): void {
+    const T = this.rt.options.maxTokensPerRank;
+    const a = this.stagingAreas;
+    const arrays = this.dispatchArrays(inp, out);
+    const transfers = [];
+    for (const [bytes, area] of arrays) {
+      for (let r = 0; r < this.R; r++) {
+        transfers.push({
+          peer: r,
+          send: this.staging.ptr + BigInt(r * a.bytes + a[area]),
+          sendBytes: T * bytes,
+          recv: this.stage.ptr + BigInt(this.stageAreas[area] + r * T * bytes),
+          recvBytes: T * bytes,
+        });
+      }
+    }
+    this.comm.exchange(transfers, this.rt.stream);
+    for (const [bytes, area, dst, fill] of arrays) {
+      launchMoveBlocks(kernels, this.rt.stream, this.rt.smCount, {
+        count: recvFrom.ptr,
+        gather: true,
+        src: this.stage.ptr + BigInt(this.stageAreas[area]),
+        dst: dst.ptr,
+        blockStride: T * bytes,
+        dstRows: rows,
+        rowBytes: bytes,
+        fill,
+      });
+    }
+  }
+
+  /** The send kernel with the staging regions as its destinations (me = 0: row = position). */
+  private pack(kernels: NormalKernels, inp: DispatchInputs, sendPos: DeviceTensor): void {
     kernels.send(this.rt.stream, this.numSms, {
       peers: this.stagingTable.ptr,
       me: 0,
@@ -362,16 +475,8 @@ export class NcclNormalPath {
   ): void {
     const a = this.stagingAreas;
     const recvAt = prefix(counts.recv);
-    const rowBytes: [number, keyof NormalAreas, DeviceTensor | undefined][] = [
-      [this.rt.options.hidden * inp.elt, 'x', out.recvX],
-      [inp.scaleWords * 4, 'scales', out.recvScales],
-      [4, 'srcIdx', out.recvSrcIdx],
-      [inp.K * (inp.topk?.dtype === 'i64' ? 8 : 4), 'topk', out.recvTopkIdx],
-      [inp.K * 4, 'weights', out.recvTopkWeights],
-    ];
     const transfers = [];
-    for (const [bytes, area, dst] of rowBytes) {
-      if (!dst || bytes === 0) continue;
+    for (const [bytes, area, dst] of this.dispatchArrays(inp, out)) {
       for (let r = 0; r < this.R; r++) {
         transfers.push({
           peer: r,
@@ -398,7 +503,7 @@ export class NcclNormalPath {
   private async runCombine(req: CombineRequest): Promise<CombineResult> {
     const rt = this.rt;
     const h = req.handle as NcclDispatchHandle;
-    if (!('counts' in h)) {
+    if (h.transport !== 'nccl') {
       throw new ValidationError(
         'handle',
         'a handle from the NVLink transport',
@@ -418,28 +523,57 @@ export class NcclNormalPath {
     });
     const T = h.numTokens;
     const H = rt.options.hidden;
+    const Tmax = rt.options.maxTokensPerRank;
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
-    // Rows received from source s sit at [prefix(recv)[s], +recv[s]) of x, in s's token order: send them
-    // back as one block; rank r's block lands at prefix(send)[r] of the stage.
-    const fromAt = prefix(h.counts.recv);
-    const toAt = prefix(h.counts.send);
-    const a = this.stageAreas;
-    const transfers = [];
-    for (const [bytes, src, area] of [
+    const arrays = [
       [H * 2, x, 'x'],
       [K * 4, weights, 'weights'],
-    ] as const) {
-      if (!src || bytes === 0) continue;
-      for (let r = 0; r < this.R; r++) {
-        transfers.push({
-          peer: r,
-          send: src.ptr + BigInt(fromAt[r]! * bytes),
-          sendBytes: h.counts.recv[r]! * bytes,
-          recv: this.stage.ptr + BigInt(a[area] + toAt[r]! * bytes),
-          recvBytes: h.counts.send[r]! * bytes,
+    ] as const;
+    const transfers = [];
+    if (h.counts) {
+      // Rows received from source s sit at [prefix(recv)[s], +recv[s]) of x, in s's token order: send them
+      // back as one block; rank r's block lands at prefix(send)[r] of the stage.
+      const fromAt = prefix(h.counts.recv);
+      const toAt = prefix(h.counts.send);
+      for (const [bytes, src, area] of arrays) {
+        if (!src || bytes === 0) continue;
+        for (let r = 0; r < this.R; r++) {
+          transfers.push({
+            peer: r,
+            send: src.ptr + BigInt(fromAt[r]! * bytes),
+            sendBytes: h.counts.recv[r]! * bytes,
+            recv: this.stage.ptr + BigInt(this.stageAreas[area] + toAt[r]! * bytes),
+            recvBytes: h.counts.send[r]! * bytes,
+          });
+        }
+      }
+    } else {
+      // Worst-case handle: the counts are on the device, so each source's rows are first spread into the
+      // staging regions (padded to T_max rows), and every region travels whole into the stage at r·T_max.
+      const a = this.stagingAreas;
+      for (const [bytes, src, area] of arrays) {
+        if (!src || bytes === 0) continue;
+        launchMoveBlocks(kernels, stream, rt.smCount, {
+          count: h.recvFrom!.ptr,
+          gather: false,
+          src: src.ptr,
+          dst: this.staging.ptr + BigInt(a[area]),
+          blockStride: a.bytes,
+          dstRows: 0,
+          rowBytes: bytes,
+          fill: 0,
         });
+        for (let r = 0; r < this.R; r++) {
+          transfers.push({
+            peer: r,
+            send: this.staging.ptr + BigInt(r * a.bytes + a[area]),
+            sendBytes: Tmax * bytes,
+            recv: this.stage.ptr + BigInt(this.stageAreas[area] + r * Tmax * bytes),
+            recvBytes: Tmax * bytes,
+          });
+        }
       }
     }
     this.comm.exchange(transfers, stream);

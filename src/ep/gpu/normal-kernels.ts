@@ -103,6 +103,11 @@ export class NormalKernels {
     this.mod = mod;
   }
 
+  /** The compiled module, for the transport-specific helpers below the class. */
+  get module(): Module {
+    return this.mod;
+  }
+
   /** Blocks < R number this rank's tokens per destination; block R (grid R + 1) exchanges the counts. */
   notify(
     stream: Stream,
@@ -380,6 +385,48 @@ function unrollSetting(): number {
     );
   }
   return v;
+}
+
+/** NCCL worst-case mode: prefix matrix, received rows and rows per source from the all-gathered counts. */
+export function launchNcclCounts(
+  kernels: NormalKernels,
+  stream: Stream,
+  a: { all: bigint; stride: number; me: number; rankPrefix: bigint; recvCount: bigint; recvFrom: bigint },
+): void {
+  kernels.module
+    .kernel('tsep_nccl_counts', ['ptr', 'i32', 'i32', 'ptr', 'ptr', 'ptr'])
+    .launch({ grid: 1, block: 32, stream }, [a.all, a.stride, a.me, a.rankPrefix, a.recvCount, a.recvFrom]);
+}
+
+/** R row blocks between a padded layout (`blockStride` bytes apart) and a packed one; see normal.cu. */
+export function launchMoveBlocks(
+  kernels: NormalKernels,
+  stream: Stream,
+  blocks: number,
+  a: {
+    count: bigint;
+    gather: boolean;
+    src: bigint;
+    dst: bigint;
+    blockStride: number;
+    dstRows: number;
+    rowBytes: number;
+    fill: number;
+  },
+): void {
+  if (a.rowBytes === 0) return;
+  kernels.module
+    .kernel('tsep_move_blocks', ['ptr', 'i32', 'ptr', 'ptr', 'i64', 'i32', 'i32', 'i32'])
+    .launch({ grid: blocks, block: 256, stream }, [
+      a.count,
+      a.gather ? 1 : 0,
+      a.src,
+      a.dst,
+      a.blockStride,
+      a.dstRows,
+      a.rowBytes,
+      a.fill,
+    ]);
 }
 
 /** Compiles (once per specialization) and wraps kernels/normal.cu. */
