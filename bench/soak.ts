@@ -1,5 +1,5 @@
 // Soak test (issue "Reliability"), run on every rank under the launcher:
-//   tsep bench soak [-n R] [-- --iters 10000 --tokens 128 --hidden 2048 --topk 8 --sample 1000]
+//   tsep bench soak [-n R] [-- --iters 10000 --tokens 128 --hidden 2048 --topk 8 --sample 1000 --seed S]
 // Alternates normal-mode (fresh dispatch + combine) and low-latency (BF16 dispatch + combine) round trips
 // with fresh random routing and token counts every iteration; every output is compared with the CPU
 // reference bit for bit (the experts are the identity: each rank sends back what it received). Device
@@ -32,7 +32,7 @@ const { values: opt } = parseArgs({
     hidden: { type: 'string', default: '2048' },
     topk: { type: 'string', default: '8' },
     sample: { type: 'string', default: '1000' },
-    seed: { type: 'string', default: String(Date.now() >>> 0) },
+    seed: { type: 'string' },
   },
   strict: true,
 });
@@ -41,9 +41,13 @@ const Tmax = Number(opt.tokens);
 const H = Number(opt.hidden);
 const K = Number(opt.topk);
 const sampleEvery = Number(opt.sample);
-const seed = Number(opt.seed) >>> 0;
-
 const group = await initProcessGroup({ timeoutMs: 120_000 });
+// Every rank computes every rank's inputs, so all must draw from rank 0's seed.
+const seedBytes = await group.broadcast(
+  group.rank === 0 ? new TextEncoder().encode(String(Number(opt.seed ?? Date.now()) >>> 0 || 1)) : undefined,
+  0,
+);
+const seed = Number(new TextDecoder().decode(seedBytes));
 const R = group.size;
 const me = group.rank;
 const E = 8 * R;
@@ -68,14 +72,11 @@ const llConfig: LowLatencyConfig = {
 /** Every rank's inputs of iteration i (the same on every rank). */
 function inputs(i: number) {
   const rng = new Rng(seed + i * 104_729);
+  // One index type per call: every rank must pass the same kind of topkIdx to a collective.
+  const idx = rng.float() < 0.5 ? 'i32' : 'i64';
   return Array.from({ length: R }, () => {
     const T = 1 + rng.int(Tmax);
-    const topkIdx = routingTensor(
-      rng.float() < 0.5 ? 'i32' : 'i64',
-      T,
-      K,
-      randomRouting(rng, T, K, E, { dropRate: 0.1 }),
-    );
+    const topkIdx = routingTensor(idx, T, K, randomRouting(rng, T, K, E, { dropRate: 0.1 }));
     return {
       x: randomBf16(rng, T, H) as HostTensor,
       topkIdx,
@@ -95,26 +96,36 @@ async function normalRound(i: number): Promise<void> {
   );
   const mine = all[me]!;
   const [x, topk, w] = [up(mine.x), up(mine.topkIdx), up(mine.topkWeights)];
-  const d = await buffer.dispatch({
-    x,
-    topkIdx: topk,
-    topkWeights: w,
-    layout: buffer.getDispatchLayout(topk, E),
-  });
+  const layout = buffer.getDispatchLayout(topk, E);
+  const d = await buffer.dispatch({ x, topkIdx: topk, topkWeights: w, layout });
   const c = await buffer.combine({ x: d.recvX, handle: d.handle });
-  await c.event.wait();
-  sameTensor(`iteration ${i} recvX`, host(d.recvX), received[me]!.recvX);
-  sameTensor(`iteration ${i} recvTopkIdx`, host(d.recvTopkIdx), received[me]!.recvTopkIdx);
-  sameTensor(`iteration ${i} recvTopkWeights`, host(d.recvTopkWeights), received[me]!.recvTopkWeights);
-  const want = combineForRank(
-    me,
-    { isTokenInRank: sources[me]!.isTokenInRank, bias: [] },
-    received[me]!.rankPrefixMatrix,
-    received.map((r) => ({ x: r.recvX })),
-  );
-  sameTensor(`iteration ${i} combinedX`, host(c.combinedX), want.combinedX);
-  for (const t of [x, topk, w, d.recvX, d.recvTopkIdx, d.recvTopkWeights, c.combinedX])
-    (t as DeviceTensor | undefined)?.dispose();
+  try {
+    await c.event.wait();
+    sameTensor(`iteration ${i} recvX`, host(d.recvX), received[me]!.recvX);
+    sameTensor(`iteration ${i} recvTopkIdx`, host(d.recvTopkIdx), received[me]!.recvTopkIdx);
+    sameTensor(`iteration ${i} recvTopkWeights`, host(d.recvTopkWeights), received[me]!.recvTopkWeights);
+    const want = combineForRank(
+      me,
+      { isTokenInRank: sources[me]!.isTokenInRank, bias: [] },
+      received[me]!.rankPrefixMatrix,
+      received.map((r) => ({ x: r.recvX })),
+    );
+    sameTensor(`iteration ${i} combinedX`, host(c.combinedX), want.combinedX);
+  } finally {
+    // Everything this round allocated goes back, mismatch or not (the handle last: it uses the layout).
+    d.handle.dispose();
+    for (const t of [
+      x,
+      topk,
+      w,
+      d.recvX,
+      d.recvTopkIdx,
+      d.recvTopkWeights,
+      c.combinedX,
+      ...Object.values(layout),
+    ])
+      (t as DeviceTensor | undefined)?.dispose();
+  }
 }
 
 async function lowLatencyRound(i: number): Promise<void> {
@@ -124,19 +135,22 @@ async function lowLatencyRound(i: number): Promise<void> {
   const [x, topk, w] = [up(mine.x), up(mine.topkIdx), up(mine.topkWeights)];
   const ll = buffer.lowLatencyDispatch({ x, topkIdx: topk, fp8: false });
   const c = buffer.lowLatencyCombine({ x: ll.recvX, topkIdx: topk, topkWeights: w, handle: ll.handle });
-  await c.event.wait();
-  sameTensor(`iteration ${i} LL recvCount`, host(ll.recvCount), received[me]!.recvCount);
-  const want = referenceLowLatencyCombine(
-    all.map((a) => ({ topkIdx: a.topkIdx, topkWeights: a.topkWeights })),
-    received.map((r) => ({
-      x: r.recvX,
-      packedRecvSrcInfo: r.packedRecvSrcInfo,
-      packedRecvLayoutRange: r.packedRecvLayoutRange,
-    })),
-    E,
-  );
-  sameTensor(`iteration ${i} LL combinedX`, host(c.combinedX), want[me]);
-  for (const t of [x, topk, w]) t.dispose();
+  try {
+    await c.event.wait();
+    sameTensor(`iteration ${i} LL recvCount`, host(ll.recvCount), received[me]!.recvCount);
+    const want = referenceLowLatencyCombine(
+      all.map((a) => ({ topkIdx: a.topkIdx, topkWeights: a.topkWeights })),
+      received.map((r) => ({
+        x: r.recvX,
+        packedRecvSrcInfo: r.packedRecvSrcInfo,
+        packedRecvLayoutRange: r.packedRecvLayoutRange,
+      })),
+      E,
+    );
+    sameTensor(`iteration ${i} LL combinedX`, host(c.combinedX), want[me]);
+  } finally {
+    for (const t of [x, topk, w]) t.dispose();
+  }
 }
 
 const samples: { iteration: number; usedBytes: number }[] = [];
@@ -152,8 +166,11 @@ const sample = async (iteration: number) => {
 
 let mismatches = 0;
 const start = performance.now();
+// The first sample comes after a few rounds of each kind: module loads, the memory pool's first growth and
+// the low-latency output rings are set-up costs, not growth.
+const WARMUP = 8;
 for (let i = 0; i < iters; i++) {
-  if (i % sampleEvery === 0) await sample(i);
+  if (i === WARMUP || (i > WARMUP && i % sampleEvery === 0)) await sample(i);
   try {
     await (i % 2 === 0 ? normalRound(i) : lowLatencyRound(i));
   } catch (e) {

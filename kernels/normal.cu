@@ -303,8 +303,10 @@ extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const in
   copy_bytes(out_scales, base + areas.scales, (size_t)n * TSEP_SW * 4, tid, nth);
   fill_bytes(out_scales + (size_t)n * TSEP_SW * 4, 0, (size_t)(rows - n) * TSEP_SW * 4, tid, nth);
 #endif
-  copy_bytes(reinterpret_cast<u8 *>(out_src_idx), base + areas.src_idx, (size_t)n * 4, tid, nth);
-  for (size_t i = n + tid; i < (size_t)rows; i += nth) out_src_idx[i] = -1;
+  if (out_src_idx != nullptr) {  // a cached dispatch keeps its handle's copy
+    copy_bytes(reinterpret_cast<u8 *>(out_src_idx), base + areas.src_idx, (size_t)n * 4, tid, nth);
+    for (size_t i = n + tid; i < (size_t)rows; i += nth) out_src_idx[i] = -1;
+  }
 #if TSEP_K > 0
   if (out_topk != nullptr) {
     copy_bytes(reinterpret_cast<u8 *>(out_topk), base + areas.topk, (size_t)n * K * sizeof(idx_t), tid, nth);
@@ -464,8 +466,8 @@ extern "C" __global__ void tsep_move_blocks(const int *count, int gather, const 
                                             long long block_stride, int dst_rows, int row_bytes, int fill) {
   __shared__ int start[R + 1];
   if (threadIdx.x == 0) {
-    start[0] = 0;
-    for (int s = 0; s < R; ++s) start[s + 1] = start[s] + count[s];
+    start[0] = 0;  // counts come from the device; clamped so a bad one cannot send the copies astray
+    for (int s = 0; s < R; ++s) start[s + 1] = start[s] + min(max(count[s], 0), TSEP_TMAX);
   }
   __syncthreads();
   const int lane = threadIdx.x & 31;
@@ -482,7 +484,7 @@ extern "C" __global__ void tsep_move_blocks(const int *count, int gather, const 
     const size_t packed = (size_t)i * row_bytes;
     const u8 *from = src + (gather ? padded : packed);
     u8 *to = dst + (gather ? packed : padded);
-    if (row_bytes % 16 == 0) {
+    if (((row_bytes | (size_t)from | (size_t)to) & 15) == 0) {
       for (int v = lane; v < row_bytes / 16; v += 32)
         reinterpret_cast<int4 *>(to)[v] = reinterpret_cast<const int4 *>(from)[v];
     } else {

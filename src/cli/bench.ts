@@ -8,7 +8,7 @@ import { Device } from '../device/context.ts';
 import { launch } from '../dist/launcher.ts';
 
 /** The benchmarks `tsep bench` knows, each the script bench/<name>.ts. */
-export const BENCHES = ['nccl', 'normal', 'low-latency'] as const;
+export const BENCHES = ['nccl', 'normal', 'low-latency', 'soak'] as const;
 export type BenchName = (typeof BENCHES)[number];
 
 const BENCH_DIR = fileURLToPath(new URL('../../bench/', import.meta.url));

@@ -45,19 +45,51 @@ interface PoolAllocation {
   device: Device;
 }
 
+// Frees of pool allocations whose stream is being captured into a graph wait here: a free issued during
+// capture would become part of the graph (and run again at every replay).
+const deferred: PoolAllocation[] = [];
+
+/** Frees a pool allocation on its stream, later if that stream is capturing, synchronously if it is gone. */
+function freePooled(a: PoolAllocation): void {
+  a.device.makeCurrent();
+  let stream: bigint;
+  try {
+    if (a.stream.isCapturing()) {
+      deferred.push(a);
+      return;
+    }
+    stream = a.stream.handle;
+  } catch {
+    cu('cuMemFree_v2', a.ptr); // the stream was disposed with its EpBuffer
+    return;
+  }
+  cu('cuMemFreeAsync', a.ptr, stream);
+}
+
+/** Issues the frees deferred by a capture that has ended. */
+function flushDeferredFrees(): void {
+  for (let i = deferred.length - 1; i >= 0; i--) {
+    const a = deferred[i]!;
+    let capturing: boolean;
+    try {
+      capturing = a.stream.isCapturing();
+    } catch {
+      capturing = false;
+    }
+    if (capturing) continue;
+    deferred.splice(i, 1);
+    freePooled(a);
+  }
+}
+
 // Pool allocations that were never disposed are freed when their DeviceBuffer is garbage-collected, on the
-// stream they were made for (or synchronously if that stream is gone). GC does not see GPU memory
-// pressure, so dispose() remains the way to get memory back promptly.
+// stream they were made for. GC does not see GPU memory pressure, so dispose() remains the way to get
+// memory back promptly.
 const unreleased = new FinalizationRegistry<PoolAllocation>((a) => {
   try {
-    a.device.makeCurrent();
-    cu('cuMemFreeAsync', a.ptr, a.stream.handle);
+    freePooled(a);
   } catch {
-    try {
-      cu('cuMemFree_v2', a.ptr);
-    } catch {
-      // The context is gone (process teardown): nothing left to free.
-    }
+    // The context is gone (process teardown): nothing left to free.
   }
 });
 
@@ -83,6 +115,7 @@ export class DeviceBuffer {
    */
   static allocAsync(bytes: number, stream: Stream): DeviceBuffer {
     if (stream.isCapturing()) return DeviceBuffer.alloc(bytes, stream.device);
+    flushDeferredFrees();
     if (!Number.isSafeInteger(bytes) || bytes < 0) {
       throw new ValidationError('bytes', String(bytes), 'a non-negative integer');
     }
@@ -122,6 +155,13 @@ export class DeviceBuffer {
     checkRange('fill range', offset, bytes, this.bytes);
     this.device.makeCurrent();
     cu('cuMemsetD8Async', this.ptr + BigInt(offset), value & 0xff, bytes, stream?.handle ?? 0n);
+  }
+
+  /** Stream-ordered fill of `count` 32-bit words from `offset` (bytes, 4-aligned) with `value`. */
+  fill32(value: number, stream: Stream, offset: number, count: number): void {
+    checkRange('fill range', offset, 4 * count, this.bytes);
+    this.device.makeCurrent();
+    cu('cuMemsetD32Async', this.ptr + BigInt(offset), value >>> 0, count, stream.handle);
   }
 
   /** Copies host bytes in, synchronously (the call returns when the copy is done). */
@@ -166,8 +206,8 @@ export class DeviceBuffer {
     if (this.p === 0n) return;
     this.device.makeCurrent();
     if (this.freeStream) {
+      freePooled({ ptr: this.p, stream: this.freeStream, device: this.device });
       unreleased.unregister(this);
-      cu('cuMemFreeAsync', this.p, this.freeStream.handle);
     } else {
       cu('cuMemFree_v2', this.p);
     }

@@ -27,6 +27,7 @@ import type {
   Tensor,
 } from '../types.ts';
 import { deviceTimeoutNs } from './device-error.ts';
+import type { GpuEvent } from './event.ts';
 import { checkNormalShape, type GpuDispatchHandle } from './normal.ts';
 import {
   CallQueue,
@@ -235,12 +236,11 @@ export class NcclNormalPath {
       // different optional tensors must fail together here, before any transfer (exact-size mode; the
       // worst-case mode never reads the counts on the host).
       const shape = payloadShape(inp);
-      // (A host copy cannot be captured into a graph, and the worst-case mode is what graphs capture.)
-      if (worst === 0) this.counts.copyFromHostAsync(Int32Array.of(shape), stream, 4 * (R + E));
+      // A memset, not a host copy: it neither waits for the stream nor breaks a graph capture.
+      this.counts.fill32(shape, stream, 4 * (R + E), 1);
       this.comm.allGather(this.counts.ptr, this.allCounts.ptr, R + E + 1, 'i32', stream);
       const pinned = new Int32Array(this.hostCounts.arrayBuffer, 0, R * (R + E + 1));
-      if (worst === 0) this.allCounts.copyToHostAsync(pinned, stream);
-      const countsRead = rt.record();
+      const countsRead = worst === 0 ? this.readCounts(pinned) : undefined;
       rt.mark('counts');
       // Blocks 0..R-1 of notify only: number this rank's tokens per destination (no NVLink exchange).
       sendPos = DeviceTensor.emptyOn('i32', [inp.T, R], stream);
@@ -281,7 +281,7 @@ export class NcclNormalPath {
         // Bounded: a missing or dead peer leaves the all-gather waiting; then abort it, so the stream moves
         // on, and report (reset() joins a new communicator).
         try {
-          await countsRead.cuda.synchronize({
+          await countsRead!.cuda.synchronize({
             timeoutMs: Number(this.timeoutNs / 1_000_000n),
             what: `the dispatch counts all-gather over NCCL (rank ${rt.group.rank})`,
           });
@@ -340,22 +340,21 @@ export class NcclNormalPath {
       this.pack(kernels, inp, sendPos);
     }
     const rows = worst > 0 ? worst : counts!.recv.reduce((x, y) => x + y, 0);
-    const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
+    const out = dispatchOutputs(inp, rows, rt.options.hidden, stream, fresh);
     const recvFrom = fromHandle?.recvFrom ?? created?.recvFrom;
     if (worst > 0) this.exchangeDispatchPadded(kernels, inp, recvFrom!, out, rows);
     else this.exchangeDispatch(inp, counts!, out);
     rt.mark('nccl');
     let handle: NcclDispatchHandle;
     if (fromHandle) {
-      // A cached dispatch keeps its handle's source indices; the fresh copy is not needed (stream-ordered free).
-      out.recvSrcIdx.dispose();
-      handle = fromHandle;
+      handle = fromHandle; // it has the source indices; this call made none
     } else {
       const c = created!;
+      const recvSrcIdx = out.recvSrcIdx!;
       const own = [
         c.rankPrefix,
         c.recvCount,
-        out.recvSrcIdx,
+        recvSrcIdx,
         sendPos,
         ...(c.recvFrom ? [c.recvFrom] : []),
         ...(c.sendOffsets ? [c.sendOffsets] : []),
@@ -371,7 +370,7 @@ export class NcclNormalPath {
         numRecvTokensPerExpert: perExpert,
         isTokenInRank,
         rankPrefixMatrix: c.rankPrefix,
-        recvSrcIdx: out.recvSrcIdx,
+        recvSrcIdx,
         sendPos,
         recvCount: c.recvCount,
         ...(counts ? { counts } : {}),
@@ -392,6 +391,12 @@ export class NcclNormalPath {
       ...(out.recvTopkIdx ? { recvTopkIdx: out.recvTopkIdx } : {}),
       ...(out.recvTopkWeights ? { recvTopkWeights: out.recvTopkWeights } : {}),
     };
+  }
+
+  /** Copies the all-gathered counts to pinned memory; the event says when the host may read them. */
+  private readCounts(pinned: Int32Array): GpuEvent {
+    this.allCounts.copyToHostAsync(pinned, this.rt.stream);
+    return this.rt.record();
   }
 
   /** The arrays a dispatch moves: bytes per row, staging/stage area, output tensor, fill of unused rows. */
@@ -615,6 +620,7 @@ export class NcclNormalPath {
       this.allCounts,
     ])
       b.dispose();
+    this.paddedOffsets.dispose();
     this.hostCounts.dispose();
     this.signal.dispose();
   }

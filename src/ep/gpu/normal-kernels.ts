@@ -83,14 +83,23 @@ export function dispatchInputs(rt: GpuRuntime, req: DispatchRequest): DispatchIn
   };
 }
 
-/** Exact- or worst-case-size dispatch outputs from the stream-ordered pool. */
-export function dispatchOutputs(inp: DispatchInputs, rows: number, hidden: number, stream: Stream) {
+/**
+ * Exact- or worst-case-size dispatch outputs from the stream-ordered pool. The source indices go into a
+ * fresh dispatch's handle; a cached dispatch has them already (`withSrcIdx` false).
+ */
+export function dispatchOutputs(
+  inp: DispatchInputs,
+  rows: number,
+  hidden: number,
+  stream: Stream,
+  withSrcIdx: boolean,
+) {
   return {
     recvX: DeviceTensor.emptyOn(inp.x.dtype, [rows, hidden], stream),
     recvScales: inp.scales
       ? DeviceTensor.emptyOn(inp.scales.dtype, [rows, inp.scaleWords], stream)
       : undefined,
-    recvSrcIdx: DeviceTensor.emptyOn('i32', [rows], stream),
+    recvSrcIdx: withSrcIdx ? DeviceTensor.emptyOn('i32', [rows], stream) : undefined,
     recvTopkIdx: inp.topk ? DeviceTensor.emptyOn(inp.topk.dtype, [rows, inp.K], stream) : undefined,
     recvTopkWeights: inp.weights ? DeviceTensor.emptyOn('f32', [rows, inp.K], stream) : undefined,
   };
@@ -268,7 +277,7 @@ export class NormalKernels {
         a.rows,
         a.out.recvX.ptr,
         a.out.recvScales?.ptr ?? 0n,
-        a.out.recvSrcIdx.ptr,
+        a.out.recvSrcIdx?.ptr ?? 0n,
         a.out.recvTopkIdx?.ptr ?? 0n,
         a.out.recvTopkWeights?.ptr ?? 0n,
         ...areaArgs(a.areas),

@@ -265,7 +265,7 @@ export class NormalPath {
       rt.mark('barrier');
       send(sendPos, rankPrefix);
     }
-    const out = dispatchOutputs(inp, rows, rt.options.hidden, stream);
+    const out = dispatchOutputs(inp, rows, rt.options.hidden, stream, fresh);
     kernels.recv(stream, rt.smCount, {
       peers: this.peers,
       me: this.me,
@@ -277,8 +277,7 @@ export class NormalPath {
       err: this.errorPtr,
     });
     rt.mark('receive');
-    // A cached dispatch keeps its handle's source indices; the fresh copy is not needed (stream-ordered free).
-    if (!fresh) out.recvSrcIdx.dispose();
+    const recvSrcIdx = out.recvSrcIdx!; // fresh dispatch only (a cached one returns its own handle)
     const handle: GpuDispatchHandle = {
       kind: 'dispatch',
       owner: rt.owner,
@@ -289,12 +288,12 @@ export class NormalPath {
       numRecvTokensPerExpert: perExpert,
       isTokenInRank,
       rankPrefixMatrix: rankPrefix,
-      recvSrcIdx: out.recvSrcIdx,
+      recvSrcIdx,
       sendPos,
       recvCount,
       // The layout's isTokenInRank stays the caller's; the rest was allocated for this handle.
       dispose: () => {
-        for (const t of [rankPrefix, out.recvSrcIdx, sendPos, recvCount]) t.dispose();
+        for (const t of [rankPrefix, recvSrcIdx, sendPos, recvCount]) t.dispose();
       },
     };
     return {
