@@ -1,5 +1,6 @@
 // Normal-mode benchmark (DESIGN §5), run on every rank under the launcher:
-//   tsep bench normal [-n R] [-- --tokens 4096 --hidden 7168 --topk 8 --experts 256 --sms 16,24,32 --iters 30]
+//   tsep bench normal [-n R] [-- --tokens 4096 --hidden 7168 --topk 8 --experts 256 --sms 16,24,32 --iters 30
+//                               --transport auto|nvlink|nccl]
 // Standard shape: 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform random routing.
 // Times, with CUDA events around each whole call on the buffer's stream (a 256 MiB memset before every
 // iteration flushes L2 and keeps the GPU busy while the host enqueues, so no host gap is timed):
@@ -17,7 +18,7 @@ import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
-import type { DispatchHandle } from '../src/ep/types.ts';
+import type { DispatchHandle, TransportKind } from '../src/ep/types.ts';
 import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { gbPerS, printTable, summarize, timeEvents, writeResult } from './stats.ts';
 
@@ -31,6 +32,7 @@ const { values: opt } = parseArgs({
     iters: { type: 'string', default: '30' },
     warmup: { type: 'string', default: '5' },
     seed: { type: 'string', default: String(Date.now() >>> 0) },
+    transport: { type: 'string', default: 'auto' },
   },
   strict: true,
 });
@@ -51,6 +53,7 @@ const buffer = await EpBuffer.create(group, {
   numExperts: E,
   numTopk: K,
   backend: 'gpu',
+  transport: opt.transport as TransportKind,
 });
 const stream = buffer.stream!;
 const dev = stream.device;
@@ -243,7 +246,7 @@ for (const r of rows) {
 
 if (rank === 0) {
   process.stdout.write(
-    `tsep normal mode, EP${R} on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E}; ` +
+    `tsep normal mode over ${buffer.transport!.transport} (${buffer.transport!.reason}), EP${R} on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E}; ` +
       `received rows per rank ≈ ${Math.round(bf16Bytes / (2 * H))}; ${warmup} warm-up + ${iters} timed calls, ` +
       'slowest rank per call, median\n',
   );
@@ -275,6 +278,7 @@ if (rank === 0) {
   }
   const path = writeResult('normal', {
     bench: 'normal',
+    transport: buffer.transport!.transport,
     date: new Date().toISOString(),
     ranks: R,
     device: dev.info.name,
