@@ -15,6 +15,9 @@ export const SEND_THREADS = 512;
 /** SMs the send kernels use unless told otherwise (DeepEP's tests use 24). */
 export const DEFAULT_NORMAL_SMS = 24;
 
+/** Kernel parameter kinds of an `Areas` struct passed by value (five u64 offsets). */
+const AREA_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64'] as const;
+
 export function areaArgs(a: NormalAreas): bigint[] {
   return [a.x, a.scales, a.srcIdx, a.topk, a.weights].map(BigInt);
 }
@@ -213,11 +216,7 @@ export class NormalKernels {
         'ptr',
         'ptr',
         'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
+        ...AREA_KINDS,
         'ptr',
       ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
@@ -262,11 +261,7 @@ export class NormalKernels {
         'ptr',
         'ptr',
         'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
+        ...AREA_KINDS,
         'u64',
         'ptr',
       ])
@@ -301,20 +296,7 @@ export class NormalKernels {
     },
   ): void {
     this.mod
-      .kernel('tsep_combine_send', [
-        'ptr',
-        'i32',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'ptr',
-      ])
+      .kernel('tsep_combine_send', ['ptr', 'i32', 'ptr', 'ptr', 'ptr', 'ptr', ...AREA_KINDS, 'ptr'])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
         a.me,
@@ -358,11 +340,7 @@ export class NormalKernels {
         'ptr',
         'ptr',
         'ptr',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
-        'u64',
+        ...AREA_KINDS,
         'u64',
         'ptr',
       ])
