@@ -164,10 +164,14 @@ export class HostTensor<D extends DType = DType> implements TensorMeta {
     const idx = new Array<number>(this.shape.length).fill(0);
     const src = this.data as unknown as { [i: number]: number | bigint };
     const dst = out.data as unknown as { [i: number]: number | bigint };
+    // Walk the index like an odometer, keeping the storage offset up to date (no per-element recompute).
+    let offset = 0;
     for (let i = 0; i < n; i++) {
-      dst[i] = src[this.offsetOf(...idx)]!;
+      dst[i] = src[offset]!;
       for (let d = idx.length - 1; d >= 0; d--) {
+        offset += this.strides[d]!;
         if (++idx[d]! < this.shape[d]!) break;
+        offset -= this.strides[d]! * this.shape[d]!;
         idx[d] = 0;
       }
     }

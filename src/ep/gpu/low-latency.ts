@@ -21,6 +21,7 @@ import type {
   LowLatencyHandle,
   RecvHook,
 } from '../types.ts';
+import { deviceTimeoutNs } from './device-error.ts';
 import type { GpuEvent } from './event.ts';
 import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -80,12 +81,6 @@ export const LL_STAMPS = [
   'combineRecvReady',
   'combineRecvEnd',
 ] as const;
-
-/** Device wait bound: TSEP_TIMEOUT_S seconds (default 10). */
-function timeoutNs(): bigint {
-  const s = Number(process.env.TSEP_TIMEOUT_S ?? 10);
-  return BigInt(Math.round((Number.isFinite(s) && s > 0 ? s : 10) * 1e9));
-}
 
 /** The GPU backend's low-latency handle: the public fields plus what the combine kernels need. */
 export class GpuLowLatencyHandle implements LowLatencyHandle {
@@ -180,7 +175,7 @@ export class LowLatencyPath {
     this.sym = sym;
     this.owner = owner;
     this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
-    this.timeout = timeoutNs();
+    this.timeout = deviceTimeoutNs();
     this.rank = rt.group.localRank;
     [this.kDispatch, this.kCombine, this.kClean, this.kGate] = kernels as [Kernel, Kernel, Kernel, Kernel];
     const sms = rt.smCount;
