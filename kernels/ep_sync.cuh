@@ -1,5 +1,7 @@
 // Cross-GPU synchronization for the EP kernels: a barrier over the ranks of a host through their
 // symmetric buffers, bounded waits, and the host-mapped error record a timed-out wait leaves behind.
+// Kernels poll a device-memory abort word, never the host page: a read of host-mapped memory crosses
+// PCIe and such reads are served about one at a time (one per warp cost a 24-SM send kernel 300 µs).
 #pragma once
 #include "common.cuh"
 
@@ -17,9 +19,19 @@ struct ErrorRecord {
   long long seen;
 };
 
-__device__ __forceinline__ void report_timeout(ErrorRecord *err, int rank, int kernel, int phase, int peer,
+// Where a kernel reports a failure: the host's record, and this rank's abort word in device memory that
+// every later wait and kernel of the rank checks (cleared by the host's reset).
+struct Fail {
+  ErrorRecord *record;
+  int *abort;
+};
+
+__device__ __forceinline__ bool aborted(const Fail &f) { return ld_volatile(f.abort) != 0; }
+
+__device__ __forceinline__ void report_timeout(const Fail &f, int rank, int kernel, int phase, int peer,
                                                long long expected, long long seen) {
-  if (atomicCAS(&err->flag, 0, -1) != 0) return;  // keep the first report
+  if (atomicCAS(f.abort, 0, 1) != 0) return;  // keep the first report
+  ErrorRecord *err = f.record;
   err->rank = rank;
   err->kernel = kernel;
   err->phase = phase;
@@ -42,7 +54,7 @@ __device__ __forceinline__ int ld_acquire(const int *p) { return ld_acquire_sys(
 // Waits until *p >= target. Returns false (after reporting) if `timeout_ns` passes first, or if another
 // wait of this kernel already gave up.
 template <typename T>
-__device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, ErrorRecord *err, int rank, int kernel,
+__device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, const Fail &f, int rank, int kernel,
                                          int phase, int peer) {
   u64 start = 0;
   for (int spins = 0;; ++spins) {
@@ -51,8 +63,30 @@ __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, E
     if ((spins & 1023) == 0) {
       const u64 now = globaltimer_ns();
       if (start == 0) start = now;
-      else if (now - start > timeout_ns || ld_volatile(&err->flag) != 0) {
-        report_timeout(err, rank, kernel, phase, peer, (long long)target, (long long)v);
+      else if (now - start > timeout_ns || aborted(f)) {
+        report_timeout(f, rank, kernel, phase, peer, (long long)target, (long long)v);
+        return false;
+      }
+    }
+  }
+}
+
+// Waits until the top 24 bits of the tagged word *p equal `tag` (a call's sequence number) and returns
+// the word; false after reporting, as wait_geq.
+__device__ __forceinline__ bool wait_tag(const u64 *p, u32 tag, u64 *word, u64 timeout_ns, const Fail &f, int rank,
+                                         int kernel, int phase, int peer) {
+  u64 start = 0;
+  for (int spins = 0;; ++spins) {
+    const u64 v = ld_acquire(p);
+    if ((u32)(v >> 40) == (tag & 0xffffffu)) {
+      *word = v;
+      return true;
+    }
+    if ((spins & 255) == 0) {
+      const u64 now = globaltimer_ns();
+      if (start == 0) start = now;
+      else if (now - start > timeout_ns || aborted(f)) {
+        report_timeout(f, rank, kernel, phase, peer, (long long)(tag & 0xffffffu), (long long)(v >> 40));
         return false;
       }
     }
@@ -62,13 +96,13 @@ __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, E
 // Barrier of `num_ranks` ranks. `slots` is this rank's array of num_ranks ints that peers write their
 // round into; `peer_slots[r]` is rank r's array. `round` is this rank's private counter. One thread.
 __device__ __forceinline__ bool rank_barrier(int *const *peer_slots, int *slots, int *round, int me, int num_ranks,
-                                             u64 timeout_ns, ErrorRecord *err, int kernel, int phase) {
+                                             u64 timeout_ns, const Fail &f, int kernel, int phase) {
   const int r = *round + 1;
   *round = r;
   __threadfence_system();
   for (int p = 0; p < num_ranks; ++p) st_release_sys(peer_slots[p] + me, r);
   for (int p = 0; p < num_ranks; ++p)
-    if (!wait_geq(slots + p, r, timeout_ns, err, me, kernel, phase, p)) return false;
+    if (!wait_geq(slots + p, r, timeout_ns, f, me, kernel, phase, p)) return false;
   return true;
 }
 

@@ -5,9 +5,11 @@
 //   [control block | x rows | scale rows | source index | top-k ids | top-k weights]
 // Dispatch PUSHES each token once to every rank that holds any of its experts, straight into the final
 // row of the receiver's buffer (offset of the sender's block + the token's position among the sender's
-// tokens for that receiver, both known after the count exchange). An epilogue on the receiver copies the
-// rows out into freshly allocated tensors. Combine pushes each received row back into the owner's buffer
-// at [expert rank][token]; the owner sums the rows of every token in ascending rank order in float32.
+// tokens for that receiver, both known after the count exchange). Senders work in chunks of tokens and
+// publish each chunk's row range to every receiver as a tagged word; the receive kernel runs at the same
+// time on other SMs and copies each chunk into the freshly allocated outputs as soon as it lands, so the
+// copy hides behind the transfer. Combine pushes each received row back into the owner's buffer at
+// [expert rank][token]; the owner sums the rows of every token in ascending rank order in float32.
 //
 // Specialized at compile time (-D):
 //   TSEP_R ranks, TSEP_EL experts per rank, TSEP_H hidden, TSEP_ELT bytes per x element (1 fp8, 2 bf16),
@@ -66,9 +68,10 @@ static_assert(ROW_BYTES % 16 == 0, "rows must be whole 16-byte vectors");
 struct Ctrl {
   int barrier[8];              // rank p writes its barrier round into slot p
   int round;                   // this rank's barrier round (private)
-  int pad0[7];
-  u64 arrive_dispatch;         // +1 per (sender block) when its rows for this rank are written
-  u64 expect_dispatch;         // private: arrivals expected so far
+  int abort;                   // private: set by the first timed-out wait; every kernel then stops (tsep::Fail)
+  u32 dispatch_seq;            // private: dispatches so far (tags the chunk words of the current one)
+  int pad0[5];
+  u64 reserved[2];
   u64 arrive_combine;
   u64 expect_combine;
   int pad1[8];
@@ -77,25 +80,32 @@ struct Ctrl {
 };
 
 struct Areas {  // byte offsets of the data areas inside every buffer
-  u64 x, scales, src_idx, topk, weights;
+  u64 x, scales, src_idx, topk, weights, chunks;
 };
+
+// A dispatch chunk's word, written by the sender into every receiver's chunks area at [sender][chunk]:
+// bits 40..63 the dispatch sequence number, 20..39 the first and 0..19 one past the last row position
+// (within the sender's block) the chunk's tokens took at that receiver.
+constexpr int POS_BITS = 20;
+__device__ __forceinline__ u64 chunk_word(u32 seq, u32 first, u32 end) {
+  return ((u64)(seq & 0xffffffu) << 40) | ((u64)first << POS_BITS) | end;
+}
 
 enum { KERNEL_NOTIFY = 1, KERNEL_SEND = 2, KERNEL_RECV = 3, KERNEL_BARRIER = 4, KERNEL_COMBINE_SEND = 5, KERNEL_REDUCE = 6 };
 
 __device__ __forceinline__ Ctrl *ctrl_of(const u64 *peers, int r) { return reinterpret_cast<Ctrl *>(peers[r]); }
 
-__device__ __forceinline__ bool barrier_all(const u64 *peers, int me, u64 timeout_ns, tsep::ErrorRecord *err,
+__device__ __forceinline__ bool barrier_all(const u64 *peers, int me, u64 timeout_ns, const tsep::Fail &f,
                                             int kernel) {
   int *slots[R];
 #pragma unroll
   for (int p = 0; p < R; ++p) slots[p] = ctrl_of(peers, p)->barrier;
   Ctrl *mine = ctrl_of(peers, me);
-  return tsep::rank_barrier(slots, mine->barrier, &mine->round, me, R, timeout_ns, err, kernel, 0);
+  return tsep::rank_barrier(slots, mine->barrier, &mine->round, me, R, timeout_ns, f, kernel, 0);
 }
 
-// True once any kernel of this rank gave up waiting: later kernels then do nothing until reset(), rather
-// than act on state a failed kernel never wrote.
-__device__ __forceinline__ bool failed(tsep::ErrorRecord *err) { return tsep::ld_volatile(&err->flag) != 0; }
+// Once any kernel of this rank gave up waiting (tsep::aborted), later kernels do nothing until reset(),
+// rather than act on state a failed kernel never wrote.
 
 // ------------------------------------------------------------------------------------------ notify
 // Blocks 0..R-1: block r numbers this rank's tokens bound for rank r (send_pos[t][r], -1 if not sent).
@@ -105,7 +115,8 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
                                                               const u8 *in_rank, const int *per_rank,
                                                               const int *per_expert, int *rank_prefix, int *send_pos,
                                                               int *recv_count, int *host, int seq, int alignment,
-                                                              int send_blocks, u64 timeout_ns, tsep::ErrorRecord *err) {
+                                                              u64 timeout_ns, tsep::ErrorRecord *err, int *abort) {
+  const tsep::Fail fail{err, abort};
   __shared__ int warp_sums[8];
   __shared__ int ok;
   if (blockIdx.x < R) {
@@ -130,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
     return;
   }
   Ctrl *mine = ctrl_of(peers, me);
-  if (threadIdx.x == 0) ok = barrier_all(peers, me, timeout_ns, err, KERNEL_NOTIFY);
+  if (threadIdx.x == 0) ok = !tsep::aborted(fail) && barrier_all(peers, me, timeout_ns, fail, KERNEL_NOTIFY);
   __syncthreads();
   if (!ok) return;
   for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
@@ -143,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
   }
   __threadfence_system();
   __syncthreads();
-  if (threadIdx.x == 0) ok = barrier_all(peers, me, timeout_ns, err, KERNEL_NOTIFY);
+  if (threadIdx.x == 0) ok = barrier_all(peers, me, timeout_ns, fail, KERNEL_NOTIFY);
   __syncthreads();
   if (!ok) return;
   if (threadIdx.x == 0) {
@@ -158,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
     }
     *recv_count = total;
     host[1] = total;
-    mine->expect_dispatch += (u64)R * send_blocks;
+    ++mine->dispatch_seq;
   }
   for (int e = threadIdx.x; e < EL; e += blockDim.x) {
     int c = 0;
@@ -171,13 +182,14 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
 }
 
 // A cached dispatch or a combine starts with this: every rank has finished with its buffer's data areas
-// (stream order puts the previous epilogue or reduce before it), so peers may write into them.
+// (stream order puts the previous receive or reduce before it), so peers may write into them.
 extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, int send_blocks, u64 timeout_ns,
-                                        tsep::ErrorRecord *err) {
+                                        tsep::ErrorRecord *err, int *abort) {
+  const tsep::Fail fail{err, abort};
   if (threadIdx.x != 0) return;
-  if (!barrier_all(peers, me, timeout_ns, err, KERNEL_BARRIER)) return;
+  if (tsep::aborted(fail) || !barrier_all(peers, me, timeout_ns, fail, KERNEL_BARRIER)) return;
   Ctrl *mine = ctrl_of(peers, me);
-  if (which == 0) mine->expect_dispatch += (u64)R * send_blocks;
+  if (which == 0) ++mine->dispatch_seq;
   else mine->expect_combine += (u64)R * send_blocks;
 }
 
@@ -206,119 +218,184 @@ __device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N],
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
-// Warps walk tokens; each token's row is read once and stored to every destination rank's buffer.
+// Warps take chunks of `chunk_tokens` tokens (chunk c = tokens [c·C, c·C + C)); each token's row is read once
+// and stored to every destination rank's buffer. With `chunks_off` non-zero, a chunk's warp then tells
+// every receiver which rows the chunk filled there (chunk_word, tagged with this dispatch's sequence
+// number); every chunk in [0, num_chunks) is announced, empty or not. The NCCL transport packs with the
+// same kernel (its "peers" are staging regions) and passes chunks_off = 0.
 extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
     const u64 *peers, int me, int num_tokens, const u8 *x, const u8 *scales, long long scale_s0,
     long long scale_s1, const idx_t *topk, const float *weights, const int *send_pos, const int *rank_prefix,
-    Areas areas, tsep::ErrorRecord *err) {
+    Areas areas, int chunk_tokens, int num_chunks, tsep::ErrorRecord *err, int *abort) {
+  const tsep::Fail fail{err, abort};
   // After a timed-out notify the prefix matrix was never written: send nothing (peers time out too).
-  if (failed(err)) return;
+  if (tsep::aborted(fail)) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
-  for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
-    u8 *dst_base[R];
-    int row[R];
-    int n = 0;
+  const u32 seq = areas.chunks != 0 ? (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->dispatch_seq) : 0u;
+  for (int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); c < num_chunks; c += warps) {
+    int first[R], end[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int pos = send_pos[(size_t)t * R + r];
-      dst_base[r] = nullptr;
-      row[r] = -1;
-      if (pos >= 0) {
-        row[r] = (me > 0 ? rank_prefix[(me - 1) * R + r] : 0) + pos;
-        dst_base[r] = reinterpret_cast<u8 *>(peers[r]);
-        ++n;
+    for (int r = 0; r < R; ++r) first[r] = end[r] = 0;
+    const int t1 = min(num_tokens, (c + 1) * chunk_tokens);
+    for (int t = c * chunk_tokens; t < t1; ++t) {
+      u8 *dst_base[R];
+      int row[R];
+      int n = 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int pos = send_pos[(size_t)t * R + r];
+        dst_base[r] = nullptr;
+        row[r] = -1;
+        if (pos >= 0) {
+          row[r] = (me > 0 && rank_prefix != nullptr ? rank_prefix[(me - 1) * R + r] : 0) + pos;
+          dst_base[r] = reinterpret_cast<u8 *>(peers[r]);
+          if (end[r] == first[r]) first[r] = pos;
+          end[r] = pos + 1;
+          ++n;
+        }
       }
-    }
-    if (n == 0) continue;
-    int4 *dst[R];
+      if (n == 0) continue;
+      int4 *dst[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-      dst[r] = row[r] < 0 ? nullptr : reinterpret_cast<int4 *>(dst_base[r] + areas.x + (size_t)row[r] * ROW_BYTES);
-    copy_row(reinterpret_cast<const int4 *>(x + (size_t)t * ROW_BYTES), dst, lane);
+      for (int r = 0; r < R; ++r)
+        dst[r] = row[r] < 0 ? nullptr : reinterpret_cast<int4 *>(dst_base[r] + areas.x + (size_t)row[r] * ROW_BYTES);
+      copy_row(reinterpret_cast<const int4 *>(x + (size_t)t * ROW_BYTES), dst, lane);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (row[r] < 0) continue;
+      for (int r = 0; r < R; ++r) {
+        if (row[r] < 0) continue;
 #if TSEP_SW > 0
-      for (int j = lane; j < TSEP_SW; j += 32) {
-        const int w = *reinterpret_cast<const int *>(scales + 4 * ((long long)t * scale_s0 + (long long)j * scale_s1));
-        reinterpret_cast<int *>(dst_base[r] + areas.scales)[(size_t)row[r] * TSEP_SW + j] = w;
-      }
+        for (int j = lane; j < TSEP_SW; j += 32) {
+          const int w = *reinterpret_cast<const int *>(scales + 4 * ((long long)t * scale_s0 + (long long)j * scale_s1));
+          reinterpret_cast<int *>(dst_base[r] + areas.scales)[(size_t)row[r] * TSEP_SW + j] = w;
+        }
 #endif
-      if (lane == 0) reinterpret_cast<int *>(dst_base[r] + areas.src_idx)[row[r]] = t;
+        if (lane == 0) reinterpret_cast<int *>(dst_base[r] + areas.src_idx)[row[r]] = t;
 #if TSEP_K > 0
-      if (lane < K) {
-        const long long e = topk[(size_t)t * K + lane];
-        const bool local = e >= 0 && e / EL == r;
-        reinterpret_cast<idx_t *>(dst_base[r] + areas.topk)[(size_t)row[r] * K + lane] = local ? (idx_t)(e - r * EL) : (idx_t)-1;
+        if (lane < K) {
+          const long long e = topk[(size_t)t * K + lane];
+          const bool local = e >= 0 && e / EL == r;
+          reinterpret_cast<idx_t *>(dst_base[r] + areas.topk)[(size_t)row[r] * K + lane] = local ? (idx_t)(e - r * EL) : (idx_t)-1;
 #if TSEP_WEIGHTS
-        reinterpret_cast<float *>(dst_base[r] + areas.weights)[(size_t)row[r] * K + lane] =
-            local ? weights[(size_t)t * K + lane] : 0.0f;
+          reinterpret_cast<float *>(dst_base[r] + areas.weights)[(size_t)row[r] * K + lane] =
+              local ? weights[(size_t)t * K + lane] : 0.0f;
+#endif
+        }
 #endif
       }
-#endif
+    }
+    if (areas.chunks == 0) continue;
+    // Every lane's stores of the chunk are visible system-wide before lane r announces it to rank r.
+    __threadfence_system();
+    __syncwarp();
+    if (lane < R) {
+      u64 *word = reinterpret_cast<u64 *>(reinterpret_cast<u8 *>(peers[lane]) + areas.chunks) + (size_t)me * num_chunks + c;
+      u32 f = 0, e = 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r == lane) f = first[r], e = end[r];
+      tsep::st_release_sys_u64(word, chunk_word(seq, f, e));
     }
   }
-  // Publish: this block's rows for every rank are written.
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) atomicAdd_system(&ctrl_of(peers, r)->arrive_dispatch, 1ull);
-  }
-}
-
-__device__ __forceinline__ void copy_bytes(u8 *dst, const u8 *src, size_t bytes, size_t tid, size_t nthreads) {
-  const size_t n16 = bytes / 16;
-  const int4 *s = reinterpret_cast<const int4 *>(src);
-  int4 *d = reinterpret_cast<int4 *>(dst);
-  for (size_t i = tid; i < n16; i += nthreads) d[i] = s[i];
-  for (size_t i = n16 * 16 + tid; i < bytes; i += nthreads) dst[i] = src[i];
 }
 
 __device__ __forceinline__ void fill_bytes(u8 *dst, u8 value, size_t bytes, size_t tid, size_t nthreads) {
   for (size_t i = tid; i < bytes; i += nthreads) dst[i] = value;
 }
 
-// Receiver epilogue: wait until every sender block has published, then copy rows [0, N) out of the buffer
-// (they are already in final order). Rows [N, rows) of a worst-case output get zeros and -1 ids.
-extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const int *recv_count, int rows, u8 *out_x,
-                                              u8 *out_scales, int *out_src_idx, idx_t *out_topk,
-                                              float *out_weights, Areas areas, u64 timeout_ns,
-                                              tsep::ErrorRecord *err) {
-  __shared__ int ok;
+// One warp copies `n` 16-byte vectors, UNROLL loads per lane in flight.
+__device__ __forceinline__ void warp_copy_vecs(int4 *dst, const int4 *src, size_t n, int lane) {
+  constexpr int UNROLL = 2 * TSEP_UNROLL;
+  for (size_t v0 = 0; v0 < n; v0 += 32 * UNROLL) {
+    int4 buf[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const size_t v = v0 + u * 32 + lane;
+      if (v < n) buf[u] = src[v];
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const size_t v = v0 + u * 32 + lane;
+      if (v < n) dst[v] = buf[u];
+    }
+  }
+}
+
+// One warp copies `n` 4-byte words.
+__device__ __forceinline__ void warp_copy_words(u32 *dst, const u32 *src, size_t n, int lane) {
+  for (size_t i = lane; i < n; i += 32) dst[i] = src[i];
+}
+
+// Receiver, concurrent with the send kernels: warps take (chunk, source) items in the order senders
+// produce them, wait for the chunk's word, then copy its rows (already in final order) from the buffer
+// into the outputs. Rows [N, rows) of a worst-case output get zeros and -1 ids. `out_src_idx` is null for
+// a cached dispatch (the handle keeps its copy).
+extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
+    const u64 *peers, int me, const int *rank_prefix, const int *recv_count, int rows, u8 *out_x, u8 *out_scales,
+    int *out_src_idx, idx_t *out_topk, float *out_weights, Areas areas, int num_chunks, u64 timeout_ns,
+    tsep::ErrorRecord *err, int *abort) {
+  const tsep::Fail fail{err, abort};
+  if (tsep::aborted(fail)) return;
   Ctrl *mine = ctrl_of(peers, me);
-  if (threadIdx.x == 0) {
-    const u64 expect = *(volatile u64 *)&mine->expect_dispatch;
-    ok = !failed(err) && tsep::wait_geq(&mine->arrive_dispatch, expect, timeout_ns, err, me, KERNEL_RECV, 0, -1);
-  }
-  __syncthreads();
-  if (!ok) return;
-  const int n = min(max(*recv_count, 0), rows);
+  const u32 seq = (u32)tsep::ld_volatile((const int *)&mine->dispatch_seq);
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
-  const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
-  copy_bytes(out_x, base + areas.x, (size_t)n * ROW_BYTES, tid, nth);
-  fill_bytes(out_x + (size_t)n * ROW_BYTES, 0, (size_t)(rows - n) * ROW_BYTES, tid, nth);
+  const int n = min(max(*recv_count, 0), rows);
+  {  // the rows no source fills (worst-case outputs only)
+    const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
+    const size_t pad = (size_t)(rows - n);
+    fill_bytes(out_x + (size_t)n * ROW_BYTES, 0, pad * ROW_BYTES, tid, nth);
 #if TSEP_SW > 0
-  copy_bytes(out_scales, base + areas.scales, (size_t)n * TSEP_SW * 4, tid, nth);
-  fill_bytes(out_scales + (size_t)n * TSEP_SW * 4, 0, (size_t)(rows - n) * TSEP_SW * 4, tid, nth);
+    fill_bytes(out_scales + (size_t)n * TSEP_SW * 4, 0, pad * TSEP_SW * 4, tid, nth);
 #endif
-  if (out_src_idx != nullptr) {  // a cached dispatch keeps its handle's copy
-    copy_bytes(reinterpret_cast<u8 *>(out_src_idx), base + areas.src_idx, (size_t)n * 4, tid, nth);
-    for (size_t i = n + tid; i < (size_t)rows; i += nth) out_src_idx[i] = -1;
-  }
+    if (out_src_idx != nullptr)
+      for (size_t i = n + tid; i < (size_t)rows; i += nth) out_src_idx[i] = -1;
 #if TSEP_K > 0
-  if (out_topk != nullptr) {
-    copy_bytes(reinterpret_cast<u8 *>(out_topk), base + areas.topk, (size_t)n * K * sizeof(idx_t), tid, nth);
-    for (size_t i = (size_t)n * K + tid; i < (size_t)rows * K; i += nth) out_topk[i] = -1;
-  }
+    if (out_topk != nullptr)
+      for (size_t i = (size_t)n * K + tid; i < (size_t)rows * K; i += nth) out_topk[i] = -1;
 #if TSEP_WEIGHTS
-  if (out_weights != nullptr) {
-    copy_bytes(reinterpret_cast<u8 *>(out_weights), base + areas.weights, (size_t)n * K * 4, tid, nth);
-    fill_bytes(reinterpret_cast<u8 *>(out_weights + (size_t)n * K), 0, (size_t)(rows - n) * K * 4, tid, nth);
+    if (out_weights != nullptr) fill_bytes(reinterpret_cast<u8 *>(out_weights + (size_t)n * K), 0, pad * K * 4, tid, nth);
+#endif
+#endif
   }
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  const u64 *words = reinterpret_cast<const u64 *>(base + areas.chunks);
+  for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < num_chunks * R; j += warps) {
+    const int c = j / R, s = j % R;
+    u64 word = 0;
+    int ok = 1;
+    if (lane == 0)
+      ok = tsep::wait_tag(words + (size_t)s * num_chunks + c, seq, &word, timeout_ns, fail, me, KERNEL_RECV, c, s);
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) return;
+    word = __shfl_sync(0xffffffffu, word, 0);
+    const int first = (int)((word >> POS_BITS) & ((1u << POS_BITS) - 1)), end = (int)(word & ((1u << POS_BITS) - 1));
+    if (end <= first) continue;
+    // Rows of source s start at its block offset; a bad count must not send the copy astray.
+    const int r0 = (s > 0 ? rank_prefix[(s - 1) * R + me] : 0) + first;
+    const int cnt = min(end - first, n - r0);
+    if (cnt <= 0 || r0 < 0) continue;
+    warp_copy_vecs(reinterpret_cast<int4 *>(out_x + (size_t)r0 * ROW_BYTES),
+                   reinterpret_cast<const int4 *>(base + areas.x + (size_t)r0 * ROW_BYTES), (size_t)cnt * ROW_VECS, lane);
+#if TSEP_SW > 0
+    warp_copy_words(reinterpret_cast<u32 *>(out_scales) + (size_t)r0 * TSEP_SW,
+                    reinterpret_cast<const u32 *>(base + areas.scales) + (size_t)r0 * TSEP_SW, (size_t)cnt * TSEP_SW, lane);
+#endif
+    if (out_src_idx != nullptr)
+      warp_copy_words(reinterpret_cast<u32 *>(out_src_idx) + r0, reinterpret_cast<const u32 *>(base + areas.src_idx) + r0,
+                      cnt, lane);
+#if TSEP_K > 0
+    constexpr int IDW = sizeof(idx_t) / 4;  // words per id
+    if (out_topk != nullptr)
+      warp_copy_words(reinterpret_cast<u32 *>(out_topk) + (size_t)r0 * K * IDW,
+                      reinterpret_cast<const u32 *>(base + areas.topk) + (size_t)r0 * K * IDW, (size_t)cnt * K * IDW, lane);
+#if TSEP_WEIGHTS
+    if (out_weights != nullptr)
+      warp_copy_words(reinterpret_cast<u32 *>(out_weights) + (size_t)r0 * K,
+                      reinterpret_cast<const u32 *>(base + areas.weights) + (size_t)r0 * K, (size_t)cnt * K, lane);
 #endif
 #endif
+  }
 }
 
 // ------------------------------------------------------------------------------------------ combine
@@ -329,8 +406,8 @@ extern "C" __global__ void tsep_dispatch_recv(const u64 *peers, int me, const in
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
                                                                    const int *src_idx, const int *rank_prefix,
                                                                    const float *weights, Areas areas,
-                                                                   tsep::ErrorRecord *err) {
-  if (failed(err)) return;
+                                                                   tsep::ErrorRecord *err, int *abort) {
+  if (tsep::aborted(tsep::Fail{err, abort})) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   int start[R], count[R];
@@ -371,12 +448,13 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
                                                                      const u16 *bias1, u16 *out, float *out_weights,
                                                                      const int *send_pos, const int *row_base,
                                                                      Areas areas, u64 timeout_ns,
-                                                                     tsep::ErrorRecord *err) {
+                                                                     tsep::ErrorRecord *err, int *abort) {
+  const tsep::Fail fail{err, abort};
   __shared__ int ok;
   Ctrl *mine = ctrl_of(peers, me);
   if (threadIdx.x == 0) {
     const u64 expect = *(volatile u64 *)&mine->expect_combine;
-    ok = !failed(err) && tsep::wait_geq(&mine->arrive_combine, expect, timeout_ns, err, me, KERNEL_REDUCE, 0, -1);
+    ok = !tsep::aborted(fail) && tsep::wait_geq(&mine->arrive_combine, expect, timeout_ns, fail, me, KERNEL_REDUCE, 0, -1);
   }
   __syncthreads();
   if (!ok) return;

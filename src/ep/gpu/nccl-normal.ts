@@ -33,8 +33,10 @@ import {
   CallQueue,
   DEFAULT_NORMAL_SMS,
   type DispatchInputs,
+  dispatchChunks,
   dispatchInputs,
   dispatchOutputs,
+  type FailArgs,
   launchLayout,
   launchMoveBlocks,
   launchNcclCounts,
@@ -42,7 +44,7 @@ import {
   type NormalKernels,
   NormalModules,
 } from './normal-kernels.ts';
-import { ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
+import { CTRL_ABORT, ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
 
 /** What the host knows of a dispatch's routing over NCCL: rows per peer, both ways. */
@@ -126,14 +128,14 @@ export class NcclNormalPath {
     const { maxTokensPerRank: T, hidden: H, numTopk: K, numExperts: E } = rt.options;
     const R = rt.group.size;
     const dev = rt.device;
-    this.stagingAreas = normalAreas(1, T, H, K);
+    this.stagingAreas = normalAreas(1, T, H, K, 0);
     this.staging = DeviceBuffer.alloc(R * this.stagingAreas.bytes, dev);
     this.staging.fill(0); // zero control blocks: the send kernel counts its blocks there, unread
     this.stagingTable = DeviceBuffer.alloc(8 * R, dev);
     this.stagingTable.copyFromHost(
       BigUint64Array.from({ length: R }, (_, r) => this.staging.ptr + BigInt(r * this.stagingAreas.bytes)),
     );
-    this.stageAreas = normalAreas(R, T, H, K);
+    this.stageAreas = normalAreas(R, T, H, K, 0);
     this.stage = DeviceBuffer.alloc(this.stageAreas.bytes, dev);
     this.stage.fill(0); // zero control block: the reduce kernel's arrival wait passes at once
     this.stageTable = DeviceBuffer.alloc(8 * R, dev);
@@ -168,8 +170,9 @@ export class NcclNormalPath {
     return this.rt.group.size;
   }
 
-  private get errorPtr(): bigint {
-    return this.signal.devicePtr + BigInt(ERROR_RECORD);
+  /** The error record, and the stage's control block for the abort word (no kernel here waits on a peer). */
+  private get fail(): FailArgs {
+    return { err: this.signal.devicePtr + BigInt(ERROR_RECORD), abort: this.stage.ptr + BigInt(CTRL_ABORT) };
   }
 
   layout(topkIdx: Tensor): DispatchLayout {
@@ -257,9 +260,8 @@ export class NcclNormalPath {
         host: this.signal.devicePtr,
         seq: 0,
         alignment,
-        sendBlocks: this.numSms,
         timeoutNs: this.timeoutNs,
-        err: this.errorPtr,
+        fail: this.fail,
       });
       rt.mark('positions');
       this.pack(kernels, inp, sendPos);
@@ -467,7 +469,8 @@ export class NcclNormalPath {
       sendPos: sendPos.ptr,
       rankPrefix: 0n,
       areas: this.stagingAreas,
-      err: this.errorPtr,
+      ...dispatchChunks(this.rt.options.maxTokensPerRank),
+      fail: this.fail,
     });
     this.rt.mark('pack');
   }
@@ -597,7 +600,7 @@ export class NcclNormalPath {
       rowBase: h.sendOffsets.ptr,
       areas: this.stageAreas,
       timeoutNs: this.timeoutNs,
-      err: this.errorPtr,
+      fail: this.fail,
     });
     rt.mark('reduce');
     return {

@@ -15,11 +15,35 @@ export const SEND_THREADS = 512;
 /** SMs the send kernels use unless told otherwise (DeepEP's tests use 24). */
 export const DEFAULT_NORMAL_SMS = 24;
 
-/** Kernel parameter kinds of an `Areas` struct passed by value (five u64 offsets). */
-const AREA_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64'] as const;
+/** Threads per block of the dispatch receive kernel (copy warps; more loads in flight per SM). */
+export const RECV_THREADS = 1024;
+
+/** Kernel parameter kinds of an `Areas` struct passed by value (six u64 offsets). */
+const AREA_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64', 'u64'] as const;
 
 export function areaArgs(a: NormalAreas): bigint[] {
-  return [a.x, a.scales, a.srcIdx, a.topk, a.weights].map(BigInt);
+  return [a.x, a.scales, a.srcIdx, a.topk, a.weights, a.chunks].map(BigInt);
+}
+
+/**
+ * Where a kernel reports a timed-out wait (kernels/ep_sync.cuh `Fail`): the host-mapped error record,
+ * and the rank's abort word in device memory that kernels poll (never the host page: see ep_sync.cuh).
+ */
+export interface FailArgs {
+  err: bigint;
+  abort: bigint;
+}
+const FAIL_KINDS = ['ptr', 'ptr'] as const;
+const failArgs = (f: FailArgs) => [f.err, f.abort];
+
+/**
+ * How a dispatch is cut into chunks of tokens that senders announce one by one: at most MAX_CHUNKS per
+ * source, so a receiver's word array stays small; the same on every rank (it depends on T_max only).
+ */
+const MAX_CHUNKS = 1024;
+export function dispatchChunks(maxTokensPerRank: number): { chunkTokens: number; numChunks: number } {
+  const chunkTokens = Math.max(1, Math.ceil(maxTokensPerRank / MAX_CHUNKS));
+  return { chunkTokens, numChunks: Math.max(1, Math.ceil(maxTokensPerRank / chunkTokens)) };
 }
 
 /** Getting the layout is synchronous, so its kernels (one per index width) are compiled up front. */
@@ -137,9 +161,8 @@ export class NormalKernels {
       host: bigint;
       seq: number;
       alignment: number;
-      sendBlocks: number;
       timeoutNs: bigint;
-      err: bigint;
+      fail: FailArgs;
     },
   ): void {
     this.mod
@@ -156,9 +179,8 @@ export class NormalKernels {
         'ptr',
         'i32',
         'i32',
-        'i32',
         'u64',
-        'ptr',
+        ...FAIL_KINDS,
       ])
       .launch({ grid, block: 256, stream }, [
         a.peers,
@@ -173,22 +195,31 @@ export class NormalKernels {
         a.host,
         a.seq,
         a.alignment,
-        a.sendBlocks,
         a.timeoutNs,
-        a.err,
+        ...failArgs(a.fail),
       ]);
   }
 
   prepare(
     stream: Stream,
-    a: { peers: bigint; me: number; which: 0 | 1; sendBlocks: number; timeoutNs: bigint; err: bigint },
+    a: { peers: bigint; me: number; which: 0 | 1; sendBlocks: number; timeoutNs: bigint; fail: FailArgs },
   ): void {
     this.mod
-      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'i32', 'u64', 'ptr'])
-      .launch({ grid: 1, block: 32, stream }, [a.peers, a.me, a.which, a.sendBlocks, a.timeoutNs, a.err]);
+      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'i32', 'u64', ...FAIL_KINDS])
+      .launch({ grid: 1, block: 32, stream }, [
+        a.peers,
+        a.me,
+        a.which,
+        a.sendBlocks,
+        a.timeoutNs,
+        ...failArgs(a.fail),
+      ]);
   }
 
-  /** Each token's row (and metadata) to row `rowOffset(me → r) + sendPos[t][r]` of every destination r. */
+  /**
+   * Each token's row (and metadata) to row `rowOffset(me → r) + sendPos[t][r]` of every destination r, in
+   * chunks of `chunkTokens` tokens, each announced to every receiver when `areas.chunks` is set.
+   */
   send(
     stream: Stream,
     blocks: number,
@@ -199,7 +230,9 @@ export class NormalKernels {
       sendPos: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
-      err: bigint;
+      chunkTokens: number;
+      numChunks: number;
+      fail: FailArgs;
     },
   ): void {
     const { inp } = a;
@@ -217,7 +250,9 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
-        'ptr',
+        'i32',
+        'i32',
+        ...FAIL_KINDS,
       ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
@@ -232,28 +267,34 @@ export class NormalKernels {
         a.sendPos,
         a.rankPrefix,
         ...areaArgs(a.areas),
-        a.err,
+        a.chunkTokens,
+        a.numChunks,
+        ...failArgs(a.fail),
       ]);
   }
 
+  /** Copies each announced chunk out of the buffer into the outputs, concurrently with the sends. */
   recv(
     stream: Stream,
     blocks: number,
     a: {
       peers: bigint;
       me: number;
+      rankPrefix: bigint;
       recvCount: bigint;
       rows: number;
       out: ReturnType<typeof dispatchOutputs>;
       areas: NormalAreas;
+      numChunks: number;
       timeoutNs: bigint;
-      err: bigint;
+      fail: FailArgs;
     },
   ): void {
     this.mod
       .kernel('tsep_dispatch_recv', [
         'ptr',
         'i32',
+        'ptr',
         'ptr',
         'i32',
         'ptr',
@@ -262,12 +303,14 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
+        'i32',
         'u64',
-        'ptr',
+        ...FAIL_KINDS,
       ])
-      .launch({ grid: blocks, block: 512, stream }, [
+      .launch({ grid: blocks, block: RECV_THREADS, stream }, [
         a.peers,
         a.me,
+        a.rankPrefix,
         a.recvCount,
         a.rows,
         a.out.recvX.ptr,
@@ -276,8 +319,9 @@ export class NormalKernels {
         a.out.recvTopkIdx?.ptr ?? 0n,
         a.out.recvTopkWeights?.ptr ?? 0n,
         ...areaArgs(a.areas),
+        a.numChunks,
         a.timeoutNs,
-        a.err,
+        ...failArgs(a.fail),
       ]);
   }
 
@@ -292,11 +336,11 @@ export class NormalKernels {
       rankPrefix: bigint;
       weights: bigint;
       areas: NormalAreas;
-      err: bigint;
+      fail: FailArgs;
     },
   ): void {
     this.mod
-      .kernel('tsep_combine_send', ['ptr', 'i32', 'ptr', 'ptr', 'ptr', 'ptr', ...AREA_KINDS, 'ptr'])
+      .kernel('tsep_combine_send', ['ptr', 'i32', 'ptr', 'ptr', 'ptr', 'ptr', ...AREA_KINDS, ...FAIL_KINDS])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
         a.me,
@@ -305,7 +349,7 @@ export class NormalKernels {
         a.rankPrefix,
         a.weights,
         ...areaArgs(a.areas),
-        a.err,
+        ...failArgs(a.fail),
       ]);
   }
 
@@ -325,7 +369,7 @@ export class NormalKernels {
       rowBase: bigint;
       areas: NormalAreas;
       timeoutNs: bigint;
-      err: bigint;
+      fail: FailArgs;
     },
   ): void {
     this.mod
@@ -342,7 +386,7 @@ export class NormalKernels {
         'ptr',
         ...AREA_KINDS,
         'u64',
-        'ptr',
+        ...FAIL_KINDS,
       ])
       .launch({ grid: blocks, block: 512, stream }, [
         a.peers,
@@ -357,7 +401,7 @@ export class NormalKernels {
         a.rowBase,
         ...areaArgs(a.areas),
         a.timeoutNs,
-        a.err,
+        ...failArgs(a.fail),
       ]);
   }
 }

@@ -1,16 +1,21 @@
 // Byte layout of a rank's normal-mode symmetric buffer; kernels/normal.cu's `Ctrl` and `Areas` mirror it.
 // The receive area holds R·T_max rows (every source's whole batch), so a dispatch never waits for space;
-// combine reuses the same rows as its [source rank][token] stage.
+// combine reuses the same rows as its [source rank][token] stage. The control block and the dispatch chunk
+// words come first: reset() zeroes everything before `x`.
 
 import { fp8ScaleCount } from '../../device/dtypes.ts';
 
 /** Control block size (barrier slots, arrival counters, count matrix, per-expert counts). */
 export const CTRL_BYTES = 64 * 1024;
+/** Byte offset of the rank's abort word in its control block (`Ctrl::abort`). */
+export const CTRL_ABORT = 36;
 /** Largest rank count and experts per rank the control block has room for. */
 export const MAX_RANKS = 8;
 export const MAX_LOCAL_EXPERTS = 1024;
 
 export interface NormalAreas {
+  /** Dispatch chunk words: u64 [source rank][chunk]; 0 = none (numChunks 0: the NCCL transport's). */
+  chunks: number;
   x: number;
   scales: number;
   srcIdx: number;
@@ -29,15 +34,17 @@ export function normalAreas(
   maxTokensPerRank: number,
   hidden: number,
   numTopk: number,
+  numChunks: number,
 ): NormalAreas {
   const rows = numRanks * maxTokensPerRank;
-  const x = CTRL_BYTES;
+  const chunks = numChunks > 0 ? CTRL_BYTES : 0;
+  const x = align(CTRL_BYTES + numRanks * numChunks * 8);
   const scales = align(x + rows * hidden * 2); // room for bf16 rows; fp8 rows use half
   const srcIdx = align(scales + rows * fp8ScaleCount(hidden) * 4);
   const topk = align(srcIdx + rows * 4);
   const weights = align(topk + rows * numTopk * 8);
   const bytes = align(weights + rows * numTopk * 4, 4096);
-  return { x, scales, srcIdx, topk, weights, bytes, rows };
+  return { chunks, x, scales, srcIdx, topk, weights, bytes, rows };
 }
 
 /** Offsets in the host-mapped signal page. */

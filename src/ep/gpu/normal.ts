@@ -4,12 +4,15 @@
 //
 // A fresh dispatch enqueues notify (count exchange) and send (rows pushed into the receivers' buffers)
 // at once, then reads the received row count from host-mapped memory while the rows are in flight,
-// allocates exact-size outputs and enqueues the receive epilogue. Cached and worst-case dispatches skip
-// the host read entirely. Calls are serialized on the host, in call order, like the stream they use.
+// allocates exact-size outputs and enqueues the receive kernel. Cached and worst-case dispatches skip
+// the host read entirely. The receive kernel runs on a second stream, on SMs of its own, at the same
+// time as the send kernel: it copies each chunk out as soon as its senders announce it; the call's stream
+// then waits for it. Calls are serialized on the host, in call order, like the stream they use.
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Kernel } from '../../device/module.ts';
 import { pollUntil } from '../../device/poll.ts';
+import { Stream } from '../../device/stream.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { ValidationError } from '../../errors.ts';
 import type {
@@ -22,17 +25,20 @@ import type {
   Tensor,
 } from '../types.ts';
 import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
+import { GpuEvent } from './event.ts';
 import {
   CallQueue,
   DEFAULT_NORMAL_SMS,
+  dispatchChunks,
   dispatchInputs,
   dispatchOutputs,
+  type FailArgs,
   launchLayout,
   loadLayoutKernels,
   NormalModules,
 } from './normal-kernels.ts';
 import {
-  CTRL_BYTES,
+  CTRL_ABORT,
   ERROR_RECORD,
   MAX_LOCAL_EXPERTS,
   MAX_RANKS,
@@ -75,8 +81,14 @@ export class NormalPath {
   private readonly modules: NormalModules;
   private readonly timeoutNs = deviceTimeoutNs();
   private readonly queue = new CallQueue();
+  private readonly chunks: { chunkTokens: number; numChunks: number };
+  /** The dispatch receive kernel's stream (forked from and joined back into the call's stream). */
+  private readonly recvStream: Stream;
   private seq = 0;
-  /** SMs (blocks) the dispatch and combine send kernels use; the same on every rank. */
+  /**
+   * SMs (blocks) a dispatch (send + receive kernels together) and the combine send kernel use; the same
+   * on every rank.
+   */
   numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
 
   private constructor(
@@ -90,6 +102,8 @@ export class NormalPath {
     this.areas = areas;
     this.layoutKernels = layout;
     this.modules = new NormalModules(rt);
+    this.chunks = dispatchChunks(rt.options.maxTokensPerRank);
+    this.recvStream = Stream.create(rt.device);
   }
 
   static async create(rt: GpuRuntime): Promise<NormalPath> {
@@ -103,7 +117,13 @@ export class NormalPath {
       );
     }
     checkNormalShape(rt);
-    const areas = normalAreas(R, o.maxTokensPerRank, o.hidden, o.numTopk);
+    const areas = normalAreas(
+      R,
+      o.maxTokensPerRank,
+      o.hidden,
+      o.numTopk,
+      dispatchChunks(o.maxTokensPerRank).numChunks,
+    );
     const layout = await loadLayoutKernels(rt);
     const sym = await SymmetricBuffer.create(rt.group, areas.bytes, rt.device, { signalBytes: SIGNAL_BYTES });
     return new NormalPath(rt, sym, areas, layout);
@@ -130,8 +150,17 @@ export class NormalPath {
     return this.sym.peerTable.ptr;
   }
 
-  private get errorPtr(): bigint {
-    return this.sym.signal.devicePtr + BigInt(ERROR_RECORD);
+  private get fail(): FailArgs {
+    return {
+      err: this.sym.signal.devicePtr + BigInt(ERROR_RECORD),
+      abort: this.sym.local.ptr + BigInt(CTRL_ABORT),
+    };
+  }
+
+  /** Of the call's SMs, the dispatch receive kernel's share: a third (its copies are local). */
+  private split(): { send: number; recv: number } {
+    const recv = Math.max(1, Math.round(this.numSms / 3));
+    return { send: Math.max(1, this.numSms - recv), recv };
   }
 
   /** Throws EpTimeoutError when a kernel of this buffer gave up waiting (until `reset()`). */
@@ -139,15 +168,17 @@ export class NormalPath {
 
   /**
    * Collective (every rank calls it): after a timeout, waits for this rank's work to end (every device
-   * wait is bounded), then zeroes every rank's control block and error record between two barriers of the
-   * group, so the next call starts from a clean state on all ranks.
+   * wait is bounded), then zeroes every rank's control block, chunk words and error record between two
+   * barriers of the group, so the next call starts from a clean state on all ranks.
    */
   reset(): Promise<void> {
     // Queued like a call, so no dispatch of this rank can touch a control block while it is cleared.
     return this.queue.run(async () => {
-      await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
+      const timeoutMs = Number(this.timeoutNs / 1_000_000n) + 5000;
+      await this.rt.stream.synchronize({ timeoutMs });
+      await this.recvStream.synchronize({ timeoutMs });
       await this.rt.group.barrier();
-      this.sym.local.fill(0, this.rt.stream, 0, CTRL_BYTES);
+      this.sym.local.fill(0, this.rt.stream, 0, this.areas.x);
       await this.rt.stream.synchronize();
       clearDeviceError(this.sym.signal, ERROR_RECORD);
       await this.rt.group.barrier();
@@ -175,7 +206,7 @@ export class NormalPath {
       idx64: inp.topk?.dtype === 'i64',
       weights: inp.weights !== undefined,
     });
-    const G = this.numSms;
+    const G = this.split();
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
@@ -187,16 +218,19 @@ export class NormalPath {
     let rows: number;
     let perExpert: number[];
     const fresh = req.kind === 'fresh';
-    // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile.
+    // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile. The
+    // receive stream forks here: its kernel may start once notify or prepare has run.
     const send = (positions: DeviceTensor, prefix: DeviceTensor) => {
-      kernels.send(stream, G, {
+      new GpuEvent(stream).streamWait(this.recvStream);
+      kernels.send(stream, G.send, {
         peers: this.peers,
         me: this.me,
         inp,
         sendPos: positions.ptr,
         rankPrefix: prefix.ptr,
         areas: this.areas,
-        err: this.errorPtr,
+        ...this.chunks,
+        fail: this.fail,
       });
       rt.mark('send');
     };
@@ -222,9 +256,8 @@ export class NormalPath {
         host: this.sym.signal.devicePtr,
         seq,
         alignment,
-        sendBlocks: G,
         timeoutNs: this.timeoutNs,
-        err: this.errorPtr,
+        fail: this.fail,
       });
       rt.mark('notify');
       send(sendPos, rankPrefix);
@@ -258,24 +291,27 @@ export class NormalPath {
         peers: this.peers,
         me: this.me,
         which: 0,
-        sendBlocks: G,
+        sendBlocks: G.send,
         timeoutNs: this.timeoutNs,
-        err: this.errorPtr,
+        fail: this.fail,
       });
       rt.mark('barrier');
       send(sendPos, rankPrefix);
     }
-    const out = dispatchOutputs(inp, rows, rt.options.hidden, stream, fresh);
-    kernels.recv(stream, rt.smCount, {
+    const out = dispatchOutputs(inp, rows, rt.options.hidden, this.recvStream, fresh);
+    kernels.recv(this.recvStream, G.recv, {
       peers: this.peers,
       me: this.me,
+      rankPrefix: rankPrefix.ptr,
       recvCount: recvCount.ptr,
       rows,
       out,
       areas: this.areas,
+      numChunks: this.chunks.numChunks,
       timeoutNs: this.timeoutNs,
-      err: this.errorPtr,
+      fail: this.fail,
     });
+    new GpuEvent(this.recvStream).streamWait(stream);
     rt.mark('receive');
     const recvSrcIdx = out.recvSrcIdx!; // fresh dispatch only (a cached one returns its own handle)
     const handle: GpuDispatchHandle = {
@@ -339,7 +375,7 @@ export class NormalPath {
       which: 1,
       sendBlocks: this.numSms,
       timeoutNs: this.timeoutNs,
-      err: this.errorPtr,
+      fail: this.fail,
     });
     rt.mark('barrier');
     kernels.combineSend(stream, this.numSms, {
@@ -350,7 +386,7 @@ export class NormalPath {
       rankPrefix: rankPrefix.ptr,
       weights: weights?.ptr ?? 0n,
       areas: this.areas,
-      err: this.errorPtr,
+      fail: this.fail,
     });
     rt.mark('combine send');
     const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], stream);
@@ -367,7 +403,7 @@ export class NormalPath {
       rowBase: 0n,
       areas: this.areas,
       timeoutNs: this.timeoutNs,
-      err: this.errorPtr,
+      fail: this.fail,
     });
     rt.mark('reduce');
     return {
@@ -380,6 +416,8 @@ export class NormalPath {
   async destroy(): Promise<void> {
     await this.queue.idle();
     await this.rt.stream.synchronize();
+    await this.recvStream.synchronize();
+    this.recvStream.dispose();
     await this.sym.destroy();
   }
 }
