@@ -70,22 +70,21 @@ struct Ctrl {
   int round;                   // this rank's barrier round (private)
   int abort;                   // private: set by the first timed-out wait; every kernel then stops (tsep::Fail)
   u32 dispatch_seq;            // private: dispatches so far (tags the chunk words of the current one)
-  int pad0[5];
-  u64 reserved[2];
-  u64 arrive_combine;
-  u64 expect_combine;
-  int pad1[8];
+  u32 combine_seq;             // private: combines so far
+  int pad[20];
   int count_matrix[8][8];      // [src][dst] tokens src sends to dst, written by src into every rank
   int expert_counts[8][1024];  // [src][local expert] tokens src sends to each of this rank's experts
 };
 
 struct Areas {  // byte offsets of the data areas inside every buffer
-  u64 x, scales, src_idx, topk, weights, chunks;
+  u64 x, scales, src_idx, topk, weights, chunks, combine_chunks;
 };
 
 // A dispatch chunk's word, written by the sender into every receiver's chunks area at [sender][chunk]:
 // bits 40..63 the dispatch sequence number, 20..39 the first and 0..19 one past the last row position
-// (within the sender's block) the chunk's tokens took at that receiver.
+// (within the sender's block) the chunk's tokens took at that receiver. A combine chunk's word (in
+// combine_chunks at [expert rank][chunk]) carries only the combine sequence number: chunk k of the rows
+// an expert rank returns to an owner is the owner's k-th group of chunk_tokens rows sent to that rank.
 constexpr int POS_BITS = 20;
 __device__ __forceinline__ u64 chunk_word(u32 seq, u32 first, u32 end) {
   return ((u64)(seq & 0xffffffu) << 40) | ((u64)first << POS_BITS) | end;
@@ -183,14 +182,14 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
 
 // A cached dispatch or a combine starts with this: every rank has finished with its buffer's data areas
 // (stream order puts the previous receive or reduce before it), so peers may write into them.
-extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, int send_blocks, u64 timeout_ns,
-                                        tsep::ErrorRecord *err, int *abort) {
+extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, u64 timeout_ns, tsep::ErrorRecord *err,
+                                        int *abort) {
   const tsep::Fail fail{err, abort};
   if (threadIdx.x != 0) return;
   if (tsep::aborted(fail) || !barrier_all(peers, me, timeout_ns, fail, KERNEL_BARRIER)) return;
   Ctrl *mine = ctrl_of(peers, me);
   if (which == 0) ++mine->dispatch_seq;
-  else mine->expect_combine += (u64)R * send_blocks;
+  else ++mine->combine_seq;
 }
 
 // One warp copies a row of ROW_VECS 16-byte vectors from `src` to every non-null destination, loading each
@@ -400,105 +399,131 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
 
 // ------------------------------------------------------------------------------------------ combine
 // Expert side: row i of x came from source rank s (the block of the rank prefix column it falls in) and
-// was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token]. Warps walk the rows
-// interleaved across sources (row k of source 0, of source 1, ...), so every link carries traffic at once
-// instead of one destination after the other.
+// was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token]. Warps take (chunk,
+// source) items, chunk-major so every link carries traffic at once and every owner's tokens arrive in
+// order; a chunk is chunk_tokens consecutive rows of one source's block, announced when written.
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
                                                                    const int *src_idx, const int *rank_prefix,
                                                                    const float *weights, Areas areas,
+                                                                   int chunk_tokens, int num_chunks,
                                                                    tsep::ErrorRecord *err, int *abort) {
   if (tsep::aborted(tsep::Fail{err, abort})) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
-  int start[R], count[R];
-  int most = 0;
-#pragma unroll
-  for (int s = 0; s < R; ++s) {
-    start[s] = s > 0 ? rank_prefix[(s - 1) * R + me] : 0;
-    count[s] = rank_prefix[s * R + me] - start[s];
-    most = max(most, count[s]);
-  }
-  for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < R * most; j += warps) {
+  const u32 seq = (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq);
+  for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < R * num_chunks; j += warps) {
     const int s = j % R, k = j / R;
-    if (k >= count[s]) continue;
-    const int i = start[s] + k;
-    const int t = src_idx[i];
+    const int start = s > 0 ? rank_prefix[(s - 1) * R + me] : 0;
+    const int count = rank_prefix[s * R + me] - start;
+    const int k1 = min(count, (k + 1) * chunk_tokens);
+    if (k * chunk_tokens >= k1) continue;  // nobody waits for an empty chunk
     u8 *base = reinterpret_cast<u8 *>(peers[s]);
-    const size_t slot = (size_t)me * TSEP_TMAX + t;
-    int4 *const dst[1] = {reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES)};
-    copy_row(reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES), dst, lane);
+    for (int q = k * chunk_tokens; q < k1; ++q) {
+      const int i = start + q;
+      const int t = src_idx[i];
+      const size_t slot = (size_t)me * TSEP_TMAX + t;
+      int4 *const dst[1] = {reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES)};
+      copy_row(reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES), dst, lane);
 #if TSEP_WEIGHTS
-    if (weights != nullptr && lane < K)
-      reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = weights[(size_t)i * K + lane];
+      if (weights != nullptr && lane < K)
+        reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = weights[(size_t)i * K + lane];
 #endif
-  }
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) atomicAdd_system(&ctrl_of(peers, r)->arrive_combine, 1ull);
+    }
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0)
+      tsep::st_release_sys_u64(
+          reinterpret_cast<u64 *>(base + areas.combine_chunks) + (size_t)me * num_chunks + k, chunk_word(seq, 0, 0));
   }
 }
 
 // Owner side: one warp per token; out = bf16(bias0 + bias1 + Σ_{ranks r, ascending} row[r][t]) in float32.
-// The row of token t from rank r is stage row r·T_max + t (NVLink: combine_send put it there), or, when
-// `send_pos` is given, row_base[r] + send_pos[t][r] (NCCL: rank r's rows arrived as one block in token order).
+// NVLink (areas.combine_chunks set, `row_base` null): the row of token t from rank r is stage row
+// r·T_max + t, put there by combine_send; the warp first waits for the chunk holding it, chunk
+// send_pos[t][r] / chunk_tokens of rank r (a warp's tokens ascend, so it waits once per new chunk). NCCL:
+// row_base[r] + send_pos[t][r] (rank r's rows arrived as one block in token order, before this kernel).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
                                                                      const u8 *in_rank, const u16 *bias0,
                                                                      const u16 *bias1, u16 *out, float *out_weights,
                                                                      const int *send_pos, const int *row_base,
-                                                                     Areas areas, u64 timeout_ns,
-                                                                     tsep::ErrorRecord *err, int *abort) {
+                                                                     Areas areas, int chunk_tokens, int num_chunks,
+                                                                     u64 timeout_ns, tsep::ErrorRecord *err,
+                                                                     int *abort) {
   const tsep::Fail fail{err, abort};
-  __shared__ int ok;
-  Ctrl *mine = ctrl_of(peers, me);
-  if (threadIdx.x == 0) {
-    const u64 expect = *(volatile u64 *)&mine->expect_combine;
-    ok = !tsep::aborted(fail) && tsep::wait_geq(&mine->arrive_combine, expect, timeout_ns, fail, me, KERNEL_REDUCE, 0, -1);
-  }
-  __syncthreads();
-  if (!ok) return;
+  if (tsep::aborted(fail)) return;
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
+  const bool wait = areas.combine_chunks != 0;
+  const u32 seq = wait ? (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq) : 0u;
+  const u64 *words = reinterpret_cast<const u64 *>(base + areas.combine_chunks);
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   constexpr int HV = H / 8;  // 8 bf16 per 16-byte vector
   static_assert(H % 8 == 0, "hidden must be a multiple of 8");
+  int seen[R];  // the chunk of rank r this warp last saw arrive
+#pragma unroll
+  for (int r = 0; r < R; ++r) seen[r] = -1;
   for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
     unsigned mask = 0;
     size_t stage_row[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
-      stage_row[r] = send_pos != nullptr ? (size_t)row_base[r] + send_pos[(size_t)t * R + r] : (size_t)r * TSEP_TMAX + t;
-    }
-    for (int v = lane; v < HV; v += 32) {
-      float acc[8];
-      uint4 b0 = make_uint4(0, 0, 0, 0), b1 = make_uint4(0, 0, 0, 0);
-      if (bias0 != nullptr) b0 = reinterpret_cast<const uint4 *>(bias0 + (size_t)t * H)[v];
-      if (bias1 != nullptr) b1 = reinterpret_cast<const uint4 *>(bias1 + (size_t)t * H)[v];
-      const u32 *p0 = &b0.x, *p1 = &b1.x;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        acc[2 * j] = __fadd_rn(__uint_as_float(p0[j] << 16), __uint_as_float(p1[j] << 16));
-        acc[2 * j + 1] = __fadd_rn(__uint_as_float(p0[j] & 0xffff0000u), __uint_as_float(p1[j] & 0xffff0000u));
+      const int pos = send_pos[(size_t)t * R + r];
+      stage_row[r] = row_base != nullptr ? (size_t)row_base[r] + pos : (size_t)r * TSEP_TMAX + t;
+      if (wait && ((mask >> r) & 1) && pos / chunk_tokens != seen[r]) {
+        seen[r] = pos / chunk_tokens;
+        int ok = 1;
+        u64 word;
+        if (lane == 0)
+          ok = tsep::wait_tag(words + (size_t)r * num_chunks + seen[r], seq, &word, timeout_ns, fail, me, KERNEL_REDUCE,
+                              seen[r], r);
+        if (!__shfl_sync(0xffffffffu, ok, 0)) return;
       }
+    }
+    // U vectors per lane per step, every source row's loads issued before the sums: the reduce runs on a
+    // few SMs beside the sends, so it needs many bytes in flight per SM.
+    constexpr int U = 2;
+    for (int v0 = lane; v0 < HV; v0 += 32 * U) {
+      uint4 in[R][U];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (!((mask >> r) & 1)) continue;
-        const uint4 row = reinterpret_cast<const uint4 *>(base + areas.x + stage_row[r] * ROW_BYTES)[v];
-        const u32 *q = &row.x;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (v0 + 32 * u < HV)
+            in[r][u] = reinterpret_cast<const uint4 *>(base + areas.x + stage_row[r] * ROW_BYTES)[v0 + 32 * u];
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + 32 * u;
+        if (v >= HV) break;
+        float acc[8];
+        uint4 b0 = make_uint4(0, 0, 0, 0), b1 = make_uint4(0, 0, 0, 0);
+        if (bias0 != nullptr) b0 = reinterpret_cast<const uint4 *>(bias0 + (size_t)t * H)[v];
+        if (bias1 != nullptr) b1 = reinterpret_cast<const uint4 *>(bias1 + (size_t)t * H)[v];
+        const u32 *p0 = &b0.x, *p1 = &b1.x;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(q[j] << 16));
-          acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(q[j] & 0xffff0000u));
+          acc[2 * j] = __fadd_rn(__uint_as_float(p0[j] << 16), __uint_as_float(p1[j] << 16));
+          acc[2 * j + 1] = __fadd_rn(__uint_as_float(p0[j] & 0xffff0000u), __uint_as_float(p1[j] & 0xffff0000u));
         }
-      }
-      uint4 o;
-      u32 *po = &o.x;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        po[j] = (u32)tsep::f32_to_bf16(acc[2 * j]) | ((u32)tsep::f32_to_bf16(acc[2 * j + 1]) << 16);
-      reinterpret_cast<uint4 *>(out + (size_t)t * H)[v] = o;
+        for (int r = 0; r < R; ++r) {
+          if (!((mask >> r) & 1)) continue;
+          const u32 *q = &in[r][u].x;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(q[j] << 16));
+            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(q[j] & 0xffff0000u));
+          }
+        }
+        uint4 o;
+        u32 *po = &o.x;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          po[j] = (u32)tsep::f32_to_bf16(acc[2 * j]) | ((u32)tsep::f32_to_bf16(acc[2 * j + 1]) << 16);
+        reinterpret_cast<uint4 *>(out + (size_t)t * H)[v] = o;
+      }
     }
 #if TSEP_WEIGHTS
     if (out_weights != nullptr && lane < K) {

@@ -598,6 +598,8 @@ export class NcclNormalPath {
       outWeights: combinedW?.ptr ?? 0n,
       sendPos: h.sendPos.ptr,
       rowBase: h.sendOffsets.ptr,
+      chunkTokens: 1, // no chunk waits: the stage has no chunk words (the rows came with NCCL)
+      numChunks: 0,
       areas: this.stageAreas,
       timeoutNs: this.timeoutNs,
       fail: this.fail,

@@ -18,11 +18,11 @@ export const DEFAULT_NORMAL_SMS = 24;
 /** Threads per block of the dispatch receive kernel (copy warps; more loads in flight per SM). */
 export const RECV_THREADS = 1024;
 
-/** Kernel parameter kinds of an `Areas` struct passed by value (six u64 offsets). */
-const AREA_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64', 'u64'] as const;
+/** Kernel parameter kinds of an `Areas` struct passed by value (seven u64 offsets). */
+const AREA_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64', 'u64', 'u64'] as const;
 
 export function areaArgs(a: NormalAreas): bigint[] {
-  return [a.x, a.scales, a.srcIdx, a.topk, a.weights, a.chunks].map(BigInt);
+  return [a.x, a.scales, a.srcIdx, a.topk, a.weights, a.chunks, a.combineChunks].map(BigInt);
 }
 
 /**
@@ -202,18 +202,11 @@ export class NormalKernels {
 
   prepare(
     stream: Stream,
-    a: { peers: bigint; me: number; which: 0 | 1; sendBlocks: number; timeoutNs: bigint; fail: FailArgs },
+    a: { peers: bigint; me: number; which: 0 | 1; timeoutNs: bigint; fail: FailArgs },
   ): void {
     this.mod
-      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'i32', 'u64', ...FAIL_KINDS])
-      .launch({ grid: 1, block: 32, stream }, [
-        a.peers,
-        a.me,
-        a.which,
-        a.sendBlocks,
-        a.timeoutNs,
-        ...failArgs(a.fail),
-      ]);
+      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'u64', ...FAIL_KINDS])
+      .launch({ grid: 1, block: 32, stream }, [a.peers, a.me, a.which, a.timeoutNs, ...failArgs(a.fail)]);
   }
 
   /**
@@ -336,11 +329,24 @@ export class NormalKernels {
       rankPrefix: bigint;
       weights: bigint;
       areas: NormalAreas;
+      chunkTokens: number;
+      numChunks: number;
       fail: FailArgs;
     },
   ): void {
     this.mod
-      .kernel('tsep_combine_send', ['ptr', 'i32', 'ptr', 'ptr', 'ptr', 'ptr', ...AREA_KINDS, ...FAIL_KINDS])
+      .kernel('tsep_combine_send', [
+        'ptr',
+        'i32',
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        ...AREA_KINDS,
+        'i32',
+        'i32',
+        ...FAIL_KINDS,
+      ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
         a.me,
@@ -349,11 +355,16 @@ export class NormalKernels {
         a.rankPrefix,
         a.weights,
         ...areaArgs(a.areas),
+        a.chunkTokens,
+        a.numChunks,
         ...failArgs(a.fail),
       ]);
   }
 
-  /** `sendPos`/`rowBase` 0n: stage row r·T_max + t (NVLink); else rowBase[r] + sendPos[t][r] (NCCL). */
+  /**
+   * `rowBase` 0n (NVLink): stage row r·T_max + t, waiting for chunk sendPos[t][r] / chunkTokens of rank r;
+   * else rowBase[r] + sendPos[t][r] (NCCL: the rows are all there).
+   */
   reduce(
     stream: Stream,
     blocks: number,
@@ -368,6 +379,8 @@ export class NormalKernels {
       sendPos: bigint;
       rowBase: bigint;
       areas: NormalAreas;
+      chunkTokens: number;
+      numChunks: number;
       timeoutNs: bigint;
       fail: FailArgs;
     },
@@ -385,6 +398,8 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
+        'i32',
+        'i32',
         'u64',
         ...FAIL_KINDS,
       ])
@@ -400,6 +415,8 @@ export class NormalKernels {
         a.sendPos,
         a.rowBase,
         ...areaArgs(a.areas),
+        a.chunkTokens,
+        a.numChunks,
         a.timeoutNs,
         ...failArgs(a.fail),
       ]);

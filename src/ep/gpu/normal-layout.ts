@@ -14,8 +14,9 @@ export const MAX_RANKS = 8;
 export const MAX_LOCAL_EXPERTS = 1024;
 
 export interface NormalAreas {
-  /** Dispatch chunk words: u64 [source rank][chunk]; 0 = none (numChunks 0: the NCCL transport's). */
+  /** Dispatch and combine chunk words: u64 [rank][chunk] each; 0 = none (numChunks 0: NCCL's buffers). */
   chunks: number;
+  combineChunks: number;
   x: number;
   scales: number;
   srcIdx: number;
@@ -38,13 +39,14 @@ export function normalAreas(
 ): NormalAreas {
   const rows = numRanks * maxTokensPerRank;
   const chunks = numChunks > 0 ? CTRL_BYTES : 0;
-  const x = align(CTRL_BYTES + numRanks * numChunks * 8);
+  const combineChunks = numChunks > 0 ? CTRL_BYTES + numRanks * numChunks * 8 : 0;
+  const x = align(CTRL_BYTES + 2 * numRanks * numChunks * 8);
   const scales = align(x + rows * hidden * 2); // room for bf16 rows; fp8 rows use half
   const srcIdx = align(scales + rows * fp8ScaleCount(hidden) * 4);
   const topk = align(srcIdx + rows * 4);
   const weights = align(topk + rows * numTopk * 8);
   const bytes = align(weights + rows * numTopk * 4, 4096);
-  return { chunks, x, scales, srcIdx, topk, weights, bytes, rows };
+  return { chunks, combineChunks, x, scales, srcIdx, topk, weights, bytes, rows };
 }
 
 /** Offsets in the host-mapped signal page. */

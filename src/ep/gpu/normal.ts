@@ -157,9 +157,12 @@ export class NormalPath {
     };
   }
 
-  /** Of the call's SMs, the dispatch receive kernel's share: a third (its copies are local). */
-  private split(): { send: number; recv: number } {
-    const recv = Math.max(1, Math.round(this.numSms / 3));
+  /**
+   * The call's SMs between the send kernel and the kernel beside it: a third for the dispatch receive
+   * (plain local copies), half for the combine reduce (it reads every source's row of a token).
+   */
+  private split(share: number): { send: number; recv: number } {
+    const recv = Math.max(1, Math.round(this.numSms * share));
     return { send: Math.max(1, this.numSms - recv), recv };
   }
 
@@ -206,7 +209,7 @@ export class NormalPath {
       idx64: inp.topk?.dtype === 'i64',
       weights: inp.weights !== undefined,
     });
-    const G = this.split();
+    const G = this.split(1 / 3);
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
@@ -291,7 +294,6 @@ export class NormalPath {
         peers: this.peers,
         me: this.me,
         which: 0,
-        sendBlocks: G.send,
         timeoutNs: this.timeoutNs,
         fail: this.fail,
       });
@@ -367,18 +369,20 @@ export class NormalPath {
     });
     const T = h.numTokens;
     const stream = rt.stream;
+    const G = this.split(1 / 2);
     rt.after(req.previousEvent);
     rt.markStart();
     kernels.prepare(stream, {
       peers: this.peers,
       me: this.me,
       which: 1,
-      sendBlocks: this.numSms,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
     rt.mark('barrier');
-    kernels.combineSend(stream, this.numSms, {
+    // The reduce runs beside the sends, on the receive stream, summing each token once its rows are in.
+    new GpuEvent(stream).streamWait(this.recvStream);
+    kernels.combineSend(stream, G.send, {
       peers: this.peers,
       me: this.me,
       x: x.ptr,
@@ -386,12 +390,13 @@ export class NormalPath {
       rankPrefix: rankPrefix.ptr,
       weights: weights?.ptr ?? 0n,
       areas: this.areas,
+      ...this.chunks,
       fail: this.fail,
     });
     rt.mark('combine send');
-    const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], stream);
-    const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], stream) : undefined;
-    kernels.reduce(stream, rt.smCount, {
+    const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], this.recvStream);
+    const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], this.recvStream) : undefined;
+    kernels.reduce(this.recvStream, G.recv, {
       peers: this.peers,
       me: this.me,
       T,
@@ -399,12 +404,14 @@ export class NormalPath {
       bias,
       out: combinedX.ptr,
       outWeights: combinedW?.ptr ?? 0n,
-      sendPos: 0n,
+      sendPos: rt.onDevice('handle.sendPos', h.sendPos).ptr,
       rowBase: 0n,
       areas: this.areas,
+      ...this.chunks,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
+    new GpuEvent(this.recvStream).streamWait(stream);
     rt.mark('reduce');
     return {
       combinedX,
