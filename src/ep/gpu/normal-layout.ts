@@ -12,6 +12,8 @@ export const CTRL_ABORT = 36;
 /** Largest rank count and experts per rank the control block has room for. */
 export const MAX_RANKS = 8;
 export const MAX_LOCAL_EXPERTS = 1024;
+/** Row positions travel in 20-bit fields of the dispatch chunk words (kernels/normal.cu chunk_word). */
+export const MAX_TOKENS_PER_RANK = 2 ** 20 - 1;
 
 export interface NormalAreas {
   /** Dispatch and combine chunk words: u64 [rank][chunk] each; 0 = none (numChunks 0: NCCL's buffers). */

@@ -42,6 +42,7 @@ import {
   ERROR_RECORD,
   MAX_LOCAL_EXPERTS,
   MAX_RANKS,
+  MAX_TOKENS_PER_RANK,
   type NormalAreas,
   normalAreas,
   SIGNAL_BYTES,
@@ -63,6 +64,14 @@ export interface GpuDispatchHandle extends DispatchHandle {
 export function checkNormalShape(rt: GpuRuntime): void {
   const R = rt.group.size;
   if (R > MAX_RANKS) throw new ValidationError('group size', String(R), `at most ${MAX_RANKS} ranks`);
+  const T = rt.options.maxTokensPerRank;
+  if (T > MAX_TOKENS_PER_RANK) {
+    throw new ValidationError(
+      'maxTokensPerRank',
+      String(T),
+      `at most ${MAX_TOKENS_PER_RANK} (normal mode on the GPU)`,
+    );
+  }
   const EL = rt.options.numExperts / R;
   if (EL > MAX_LOCAL_EXPERTS) {
     throw new ValidationError(
