@@ -65,11 +65,16 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
 
   /**
    * A new row-major tensor from the stream-ordered pool (see DeviceBuffer.allocAsync): cheap, and ready
-   * for `stream`'s later work; `dispose()` frees it on that stream.
+   * for `stream`'s later work; `dispose()` frees it on `freeOn` (default: that stream).
    */
-  static emptyOn<D extends DType>(dtype: D, shape: readonly number[], stream: Stream) {
+  static emptyOn<D extends DType>(
+    dtype: D,
+    shape: readonly number[],
+    stream: Stream,
+    freeOn: Stream = stream,
+  ) {
     checkShape('shape', shape);
-    const buf = DeviceBuffer.allocAsync(numel(shape) * dtypeSize(dtype), stream);
+    const buf = DeviceBuffer.allocAsync(numel(shape) * dtypeSize(dtype), stream, freeOn);
     return new DeviceTensor(dtype, shape, buf.ptr, { owner: buf });
   }
 

@@ -109,11 +109,13 @@ export class DeviceBuffer {
 
   /**
    * Allocates from the device's stream-ordered pool: no device synchronization, memory reused across
-   * calls, usable by `stream`'s later work at once. `dispose()` frees it on the same stream, so it may be
-   * called while that stream still uses the memory (work on other streams must be ordered by the caller).
-   * While `stream` is being captured into a graph this falls back to a plain allocation.
+   * calls, usable by `stream`'s later work at once. `dispose()` frees it on `freeOn` (default: the same
+   * stream), so it may be called while that stream still uses the memory (work on other streams must be
+   * ordered by the caller; a `freeOn` other than `stream` must already wait for `stream`'s use of it, as a
+   * stream that joined `stream` does). While `stream` is being captured into a graph this falls back to a
+   * plain allocation.
    */
-  static allocAsync(bytes: number, stream: Stream): DeviceBuffer {
+  static allocAsync(bytes: number, stream: Stream, freeOn: Stream = stream): DeviceBuffer {
     if (stream.isCapturing()) return DeviceBuffer.alloc(bytes, stream.device);
     flushDeferredFrees();
     if (!Number.isSafeInteger(bytes) || bytes < 0) {
@@ -123,8 +125,8 @@ export class DeviceBuffer {
     keepPoolMemory(stream.device);
     const out = new BigUint64Array(1);
     cu('cuMemAllocAsync', out, Math.max(bytes, 1), stream.handle);
-    const buf = new DeviceBuffer(stream.device, out[0]!, bytes, stream);
-    unreleased.register(buf, { ptr: out[0]!, stream, device: stream.device }, buf);
+    const buf = new DeviceBuffer(stream.device, out[0]!, bytes, freeOn);
+    unreleased.register(buf, { ptr: out[0]!, stream: freeOn, device: stream.device }, buf);
     return buf;
   }
 

@@ -89,6 +89,43 @@ test('events time a kernel', { skip: gpuSkip }, async () => {
   for (const r of [start, end, stream, x, y]) r.dispose();
 });
 
+test('a pool tensor made for one stream can be freed on another that joined it', {
+  skip: gpuSkip,
+}, async () => {
+  // The normal mode allocates its outputs for the receive stream and frees them on the call's stream.
+  const dev = Device.get(0);
+  const k = (await smoke()).kernel('tsep_axpb', ['ptr', 'ptr', 'f32', 'f32', 'i32']);
+  const [a, b] = [Stream.create(dev), Stream.create(dev)];
+  const n = 1 << 20;
+  const host = randomF32(seededRandom('pool free on another stream'), n);
+  const x = DeviceTensor.fromHost(host);
+  for (let round = 0; round < 3; round++) {
+    const y = DeviceTensor.emptyOn('f32', [n], a, b);
+    y.fillBytes(0xff, a); // poison: NaN unless the kernel writes every element
+    k.launch({ grid: 256, block: 256, stream: a }, [x.ptr, y.ptr, 2, round, n]);
+    const joined = Event.create(dev).record(a);
+    b.waitEvent(joined);
+    await b.synchronize();
+    const check = (what: string, t: DeviceTensor<'f32'>, add: number) => {
+      const got = t.toHost();
+      for (let i = 0; i < n; i++) {
+        const want = Math.fround(Math.fround(2 * host.data[i]!) + add);
+        if (got.data[i] !== want) assert.fail(`round ${round} ${what}[${i}]: ${got.data[i]} != ${want}`);
+      }
+    };
+    check('y', y, round);
+    y.dispose(); // freed in b's order, after a's kernel
+    const z = DeviceTensor.emptyOn('f32', [n], b); // may reuse y's memory, in b's order
+    z.fillBytes(0xff, b);
+    k.launch({ grid: 256, block: 256, stream: b }, [x.ptr, z.ptr, 2, round + 1, n]);
+    await b.synchronize();
+    check('z', z, round + 1);
+    z.dispose();
+    joined.dispose();
+  }
+  for (const r of [x, a, b]) r.dispose();
+});
+
 test('a running kernel’s host-mapped counter is seen before the kernel ends', { skip: gpuSkip }, async () => {
   const dev = Device.get(0);
   const k = (await smoke()).kernel('tsep_signal_and_wait', ['ptr', 'ptr', 'i32', 'u64']);

@@ -3,6 +3,7 @@
 // specialization, and the host-side call queue.
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
+import type { DType } from '../../device/dtypes.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import type { Stream } from '../../device/stream.ts';
 import { ValidationError } from '../../errors.ts';
@@ -111,8 +112,9 @@ export function dispatchInputs(rt: GpuRuntime, req: DispatchRequest): DispatchIn
 }
 
 /**
- * Exact- or worst-case-size dispatch outputs from the stream-ordered pool. The source indices go into a
- * fresh dispatch's handle; a cached dispatch has them already (`withSrcIdx` false).
+ * Exact- or worst-case-size dispatch outputs from the stream-ordered pool, for `stream`'s work and freed
+ * on `freeOn` (the call's stream, where the caller's work runs). The source indices go into a fresh
+ * dispatch's handle; a cached dispatch has them already (`withSrcIdx` false).
  */
 export function dispatchOutputs(
   inp: DispatchInputs,
@@ -120,15 +122,16 @@ export function dispatchOutputs(
   hidden: number,
   stream: Stream,
   withSrcIdx: boolean,
+  freeOn: Stream = stream,
 ) {
+  const empty = <D extends DType>(dtype: D, shape: number[]) =>
+    DeviceTensor.emptyOn(dtype, shape, stream, freeOn);
   return {
-    recvX: DeviceTensor.emptyOn(inp.x.dtype, [rows, hidden], stream),
-    recvScales: inp.scales
-      ? DeviceTensor.emptyOn(inp.scales.dtype, [rows, inp.scaleWords], stream)
-      : undefined,
-    recvSrcIdx: withSrcIdx ? DeviceTensor.emptyOn('i32', [rows], stream) : undefined,
-    recvTopkIdx: inp.topk ? DeviceTensor.emptyOn(inp.topk.dtype, [rows, inp.K], stream) : undefined,
-    recvTopkWeights: inp.weights ? DeviceTensor.emptyOn('f32', [rows, inp.K], stream) : undefined,
+    recvX: empty(inp.x.dtype, [rows, hidden]),
+    recvScales: inp.scales ? empty(inp.scales.dtype, [rows, inp.scaleWords]) : undefined,
+    recvSrcIdx: withSrcIdx ? empty('i32', [rows]) : undefined,
+    recvTopkIdx: inp.topk ? empty(inp.topk.dtype, [rows, inp.K]) : undefined,
+    recvTopkWeights: inp.weights ? empty('f32', [rows, inp.K]) : undefined,
   };
 }
 

@@ -309,7 +309,8 @@ export class NormalPath {
       rt.mark('barrier');
       send(sendPos, rankPrefix);
     }
-    const out = dispatchOutputs(inp, rows, rt.options.hidden, this.recvStream, fresh);
+    // Made for the receive kernel, freed on the call's stream (which joins it) after the caller's work.
+    const out = dispatchOutputs(inp, rows, rt.options.hidden, this.recvStream, fresh, stream);
     kernels.recv(this.recvStream, G.recv, {
       peers: this.peers,
       me: this.me,
@@ -403,8 +404,8 @@ export class NormalPath {
       fail: this.fail,
     });
     rt.mark('combine send');
-    const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], this.recvStream);
-    const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], this.recvStream) : undefined;
+    const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], this.recvStream, stream);
+    const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], this.recvStream, stream) : undefined;
     kernels.reduce(this.recvStream, G.recv, {
       peers: this.peers,
       me: this.me,
