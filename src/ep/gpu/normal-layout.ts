@@ -5,7 +5,7 @@
 
 import { fp8ScaleCount } from '../../device/dtypes.ts';
 
-/** Control block size (barrier slots, arrival counters, count matrix, per-expert counts). */
+/** Control block size (barrier slots, abort word, sequence numbers, count matrix, per-expert counts). */
 export const CTRL_BYTES = 64 * 1024;
 /** Byte offset of the rank's abort word in its control block (`Ctrl::abort`). */
 export const CTRL_ABORT = 36;

@@ -95,8 +95,8 @@ export class NormalPath {
   private readonly recvStream: Stream;
   private seq = 0;
   /**
-   * SMs (blocks) a dispatch (send + receive kernels together) and the combine send kernel use; the same
-   * on every rank.
+   * SMs (blocks) a dispatch or a combine uses, its send kernel and the receive or reduce kernel beside it
+   * together (see split()); the same on every rank.
    */
   numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
 
