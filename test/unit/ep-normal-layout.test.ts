@@ -5,6 +5,8 @@ import { test } from 'node:test';
 import { Rng } from '../../src/cpu/random.ts';
 import { dispatchChunks } from '../../src/ep/gpu/normal-kernels.ts';
 import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
+import { intSetting } from '../../src/ep/gpu/settings.ts';
+import { ValidationError } from '../../src/errors.ts';
 
 test('dispatch chunks cover every token, at most 1024 per source, none wholly past T_max', () => {
   const rng = new Rng(Date.now() >>> 0);
@@ -61,4 +63,31 @@ test('buffer areas are ordered, 256-byte aligned and large enough; no chunk word
     assert.equal(none.combineChunks, 0);
     assert.equal(none.x, CTRL_BYTES);
   }
+});
+
+test('TSEP_NORMAL_CHUNKS sets the chunk count; bad values of the integer knobs are refused by name', () => {
+  const saved = process.env.TSEP_NORMAL_CHUNKS;
+  try {
+    process.env.TSEP_NORMAL_CHUNKS = '4096';
+    assert.deepEqual(dispatchChunks(4096), { chunkTokens: 1, numChunks: 4096 });
+    assert.deepEqual(dispatchChunks(10_000), { chunkTokens: 3, numChunks: 3334 });
+    for (const bad of ['0', '-3', '2.5', 'many', '70000']) {
+      process.env.TSEP_NORMAL_CHUNKS = bad;
+      assert.throws(
+        () => dispatchChunks(4096),
+        (e: unknown) => e instanceof ValidationError && e.message.includes('TSEP_NORMAL_CHUNKS'),
+        bad,
+      );
+    }
+  } finally {
+    if (saved === undefined) delete process.env.TSEP_NORMAL_CHUNKS;
+    else process.env.TSEP_NORMAL_CHUNKS = saved;
+  }
+  delete process.env.TSEP_TEST_KNOB;
+  assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 7);
+  process.env.TSEP_TEST_KNOB = '9';
+  assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 9);
+  process.env.TSEP_TEST_KNOB = '10';
+  assert.throws(() => intSetting('TSEP_TEST_KNOB', 7, 1, 9), ValidationError);
+  delete process.env.TSEP_TEST_KNOB;
 });

@@ -46,6 +46,7 @@ import {
 } from './normal-kernels.ts';
 import { CTRL_ABORT, ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
+import { intSetting } from './settings.ts';
 
 /** What the host knows of a dispatch's routing over NCCL: rows per peer, both ways. */
 export interface NcclCounts {
@@ -118,7 +119,7 @@ export class NcclNormalPath {
   private readonly signal: HostBuffer;
   /** [R] i32 = r·T_max: where each rank's padded block starts in the stage (worst-case mode). */
   private readonly paddedOffsets: DeviceTensor;
-  numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
+  numSms = intSetting('TSEP_NORMAL_SMS', DEFAULT_NORMAL_SMS, 2, 1024);
 
   private constructor(rt: GpuRuntime, comm: NcclCommunicator, layout: Record<'i32' | 'i64', Kernel>) {
     this.rt = rt;

@@ -6,10 +6,10 @@ import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { DType } from '../../device/dtypes.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import type { Stream } from '../../device/stream.ts';
-import { ValidationError } from '../../errors.ts';
 import type { DispatchLayout, DispatchRequest, Tensor } from '../types.ts';
 import type { NormalAreas } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
+import { intSetting } from './settings.ts';
 
 /** Threads per block of the send kernels; a block is one SM's worth of copy warps. */
 export const SEND_THREADS = 512;
@@ -38,12 +38,16 @@ const FAIL_KINDS = ['ptr', 'ptr'] as const;
 const failArgs = (f: FailArgs) => [f.err, f.abort];
 
 /**
- * How a dispatch is cut into chunks of tokens that senders announce one by one: at most MAX_CHUNKS per
- * source, so a receiver's word array stays small; the same on every rank (it depends on T_max only).
+ * How a dispatch is cut into chunks of tokens that senders announce one by one: at most `maxChunks` per
+ * source (TSEP_NORMAL_CHUNKS, default 1024), so a receiver's word array stays small; the same on every
+ * rank (it depends on T_max and the environment only). More chunks make rows land in a steadier stream
+ * (a shorter receive tail) at more announcements and more, smaller receive items.
  */
-const MAX_CHUNKS = 1024;
-export function dispatchChunks(maxTokensPerRank: number): { chunkTokens: number; numChunks: number } {
-  const chunkTokens = Math.max(1, Math.ceil(maxTokensPerRank / MAX_CHUNKS));
+export function dispatchChunks(
+  maxTokensPerRank: number,
+  maxChunks = intSetting('TSEP_NORMAL_CHUNKS', 1024, 1, 65536),
+): { chunkTokens: number; numChunks: number } {
+  const chunkTokens = Math.max(1, Math.ceil(maxTokensPerRank / maxChunks));
   return { chunkTokens, numChunks: Math.max(1, Math.ceil(maxTokensPerRank / chunkTokens)) };
 }
 
@@ -426,18 +430,6 @@ export class NormalKernels {
   }
 }
 
-function unrollSetting(): number {
-  const v = Number(process.env.TSEP_NORMAL_UNROLL ?? 4);
-  if (!Number.isInteger(v) || v < 1 || v > 16) {
-    throw new ValidationError(
-      'TSEP_NORMAL_UNROLL',
-      String(process.env.TSEP_NORMAL_UNROLL),
-      'an integer from 1 to 16',
-    );
-  }
-  return v;
-}
-
 /** NCCL worst-case mode: prefix matrix, received rows and rows per source from the all-gathered counts. */
 export function launchNcclCounts(
   kernels: NormalKernels,
@@ -485,7 +477,7 @@ export class NormalModules {
   private readonly rt: GpuRuntime;
   private readonly cache = new Map<string, Promise<NormalKernels>>();
   /** 16-byte loads per lane in flight in the send kernels' row copies (a tuning knob; TSEP_NORMAL_UNROLL). */
-  private readonly unroll = unrollSetting();
+  private readonly unroll = intSetting('TSEP_NORMAL_UNROLL', 4, 1, 16);
 
   constructor(rt: GpuRuntime) {
     this.rt = rt;

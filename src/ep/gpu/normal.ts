@@ -51,6 +51,7 @@ import {
   SIGNAL_SEQ,
 } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
+import { intSetting } from './settings.ts';
 
 /** Device state a GPU dispatch handle carries beyond the public fields. */
 export interface GpuDispatchHandle extends DispatchHandle {
@@ -98,7 +99,7 @@ export class NormalPath {
    * SMs (blocks) a dispatch or a combine uses, its send kernel and the receive or reduce kernel beside it
    * together (see split()); the same on every rank.
    */
-  numSms = Number(process.env.TSEP_NORMAL_SMS ?? DEFAULT_NORMAL_SMS);
+  numSms = intSetting('TSEP_NORMAL_SMS', DEFAULT_NORMAL_SMS, 2, 1024);
 
   private constructor(
     rt: GpuRuntime,
