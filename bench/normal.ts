@@ -1,13 +1,14 @@
 // Normal-mode benchmark (DESIGN §5), run on every rank under the launcher:
 //   tsep bench normal [-n R] [-- --tokens 4096 --hidden 7168 --topk 8 --experts 256 --sms 16,24,32 --iters 30
-//                               --transport auto|nvlink|nccl]
+//                               --transport auto|nvlink|nccl --no-nccl-transport]
 // Standard shape: 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform random routing.
 // Times, with CUDA events around each whole call on the buffer's stream, calls back to back after warm-up
 // with a 256 MiB memset before each (L2 flush), as DeepEP's bench does:
 //   FP8 and BF16 cached dispatch (DeepEP's V1 convention: no count exchange), FP8 fresh dispatch (count
 //   exchange + host read of the counts), combine, and the layout kernel;
 // logical bandwidth = bytes received by a rank (own tokens included; FP8 rows count H + 4·H/128 bytes) /
-// time; per iteration the slowest rank's time. NCCL all-to-all of the same bytes runs in the same job.
+// time; per iteration the slowest rank's time. NCCL all-to-all of the same bytes runs in the same job, and
+// (unless --no-nccl-transport) the same calls on a second buffer over the NCCL transport ("NCCL-tr").
 
 import { parseArgs } from 'node:util';
 import { Rng } from '../src/cpu/random.ts';
@@ -34,7 +35,9 @@ const { values: opt } = parseArgs({
     warmup: { type: 'string', default: '5' },
     seed: { type: 'string', default: String(Date.now() >>> 0) },
     transport: { type: 'string', default: 'auto' },
+    'nccl-transport': { type: 'boolean', default: true },
   },
+  allowNegative: true,
   strict: true,
 });
 const T = Number(opt.tokens);
@@ -76,7 +79,7 @@ const xFp8 = up(fp8.x);
 const scales = up(fp8.scales);
 // 256 MiB of memset before each timed call flushes L2 (50 MiB), as DeepEP's bench does.
 const flush = DeviceBuffer.alloc(2 ** 28, dev);
-const beforeEach = () => flush.fill(rank & 0xff, stream);
+const beforeEach = (on = stream) => flush.fill(rank & 0xff, on);
 
 /** Frees the device tensors of a call's result (stream-ordered: safe while the stream still uses them). */
 function release(result: unknown): void {
@@ -86,23 +89,23 @@ function release(result: unknown): void {
 /** Host time (ms) of each timed call of the last timeCall: API entry to the call's work enqueued. */
 let hostMs: number[] = [];
 
-/** Per-iteration times (ms) of an async EP call, CUDA events on the buffer's stream around each. */
-async function timeCall(fn: () => Promise<unknown>): Promise<number[]> {
+/** Per-iteration times (ms) of an async EP call, CUDA events on the buffer's stream (`on`) around each. */
+async function timeCall(fn: () => Promise<unknown>, on = stream): Promise<number[]> {
   hostMs = [];
   const results: unknown[] = [];
   for (let i = 0; i < warmup; i++) results.push(await fn());
-  await stream.synchronize();
+  await on.synchronize();
   await group.barrier();
   const ev = Array.from({ length: 2 * iters }, () => Event.create(dev, { timing: true }));
   // Back to back, as DeepEP's bench runs: the host enqueues ahead of the GPU, so neither its enqueue time
   // nor the ranks' start skew (absorbed by the first call's barrier) is timed, and clocks stay up.
   for (let i = 0; i < iters; i++) {
-    beforeEach();
-    ev[2 * i]!.record(stream);
+    beforeEach(on);
+    ev[2 * i]!.record(on);
     const t0 = performance.now();
     const result = await fn();
     hostMs.push(performance.now() - t0);
-    ev[2 * i + 1]!.record(stream);
+    ev[2 * i + 1]!.record(on);
     // Outputs come from the stream-ordered pool: freeing them now reuses the memory next call, as a
     // training loop that drops each step's outputs would.
     release(result);
@@ -147,6 +150,9 @@ interface Row {
   gbps: number;
   ncclUs?: number;
   ratio?: number;
+  /** The same call over the NCCL transport (last SM count), and its time / this row's. */
+  ncclTransportUs?: number;
+  transportRatio?: number;
 }
 const rows: Row[] = [];
 const add = async (op: string, sms: number, ms: number[], bytes: number) => {
@@ -162,30 +168,54 @@ const add = async (op: string, sms: number, ms: number[], bytes: number) => {
   });
 };
 
+/** The timed calls on buffer `b` (its own handles; the same routing and data on every buffer). */
+async function callsOf(b: EpBuffer): Promise<[string, () => Promise<unknown>, number][]> {
+  const l = b === buffer ? layout : b.getDispatchLayout(topk, E);
+  const fp8 =
+    b === buffer
+      ? handle
+      : (await b.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout: l })).handle;
+  const bf = (await b.dispatch({ x: xBf16, topkIdx: topk, topkWeights: weights, layout: l })).handle;
+  return [
+    ['dispatch fp8 (cached)', () => b.dispatch({ x: xFp8, scales, handle: fp8 }), fp8Bytes],
+    ['dispatch bf16 (cached)', () => b.dispatch({ x: xBf16, handle: bf }), bf16Bytes],
+    ['combine bf16', () => b.combine({ x: expertOut, handle: fp8 }), bf16Bytes],
+    [
+      'dispatch fp8 (fresh, host sync)',
+      () => b.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout: l }),
+      fp8Bytes,
+    ],
+  ];
+}
+
 for (const sms of smsList) {
   buffer.setNumSms(sms);
-  await add(
-    'dispatch fp8 (cached)',
-    sms,
-    await timeCall(() => buffer.dispatch({ x: xFp8, scales, handle })),
-    fp8Bytes,
-  );
-  const bf = await buffer.dispatch({ x: xBf16, topkIdx: topk, topkWeights: weights, layout });
-  await add(
-    'dispatch bf16 (cached)',
-    sms,
-    await timeCall(() => buffer.dispatch({ x: xBf16, handle: bf.handle })),
-    bf16Bytes,
-  );
-  await add('combine bf16', sms, await timeCall(() => buffer.combine({ x: expertOut, handle })), bf16Bytes);
-  await add(
-    'dispatch fp8 (fresh, host sync)',
-    sms,
-    await timeCall(() => buffer.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout })),
-    fp8Bytes,
-  );
+  for (const [op, fn, bytes] of await callsOf(buffer)) await add(op, sms, await timeCall(fn), bytes);
 }
 await add('layout', 0, await timeCall(async () => buffer.getDispatchLayout(topk, E)), 0);
+
+// The same calls over the NCCL transport, in the same job (issue "NCCL transport": what the calls cost
+// written with NCCL collectives), at the last SM count; skipped with --no-nccl-transport.
+if (buffer.transport!.transport !== 'nccl' && opt['nccl-transport']) {
+  const nb = await EpBuffer.create(group, {
+    hidden: H,
+    maxTokensPerRank: T,
+    numExperts: E,
+    numTopk: K,
+    backend: 'gpu',
+    transport: 'nccl',
+  });
+  const sms = smsList[smsList.length - 1]!;
+  nb.setNumSms(sms);
+  for (const [op, fn] of await callsOf(nb)) {
+    const us = summarize(await slowest(await timeCall(fn, nb.stream!))).median * 1000;
+    for (const r of rows.filter((x) => x.op === op)) {
+      r.ncclTransportUs = us;
+      r.transportRatio = us / r.medianUs;
+    }
+  }
+  await nb.destroy();
+}
 
 // With TSEP_PROFILE=1: device time per kernel of each call (median over calls, slowest rank), at the
 // last SM count; calls run one at a time with the ranks aligned, as above.
@@ -261,8 +291,22 @@ if (rank === 0) {
       { header: 'GB/s', digits: 1 },
       { header: 'NCCL µs', digits: 1 },
       { header: 'NCCL/tsep', digits: 2 },
+      { header: 'NCCL-tr µs', digits: 1 },
+      { header: 'NCCL-tr/tsep', digits: 2 },
     ],
-    rows.map((r) => [r.op, r.sms, r.medianUs, r.p10Us, r.p90Us, r.hostUs, r.gbps, r.ncclUs, r.ratio]),
+    rows.map((r) => [
+      r.op,
+      r.sms,
+      r.medianUs,
+      r.p10Us,
+      r.p90Us,
+      r.hostUs,
+      r.gbps,
+      r.ncclUs,
+      r.ratio,
+      r.ncclTransportUs,
+      r.transportRatio,
+    ]),
   );
   for (const op of [
     'dispatch fp8 (cached)',

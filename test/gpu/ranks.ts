@@ -2,6 +2,7 @@
 // fixture under `tsep launch` with its output collected.
 
 import { spawn } from 'node:child_process';
+import { type AddressInfo, createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { Device } from '../../src/device/context.ts';
 import { gpuSkip } from './gpu.ts';
@@ -34,10 +35,11 @@ export function launchRanks(
   args: readonly string[],
   timeoutS: number,
   extraEnv: NodeJS.ProcessEnv = {},
+  launchFlags: readonly string[] = [],
 ): Promise<RankRun> {
   const env: NodeJS.ProcessEnv = { ...process.env, TSEP_STORE_TIMEOUT_S: '60', ...extraEnv };
   delete env.NODE_TEST_CONTEXT; // the ranks are plain programs, not test files
-  const launchArgs = ['launch', '-n', String(ranks), '--timeout', String(timeoutS), '--'];
+  const launchArgs = ['launch', '-n', String(ranks), ...launchFlags, '--timeout', String(timeoutS), '--'];
   const child = spawn(
     process.execPath,
     [MAIN, ...launchArgs, process.execPath, fileURLToPath(fixture), ...args],
@@ -56,6 +58,47 @@ export function launchRanks(
   });
   return new Promise((resolve) => {
     child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+  });
+}
+
+/**
+ * Runs `node <fixture> ...args` as `hosts` virtual hosts of `perHost` ranks on this machine: one
+ * `tsep launch --nnodes H --node-rank h` per host, each seeing its own GPUs (CUDA_VISIBLE_DEVICES), so the
+ * ranks believe they are on different hosts (LOCAL_WORLD_SIZE = perHost < WORLD_SIZE). Resolves with every
+ * launcher's result once all have exited.
+ */
+export async function launchVirtualHosts(
+  hosts: number,
+  perHost: number,
+  fixture: URL,
+  args: readonly string[],
+  timeoutS: number,
+): Promise<RankRun[]> {
+  const port = await freePort();
+  const runs = Array.from({ length: hosts }, (_, h) => {
+    const gpus = Array.from({ length: perHost }, (_, i) => h * perHost + i).join(',');
+    return launchRanks(perHost, fixture, args, timeoutS, { CUDA_VISIBLE_DEVICES: gpus }, [
+      '--nnodes',
+      String(hosts),
+      '--node-rank',
+      String(h),
+      '--master-addr',
+      '127.0.0.1',
+      '--master-port',
+      String(port),
+    ]);
+  });
+  return Promise.all(runs);
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as AddressInfo;
+      srv.close(() => resolve(port));
+    });
   });
 }
 
