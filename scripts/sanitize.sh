@@ -15,7 +15,7 @@ fi
 export TSEP_TIMEOUT_S=300
 status=0
 fixtures=(
-  "test/gpu/fixtures/normal-check.ts 1 quick"
+  "test/gpu/fixtures/normal-check.ts 1 tiny"
   "test/gpu/fixtures/ll-check.ts 1 quick"
 )
 for tool in memcheck racecheck; do
