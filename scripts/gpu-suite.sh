@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU machine's work in stages that each fit one device call (≤ 10 minutes), logs under $OUT (or /tmp):
+#   scripts/device.sh run -- scripts/gpu-suite.sh tests        smoke, process group, normal-mode tests
+#   scripts/device.sh run -- scripts/gpu-suite.sh tests2       low-latency, failure, virtual-host tests
+#   scripts/device.sh run -- scripts/gpu-suite.sh benches      normal (NVLink + NCCL-transport columns, per-
+#                                                               kernel profile) and low-latency benches, EP=all GPUs
+#   scripts/device.sh run -- scripts/gpu-suite.sh reliability  soak (10,000 iterations) and compute-sanitizer
+# Each step has its own time limit, so one slow step cannot eat the others' time; every step's summary
+# lines are printed, the whole log is in $OUT/<step>.log. Record the numbers in bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp}
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+status=0
+
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0
+  t0=$(date +%s)
+  echo "=== $name (limit ${limit} s, $(date +%T))"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "--- $name: exit $rc after $(($(date +%s) - t0)) s"
+  grep -E "^(✔|✖|﹣)|ℹ (tests|pass|fail|skipped)|^\[rank 0\] (dispatch|combine|layout|op|best|tsep|device time|  )|all ok|soak|sanitize:|rror" \
+    "$out/$name.log" | head -60
+  [ "$rc" -eq 0 ] || status=1
+}
+
+
+case "${1:-}" in
+  tests)
+    step smoke-pg 120 node --test --test-reporter=spec test/gpu/smoke.test.ts test/gpu/process-group.test.ts
+    # TEST_PATTERN (e.g. "4 ranks") narrows the normal-mode tests to what still needs running.
+    step normal 560 node --test --test-concurrency=1 --test-reporter=spec \
+      ${TEST_PATTERN:+--test-name-pattern="$TEST_PATTERN"} test/gpu/normal.test.ts
+    ;;
+  tests2)
+    step low-latency 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
+    step failure 120 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts
+    step virtual-hosts 200 node --test --test-reporter=spec test/gpu/virtual-hosts.test.ts
+    ;;
+  benches)
+    step bench-normal 240 env TSEP_PROFILE=1 TSEP_BENCH_OUT="$out/normal.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 230 -- --sms 24,32 --iters 20
+    step bench-normal-chunks 150 env TSEP_NORMAL_CHUNKS=4096 TSEP_BENCH_OUT="$out/normal-chunks4096.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 140 -- --sms 24 --iters 20 --no-nccl-transport
+    step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
+    ;;
+  reliability)
+    step soak 420 env TSEP_BENCH_OUT="$out/soak.json" node src/cli/main.ts bench soak -n "$gpus" --timeout 410
+    step sanitize 170 scripts/sanitize.sh 2
+    ;;
+  *)
+    echo "usage: scripts/gpu-suite.sh tests|tests2|benches|reliability" >&2
+    exit 2
+    ;;
+esac
+exit $status
