@@ -1,16 +1,13 @@
 // Building blocks of the low-latency kernels (kernels/low_latency.cu): the buffer layout (every offset
 // comes from src/ep/gpu/ll-layout.ts as a -D define), system-scope signalling, bounded waits that leave
-// a record in host-mapped memory instead of hanging, and the last-block completion pattern.
+// a record in host-mapped memory instead of hanging, and the last-block completion pattern. What does not
+// depend on the transport (shape macros, quantization, receive order, combine order) is in ll_core.cuh.
 #pragma once
-#include "common.cuh"
 
-#ifndef LL_R
+#include "ll_core.cuh"
+
+#ifndef LL_MSG
 // Defaults so the file compiles stand-alone (scripts/check-kernels.sh); the library always passes all.
-#define LL_R 4
-#define LL_EL 72
-#define LL_H 7168
-#define LL_TMAX 128
-#define LL_KMAX 8
 #define LL_MSG 14336
 #define LL_ROUTE 4096
 #define LL_SRC (LL_ROUTE + LL_TMAX * LL_MSG)
@@ -25,20 +22,6 @@
 #define LL_OFF_DAREA 4096
 #define LL_OFF_CAREA (LL_OFF_DAREA + 2 * LL_DHALF)
 #endif
-
-#define LL_THREADS 512
-#define LL_WARPS (LL_THREADS / 32)
-#define LL_E (LL_R * LL_EL)
-#define LL_RT (LL_R * LL_TMAX)
-#define LL_S ((LL_H + 127) / 128)
-#define LL_W ((LL_S + 3) / 4)
-#define LL_FULL 0xffffffffu
-
-// Per-call flags (kernel argument `flags`).
-#define LL_FLAG_FP8 1
-#define LL_FLAG_ROUND 2
-#define LL_FLAG_UE8M0 4
-#define LL_FLAG_IDX64 8
 
 // Device-side state words (src/ep/gpu/ll-layout.ts LL_STATE).
 #define LL_ST_DSEND 0
@@ -115,18 +98,6 @@ __device__ __forceinline__ u64 ld_relaxed_u64(const u64 *p) {
   asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
-
-// Read-only 16-byte load of an input that no one writes while the kernel runs.
-__device__ __forceinline__ uint4 ld_nc_v4(const void *p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-// Plain 16-byte load of data peers wrote (ordered by an earlier acquire + barrier).
-__device__ __forceinline__ uint4 ld_v4(const void *p) { return *reinterpret_cast<const uint4 *>(p); }
-__device__ __forceinline__ void st_v4(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
 
 // "a is at or past b" for wrapping u32 sequence numbers.
 __device__ __forceinline__ bool reached(u32 a, u32 b) { return (int)(a - b) >= 0; }
@@ -227,11 +198,6 @@ __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   atomicExch(arrive, 0u);
   fence_acq_rel_sys();
   return true;
-}
-
-__device__ __forceinline__ int load_expert(const void *topk, int i, bool idx64) {
-  long long e = idx64 ? reinterpret_cast<const long long *>(topk)[i] : reinterpret_cast<const int *>(topk)[i];
-  return (e >= 0 && e < LL_E) ? (int)e : -1;
 }
 
 // Addresses inside a rank's buffer.
