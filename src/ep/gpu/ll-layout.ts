@@ -34,6 +34,9 @@ export const LL_RECORD = {
   words: 8,
 } as const;
 
+/** The payload type of a low-latency dispatch. */
+export type LlPayload = 'fp8' | 'bf16';
+
 export interface LlShape {
   numRanks: number;
   localExperts: number;
@@ -99,14 +102,21 @@ export function llLayout(shape: LlShape): LlLayout {
   };
 }
 
+/** The shape every low-latency kernel specializes on, as -D defines (kernels/ll_core.cuh). */
+export function llShapeDefines(s: LlShape): Record<string, number> {
+  return {
+    LL_R: s.numRanks,
+    LL_EL: s.localExperts,
+    LL_H: s.hidden,
+    LL_TMAX: s.maxTokensPerRank,
+    LL_KMAX: s.numTopk,
+  };
+}
+
 /** The layout as the kernels' -D defines (plus the buffer constants they specialize on). */
 export function llDefines(l: LlLayout): Record<string, number> {
   return {
-    LL_R: l.numRanks,
-    LL_EL: l.localExperts,
-    LL_H: l.hidden,
-    LL_TMAX: l.maxTokensPerRank,
-    LL_KMAX: l.numTopk,
+    ...llShapeDefines(l),
     LL_MSG: l.msgBytes,
     LL_ROUTE: l.routeBytes,
     LL_SRC: l.srcBytes,

@@ -4,11 +4,9 @@
 //
 // Nothing here waits for the GPU: every call only enqueues kernels on the runtime's stream. Sequence
 // numbers, buffer halves and signals live on the device, so calls are capturable in a CUDA graph and
-// replays stay correct. Output tensors come from a small ring per payload type (OUTPUT_RING sets), so the
-// results of the last OUTPUT_RING dispatches (and combines) stay valid, as DeepEP keeps two buffers.
+// replays stay correct. Outputs come from the ring of ll-outputs.ts; the host side of a call that does not
+// depend on the transport (checks, flags, handle, hooks) is ll-call.ts.
 
-import { DeviceTensor } from '../../device/device-tensor.ts';
-import { DeviceBuffer } from '../../device/memory.ts';
 import type { Kernel } from '../../device/module.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
@@ -18,23 +16,26 @@ import type {
   LowLatencyCombineResult,
   LowLatencyDispatchRequest,
   LowLatencyDispatchResult,
-  LowLatencyHandle,
   RecvHook,
 } from '../types.ts';
 import { deviceTimeoutNs } from './device-error.ts';
 import type { GpuEvent } from './event.ts';
+import {
+  checkLlCapacity,
+  combineRecvGrid,
+  defaultLlGrids,
+  dispatchSendGrid,
+  hookOnce,
+  LL_THREADS,
+  type LlGrids,
+  llCombineInputs,
+  llDispatchInputs,
+  llDispatchResult,
+  llSharedBytes,
+} from './ll-call.ts';
 import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
+import { LlOutputs } from './ll-outputs.ts';
 import type { GpuRuntime } from './runtime.ts';
-
-/** Output sets per payload type kept alive at once (a result is overwritten by the call this many later). */
-export const OUTPUT_RING = 2;
-
-const THREADS = 512;
-const WARPS = THREADS / 32;
-const FLAG_FP8 = 1;
-const FLAG_ROUND = 2;
-const FLAG_UE8M0 = 4;
-const FLAG_IDX64 = 8;
 
 const KERNEL_NAMES: Record<number, string> = {
   1: 'dispatch send',
@@ -51,19 +52,12 @@ const PHASES: Record<number, string> = {
 };
 
 /** Launch shapes; defaults follow the SM count. Benchmarks may change them between calls. */
-export interface LlTuning {
+export interface LlTuning extends LlGrids {
   /**
    * Without receive hooks, run the send and receive phases in one launch (default). Its grid is capped at
    * what fits on the GPU at once, so a block waiting in the receive phase never starves a send block.
    */
   fuse: boolean;
-  /** Most blocks of the dispatch send phase (fewer when there are fewer token chunks). */
-  dispatchSendBlocks: number;
-  /** Blocks per local expert in the dispatch receive kernel. */
-  dispatchRecvParts: number;
-  combineSendBlocks: number;
-  /** Most blocks of the combine receive phase. */
-  combineRecvBlocks: number;
 }
 
 /** Names of the device timestamps (globaltimer ns) the kernels leave for {@link LowLatencyPath.stamps}. */
@@ -81,59 +75,6 @@ export const LL_STAMPS = [
   'combineRecvReady',
   'combineRecvEnd',
 ] as const;
-
-/** The GPU backend's low-latency handle: the public fields plus what the combine kernels need. */
-export class GpuLowLatencyHandle implements LowLatencyHandle {
-  readonly kind = 'low-latency';
-  readonly owner: HandleOwner;
-  readonly numTokens: number;
-  readonly packedRecvSrcInfo: DeviceTensor;
-  readonly packedRecvLayoutRange: DeviceTensor;
-  /** [E_l, R·T_max] i32 (a bit mask): the source's top-k slots that chose this row's expert (bit k = slot k). */
-  readonly recvKMask: DeviceTensor;
-  /** The path that made it. */
-  readonly path: LowLatencyPath;
-
-  /** Its tensors are views into the path's output ring, which the path owns: nothing to free. */
-  dispose(): void {}
-
-  constructor(
-    path: LowLatencyPath,
-    owner: HandleOwner,
-    numTokens: number,
-    srcInfo: DeviceTensor,
-    layoutRange: DeviceTensor,
-    kmask: DeviceTensor,
-  ) {
-    this.path = path;
-    this.owner = owner;
-    this.numTokens = numTokens;
-    this.packedRecvSrcInfo = srcInfo;
-    this.packedRecvLayoutRange = layoutRange;
-    this.recvKMask = kmask;
-  }
-}
-
-/** One set of dispatch outputs (device memory sized for the largest variant of its payload type). */
-interface DispatchSlot {
-  x: DeviceBuffer;
-  scales: DeviceBuffer | undefined;
-  count: DeviceBuffer;
-  srcInfo: DeviceBuffer;
-  range: DeviceBuffer;
-  kmask: DeviceBuffer;
-  /** Tensor views of the slot, made once per scale format (views are immutable, so calls share them). */
-  views: Map<string, SlotViews>;
-}
-
-interface SlotViews {
-  recvX: DeviceTensor;
-  recvScales: DeviceTensor | undefined;
-  recvCount: DeviceTensor;
-  srcInfo: DeviceTensor;
-  range: DeviceTensor;
-  kmask: DeviceTensor;
-}
 
 const PHASE_SEND = 1;
 const PHASE_RECV = 2;
@@ -155,10 +96,7 @@ export class LowLatencyPath {
   /** Blocks of each kernel that fit on the GPU at once (the cap of a fused launch). */
   private readonly dispatchResident: number;
   private readonly combineResident: number;
-  private readonly dispatchRings = new Map<'fp8' | 'bf16', DispatchSlot[]>();
-  private dispatchCalls = { fp8: 0, bf16: 0 };
-  private readonly combineRing: { buffer: DeviceBuffer; views: Map<number, DeviceTensor> }[] = [];
-  private combineCalls = 0;
+  private readonly outputs: LlOutputs;
   private destroyed = false;
   /** Launch shapes (see {@link LlTuning}). */
   readonly tuning: LlTuning;
@@ -177,20 +115,15 @@ export class LowLatencyPath {
     this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
     this.timeout = deviceTimeoutNs();
     this.rank = rt.group.localRank;
+    this.outputs = new LlOutputs(rt, layout, rt.options.fp8 ? 'fp8' : 'bf16');
     [this.kDispatch, this.kCombine, this.kClean, this.kGate] = kernels as [Kernel, Kernel, Kernel, Kernel];
     const sms = rt.smCount;
-    this.dispatchSmem = 8 * layout.numRanks * layout.maxTokensPerRank;
-    this.combineSmem = 4 * (2 * layout.localExperts * layout.numRanks + layout.localExperts + 1);
-    this.dispatchResident = sms * Math.max(1, this.kDispatch.occupancy(THREADS, this.dispatchSmem));
-    this.combineResident = sms * Math.max(1, this.kCombine.occupancy(THREADS, this.combineSmem));
-    this.tuning = {
-      fuse: true,
-      dispatchSendBlocks: 2 * sms,
-      // About two resident 512-thread blocks per SM in all.
-      dispatchRecvParts: Math.max(1, Math.floor((2 * sms) / layout.localExperts)),
-      combineSendBlocks: sms,
-      combineRecvBlocks: 4 * sms,
-    };
+    const smem = llSharedBytes(layout);
+    this.dispatchSmem = smem.dispatchRecv;
+    this.combineSmem = smem.combineSend;
+    this.dispatchResident = sms * Math.max(1, this.kDispatch.occupancy(LL_THREADS, this.dispatchSmem));
+    this.combineResident = sms * Math.max(1, this.kCombine.occupancy(LL_THREADS, this.combineSmem));
+    this.tuning = { fuse: true, ...defaultLlGrids(sms, layout.localExperts) };
   }
 
   /**
@@ -209,13 +142,7 @@ export class LowLatencyPath {
     if (group.size > 8 || group.size < 1) {
       throw new ValidationError('group size', String(group.size), '1 to 8 ranks (one NVLink host)');
     }
-    if (options.maxTokensPerRank > 65535 || group.size * options.maxTokensPerRank > 16384) {
-      throw new ValidationError(
-        'maxTokensPerRank',
-        String(options.maxTokensPerRank),
-        `at most 65535 and ranks × maxTokensPerRank ≤ 16384 for the low-latency mode (${group.size} ranks)`,
-      );
-    }
+    checkLlCapacity(group.size, options.maxTokensPerRank);
     const layout = llLayout({
       numRanks: group.size,
       localExperts: options.numExperts / group.size,
@@ -262,19 +189,13 @@ export class LowLatencyPath {
       mod.kernel('ll_gate', [...common, 'u64']),
     ];
     const sym = await SymmetricBuffer.create(group, layout.totalBytes, rt.device);
-    const path = new LowLatencyPath(
+    return new LowLatencyPath(
       rt,
       layout,
       sym,
       owner ?? { label: `GPU low-latency path (rank ${group.rank} of ${group.size})` },
       kernels,
     );
-    // The buffer's default payload type gets its outputs now, outside any graph capture.
-    for (let i = 0; i < OUTPUT_RING; i++) {
-      path.dispatchSlot(options.fp8 ? 'fp8' : 'bf16', i);
-      path.combineSlot(i);
-    }
-    return path;
   }
 
   /** Bytes of the symmetric (peer-mapped) buffer of this rank. */
@@ -284,19 +205,7 @@ export class LowLatencyPath {
 
   /** Bytes of the output rings allocated so far (device memory outside the symmetric buffer). */
   outputBytes(): number {
-    let n = 0;
-    for (const ring of this.dispatchRings.values()) {
-      for (const s of ring)
-        n +=
-          s.x.bytes +
-          (s.scales?.bytes ?? 0) +
-          s.count.bytes +
-          s.srcInfo.bytes +
-          s.range.bytes +
-          s.kmask.bytes;
-    }
-    for (const b of this.combineRing) n += b.buffer.bytes;
-    return n;
+    return this.outputs.bytes();
   }
 
   // ------------------------------------------------------------------------------------------ dispatch
@@ -304,29 +213,16 @@ export class LowLatencyPath {
   dispatch(req: LowLatencyDispatchRequest): LowLatencyDispatchResult {
     this.checkUsable();
     const rt = this.rt;
-    const x = rt.onDevice('x', req.x);
-    const topk = rt.onDevice('topkIdx', req.topkIdx);
-    const [T, K] = topk.shape as [number, number];
     const L = this.layout;
-    this.checkShape(x, T, K);
-    const flags =
-      (req.fp8 ? FLAG_FP8 : 0) |
-      (req.roundScale || req.ue8m0 ? FLAG_ROUND : 0) |
-      (req.ue8m0 ? FLAG_UE8M0 : 0) |
-      (topk.dtype === 'i64' ? FLAG_IDX64 : 0);
-    const kind = req.fp8 ? 'fp8' : 'bf16';
-    const slot = this.dispatchSlot(kind, this.dispatchCalls[kind]++ % OUTPUT_RING);
-    const views = this.slotViews(slot, kind, req.ue8m0);
+    const { x, topk, T, K, flags, kind } = llDispatchInputs(rt, L, req);
+    const views = this.outputs.nextDispatch(kind, req.ue8m0);
 
     const tn = this.tuning;
-    const sendGrid = Math.max(
-      1,
-      Math.min(tn.dispatchSendBlocks, Math.ceil((T * Math.ceil(L.hidden / 512)) / WARPS)),
-    );
+    const sendGrid = dispatchSendGrid(tn, T, L.hidden);
     const parts = tn.dispatchRecvParts;
     const recvGrid = L.localExperts * parts;
     const launch = (grid: number, phases: number): void => {
-      this.kDispatch.launch({ grid, block: THREADS, sharedBytes: this.dispatchSmem, stream: rt.stream }, [
+      this.kDispatch.launch({ grid, block: LL_THREADS, sharedBytes: this.dispatchSmem, stream: rt.stream }, [
         this.sym.peerTable.ptr,
         this.sym.signal.devicePtr,
         this.rank,
@@ -336,12 +232,12 @@ export class LowLatencyPath {
         T,
         K,
         flags,
-        slot.x.ptr,
-        slot.scales?.ptr ?? 0n,
-        slot.count.ptr,
-        slot.srcInfo.ptr,
-        slot.range.ptr,
-        slot.kmask.ptr,
+        views.recvX.ptr,
+        views.recvScales?.ptr ?? 0n,
+        views.recvCount.ptr,
+        views.srcInfo.ptr,
+        views.range.ptr,
+        views.kmask.ptr,
         parts,
         phases,
       ]);
@@ -349,57 +245,30 @@ export class LowLatencyPath {
     let hook: RecvHook | undefined;
     if (req.returnRecvHook) {
       launch(sendGrid, PHASE_SEND);
-      hook = this.hookOnce('dispatch', () => launch(recvGrid, PHASE_RECV));
+      hook = hookOnce('dispatch', this.alive, () => launch(recvGrid, PHASE_RECV));
     } else if (tn.fuse) {
       launch(Math.min(this.dispatchResident, Math.max(sendGrid, recvGrid)), PHASE_SEND | PHASE_RECV);
     } else {
       launch(sendGrid, PHASE_SEND);
       launch(recvGrid, PHASE_RECV);
     }
-    const handle = new GpuLowLatencyHandle(this, this.owner, T, views.srcInfo, views.range, views.kmask);
-    return {
-      recvX: views.recvX,
-      ...(views.recvScales ? { recvScales: views.recvScales } : {}),
-      recvCount: views.recvCount,
-      handle,
-      event: this.event(),
-      ...(hook ? { hook } : {}),
-    };
+    return llDispatchResult(this, this.owner, T, views, this.event(), hook);
   }
 
   // ------------------------------------------------------------------------------------------- combine
 
   combine(req: LowLatencyCombineRequest): LowLatencyCombineResult {
     this.checkUsable();
-    const handle = req.handle;
-    if (!(handle instanceof GpuLowLatencyHandle) || handle.path !== this) {
-      throw new ValidationError(
-        'handle',
-        'a handle from another buffer or backend',
-        "the handle of this buffer's lowLatencyDispatch",
-      );
-    }
     const rt = this.rt;
-    const x = rt.onDevice('x', req.x);
-    const topk = rt.onDevice('topkIdx', req.topkIdx);
-    const w = rt.onDevice('topkWeights', req.topkWeights);
-    const [T, K] = topk.shape as [number, number];
     const L = this.layout;
-    this.checkShape(undefined, T, K);
-    if (x.shape.join() !== [L.localExperts, L.numRanks * L.maxTokensPerRank, L.hidden].join()) {
-      throw new ValidationError(
-        'x',
-        `shape [${x.shape.join(', ')}]`,
-        'the dispatch layout [E_l, R·T_max, H]',
-      );
-    }
-    const out = this.combineOut(this.combineCalls++ % OUTPUT_RING, T);
+    const { x, topk, weights: w, T, K, flags, handle } = llCombineInputs(rt, L, req, this);
+    const out = this.outputs.nextCombine(T);
     const srcInfo = handle.packedRecvSrcInfo;
     const range = handle.packedRecvLayoutRange;
     const tn = this.tuning;
-    const recvGrid = Math.max(1, Math.min(tn.combineRecvBlocks, Math.ceil((T * (L.hidden / 8)) / THREADS)));
+    const recvGrid = combineRecvGrid(tn, T, L.hidden);
     const launch = (grid: number, phases: number): void => {
-      this.kCombine.launch({ grid, block: THREADS, sharedBytes: this.combineSmem, stream: rt.stream }, [
+      this.kCombine.launch({ grid, block: LL_THREADS, sharedBytes: this.combineSmem, stream: rt.stream }, [
         this.sym.peerTable.ptr,
         this.sym.signal.devicePtr,
         this.rank,
@@ -413,14 +282,14 @@ export class LowLatencyPath {
         out.ptr,
         T,
         K,
-        topk.dtype === 'i64' ? FLAG_IDX64 : 0,
+        flags,
         phases,
       ]);
     };
     let hook: RecvHook | undefined;
     if (req.returnRecvHook) {
       launch(tn.combineSendBlocks, PHASE_SEND);
-      hook = this.hookOnce('combine', () => launch(recvGrid, PHASE_RECV));
+      hook = hookOnce('combine', this.alive, () => launch(recvGrid, PHASE_RECV));
     } else if (tn.fuse) {
       launch(
         Math.min(this.combineResident, Math.max(tn.combineSendBlocks, recvGrid)),
@@ -441,13 +310,7 @@ export class LowLatencyPath {
 
   /** Fills every output tensor allocated so far with `byte` (stream-ordered): tests poison outputs. */
   fillOutputs(byte: number): void {
-    const stream = this.rt.stream;
-    for (const ring of this.dispatchRings.values()) {
-      for (const s of ring) {
-        for (const b of [s.x, s.scales, s.count, s.srcInfo, s.range, s.kmask]) b?.fill(byte, stream);
-      }
-    }
-    for (const b of this.combineRing) b.buffer.fill(byte, stream);
+    this.outputs.fill(byte, this.rt.stream);
   }
 
   /**
@@ -463,6 +326,12 @@ export class LowLatencyPath {
       this.rank,
       this.timeout,
     ]);
+  }
+
+  /** Collective: clean(), as the reset after a timeout (the backend then waits for the stream). */
+  reset(): Promise<void> {
+    this.clean();
+    return Promise.resolve();
   }
 
   /**
@@ -517,31 +386,20 @@ export class LowLatencyPath {
     this.destroyed = true;
     await this.rt.stream.synchronize();
     await this.sym.destroy();
-    for (const ring of this.dispatchRings.values()) {
-      for (const s of ring) {
-        for (const b of [s.x, s.scales, s.count, s.srcInfo, s.range, s.kmask]) b?.dispose();
-      }
-    }
-    for (const b of this.combineRing) b.buffer.dispose();
+    this.outputs.dispose();
   }
 
   // ---------------------------------------------------------------------------------------- internals
+
+  /** Throws once the path is destroyed (a hook of an earlier call may still be called). */
+  private readonly alive = (): void => {
+    if (this.destroyed) throw new DisposedError('LowLatencyPath');
+  };
 
   private checkUsable(): void {
     if (this.destroyed) throw new DisposedError('LowLatencyPath');
     const msg = this.deviceError();
     if (msg !== undefined) throw new EpTimeoutError(msg);
-  }
-
-  // EpBuffer validates requests; these checks only keep the kernels inside their buffers.
-  private checkShape(x: DeviceTensor | undefined, T: number, K: number): void {
-    const L = this.layout;
-    if (T > L.maxTokensPerRank)
-      throw new ValidationError('tokens', String(T), `at most ${L.maxTokensPerRank}`);
-    if (K < 1 || K > L.numTopk) throw new ValidationError('topk', String(K), `1 to ${L.numTopk}`);
-    if (x && (x.shape.length !== 2 || x.shape[0] !== T || x.shape[1] !== L.hidden)) {
-      throw new ValidationError('x', `shape [${x.shape.join(', ')}]`, `[${T}, ${L.hidden}]`);
-    }
   }
 
   private event(): GpuEvent {
@@ -551,96 +409,5 @@ export class LowLatencyPath {
         if (msg !== undefined) throw new EpTimeoutError(msg);
       },
     });
-  }
-
-  private hookOnce(what: string, recv: () => void): RecvHook {
-    let called = false;
-    return () => {
-      if (called)
-        throw new TsepError('TSEP_UNSUPPORTED', `This low-latency ${what} hook was already called.`);
-      if (this.destroyed) throw new DisposedError('LowLatencyPath');
-      called = true;
-      recv();
-    };
-  }
-
-  private dispatchSlot(kind: 'fp8' | 'bf16', i: number): DispatchSlot {
-    let ring = this.dispatchRings.get(kind);
-    if (!ring) {
-      ring = [];
-      this.dispatchRings.set(kind, ring);
-    }
-    let slot = ring[i];
-    if (!slot) {
-      const L = this.layout;
-      const dev = this.rt.device;
-      const rows = L.localExperts * L.numRanks * L.maxTokensPerRank;
-      slot = {
-        x: DeviceBuffer.alloc(rows * L.hidden * (kind === 'fp8' ? 1 : 2), dev),
-        scales: kind === 'fp8' ? DeviceBuffer.alloc(rows * Math.ceil(L.hidden / 128) * 4, dev) : undefined,
-        count: DeviceBuffer.alloc(L.localExperts * 4, dev),
-        srcInfo: DeviceBuffer.alloc(rows * 4, dev),
-        range: DeviceBuffer.alloc(L.localExperts * L.numRanks * 8, dev),
-        kmask: DeviceBuffer.alloc(rows * 4, dev),
-        views: new Map(),
-      };
-      ring[i] = slot;
-    }
-    return slot;
-  }
-
-  private slotViews(slot: DispatchSlot, kind: 'fp8' | 'bf16', ue8m0: boolean): SlotViews {
-    const key = kind === 'bf16' ? kind : `${kind}/${ue8m0}`;
-    let v = slot.views.get(key);
-    if (!v) {
-      const L = this.layout;
-      const El = L.localExperts;
-      const RT = L.numRanks * L.maxTokensPerRank;
-      const H = L.hidden;
-      const device = this.rt.device;
-      let recvScales: DeviceTensor | undefined;
-      if (kind === 'fp8') {
-        const cols = ue8m0 ? Math.ceil(Math.ceil(H / 128) / 4) : Math.ceil(H / 128);
-        // Column-major in the last two dims: stored [E_l, cols, R·T_max].
-        recvScales = new DeviceTensor(ue8m0 ? 'i32' : 'f32', [El, RT, cols], slot.scales!.ptr, {
-          device,
-          strides: [cols * RT, 1, RT],
-        });
-      }
-      v = {
-        recvX: new DeviceTensor(kind === 'fp8' ? 'fp8_e4m3' : 'bf16', [El, RT, H], slot.x.ptr, { device }),
-        recvScales,
-        recvCount: new DeviceTensor('i32', [El], slot.count.ptr, { device }),
-        srcInfo: new DeviceTensor('i32', [El, RT], slot.srcInfo.ptr, { device }),
-        range: new DeviceTensor('i64', [El, L.numRanks], slot.range.ptr, { device }),
-        kmask: new DeviceTensor('i32', [El, RT], slot.kmask.ptr, { device }),
-      };
-      slot.views.set(key, v);
-    }
-    return v;
-  }
-
-  private combineSlot(i: number): { buffer: DeviceBuffer; views: Map<number, DeviceTensor> } {
-    let b = this.combineRing[i];
-    if (!b) {
-      const L = this.layout;
-      b = {
-        buffer: DeviceBuffer.alloc(Math.max(1, L.maxTokensPerRank * L.hidden * 2), this.rt.device),
-        views: new Map(),
-      };
-      this.combineRing[i] = b;
-    }
-    return b;
-  }
-
-  /** The [T, H] bf16 output view of combine ring slot `i`. */
-  private combineOut(i: number, T: number): DeviceTensor {
-    const slot = this.combineSlot(i);
-    let v = slot.views.get(T);
-    if (!v) {
-      v = new DeviceTensor('bf16', [T, this.layout.hidden], slot.buffer.ptr, { device: this.rt.device });
-      slot.views.set(T, v);
-    }
-    return v;
   }
 }
