@@ -23,13 +23,16 @@ for f in kernels/*.cu; do
   n=$((n + 1))
 done
 # Specializations the library really compiles, beyond each file's defaults: EP8 FP8 with scales and int32
-# ids, a cached dispatch / weightless combine (no top-k), and the copy-unroll knob's ends.
+# ids, a cached dispatch / weightless combine (no top-k), and the copy-unroll knob's ends; the low-latency
+# NCCL kernels at EP16 over two hosts (offsets from src/ep/gpu/ll-nccl-layout.ts) and at EP2, top-1.
 variants=(
   "normal.cu -DTSEP_R=8 -DTSEP_EL=32 -DTSEP_H=7168 -DTSEP_ELT=1 -DTSEP_SW=56 -DTSEP_K=8 -DTSEP_IDX64=0 -DTSEP_WEIGHTS=1 -DTSEP_TMAX=4096"
   "normal.cu -DTSEP_R=4 -DTSEP_EL=64 -DTSEP_H=7168 -DTSEP_ELT=2 -DTSEP_SW=0 -DTSEP_K=0 -DTSEP_WEIGHTS=0 -DTSEP_TMAX=4096"
   "normal.cu -DTSEP_R=2 -DTSEP_H=2560 -DTSEP_UNROLL=1"
   "normal.cu -DTSEP_R=4 -DTSEP_H=4096 -DTSEP_UNROLL=8"
   "layout.cu -DTSEP_R=8 -DTSEP_EL=32 -DTSEP_IDX64=0"
+  "ll_nccl.cu -DLL_R=16 -DLL_EL=18 -DLL_H=4096 -DLL_TMAX=256 -DLL_KMAX=8 -DLLN_ROUTE=128 -DLLN_MSGS=8320"
+  "ll_nccl.cu -DLL_R=2 -DLL_EL=4 -DLL_H=2048 -DLL_TMAX=7 -DLL_KMAX=1 -DLLN_ROUTE=128 -DLLN_MSGS=256"
 )
 for v in "${variants[@]}"; do
   read -r file defines <<<"$v"

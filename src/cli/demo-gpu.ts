@@ -9,7 +9,6 @@ import { initProcessGroup } from '../dist/init.ts';
 import { launch } from '../dist/launcher.ts';
 import { EpBuffer } from '../ep/buffer.ts';
 import type { Tensor } from '../ep/types.ts';
-import { TsepError } from '../errors.ts';
 import {
   type DemoOptions,
   type DemoRow,
@@ -62,26 +61,16 @@ export async function runGpuDemoRank(o: DemoOptions): Promise<number> {
   const rng = new Rng(o.seed);
   const factor = Float64Array.from({ length: o.experts }, () => 0.5 + rng.float());
   const data = Array.from({ length: R }, () => makeRankData(rng, opts))[group.rank]!;
-  const options = {
+  // Both modes over whichever transport 'auto' picks (NVLink, or NCCL without peer access).
+  const buffer = await EpBuffer.create(group, {
     hidden: o.hidden,
     maxTokensPerRank: o.tokens,
     numExperts: o.experts,
     numTopk: o.topk,
     fp8: true,
     backend: 'gpu',
-  } as const;
-  // Without peer access between the GPUs the buffer runs over NCCL, which has no low-latency mode yet:
-  // the demo then runs the normal mode alone (every rank gets the same answer, so all retry together).
-  let buffer: EpBuffer;
-  let withLowLatency = true;
-  try {
-    buffer = await EpBuffer.create(group, { ...options, mode: 'both' });
-  } catch (e) {
-    if (!(e instanceof TsepError && e.code === 'TSEP_UNSUPPORTED')) throw e;
-    withLowLatency = false;
-    buffer = await EpBuffer.create(group, { ...options, mode: 'normal' });
-    if (group.rank === 0) process.stdout.write(`low-latency round trip skipped: ${e.message}\n`);
-  }
+    mode: 'both',
+  });
   const first = group.rank * (o.experts / R);
   const x = dev(data.x);
   const topkIdx = dev(data.topkIdx);
@@ -104,18 +93,14 @@ export async function runGpuDemoRank(o: DemoOptions): Promise<number> {
   const normalMs = performance.now() - start;
 
   // Low-latency mode: FP8 dispatch quantized on the GPU, dequantize-and-scale experts, weighted combine.
-  let lowLatencyErr = 0;
-  let lowLatencyMs = 0;
-  if (withLowLatency) {
-    start = performance.now();
-    const ll = buffer.lowLatencyDispatch({ x, topkIdx, fp8: true });
-    await ll.event.wait();
-    const yl = lowLatencyExperts(ll, factor, first);
-    const out = buffer.lowLatencyCombine({ x: dev(yl), topkIdx, topkWeights, handle: ll.handle });
-    await out.event.wait();
-    lowLatencyErr = worstError(data, onHost(out.combinedX), factor, true);
-    lowLatencyMs = performance.now() - start;
-  }
+  start = performance.now();
+  const ll = buffer.lowLatencyDispatch({ x, topkIdx, fp8: true });
+  await ll.event.wait();
+  const yl = lowLatencyExperts(ll, factor, first);
+  const out = buffer.lowLatencyCombine({ x: dev(yl), topkIdx, topkWeights, handle: ll.handle });
+  await out.event.wait();
+  const lowLatencyErr = worstError(data, onHost(out.combinedX), factor, true);
+  const lowLatencyMs = performance.now() - start;
 
   const mine = [worstError(data, normal, factor, false), lowLatencyErr, normalMs, lowLatencyMs];
   const all = (await group.allGather(new Uint8Array(Float64Array.from(mine).buffer))).map(
@@ -135,9 +120,7 @@ export async function runGpuDemoRank(o: DemoOptions): Promise<number> {
     const worst = Math.max(...all.map((v) => v[i]!));
     return { path, ...shape, ms: Math.max(...all.map((v) => v[i + 2]!)), worst, ok: worst <= 1 };
   };
-  const rows = withLowLatency
-    ? [row('normal, BF16', 0), row('low-latency, FP8', 1)]
-    : [row('normal, BF16', 0)];
+  const rows = [row('normal, BF16', 0), row('low-latency, FP8', 1)];
   if (group.rank === 0) process.stdout.write(`${formatDemo(rows)}\nseed ${o.seed}\n`);
   return rows.every((r) => r.ok) ? 0 : 1;
 }

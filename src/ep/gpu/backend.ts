@@ -1,6 +1,6 @@
 // The GPU backend: one process per GPU. It picks the transport (NVLink peer stores between the GPUs of a
-// host, or NCCL) and composes the normal path and the low-latency path (each owns its communication
-// memory), as the buffer's `mode` asks.
+// host, or NCCL) and composes the normal path and the low-latency path of that transport (each owns its
+// communication memory), as the buffer's `mode` asks.
 
 import type { Stream } from '../../device/stream.ts';
 import { TsepError } from '../../errors.ts';
@@ -22,7 +22,7 @@ import type {
   Tensor,
 } from '../types.ts';
 import { releaseEvents } from './event.ts';
-import { LowLatencyPath } from './low-latency.ts';
+import { createLowLatencyMode, type LowLatencyMode } from './ll-mode.ts';
 import { NcclNormalPath } from './nccl-normal.ts';
 import { NormalPath } from './normal.ts';
 import { GpuRuntime } from './runtime.ts';
@@ -45,13 +45,13 @@ class GpuBackend implements EpBackend {
   /** The transport in use and why it was chosen. */
   readonly transport: TransportChoice;
   private readonly normal: NormalMode | undefined;
-  private readonly lowLatency: LowLatencyPath | undefined;
+  private readonly lowLatency: LowLatencyMode | undefined;
 
   private constructor(
     rt: GpuRuntime,
     transport: TransportChoice,
     normal: NormalMode | undefined,
-    lowLatency: LowLatencyPath | undefined,
+    lowLatency: LowLatencyMode | undefined,
   ) {
     this.rt = rt;
     this.transport = transport;
@@ -63,19 +63,14 @@ class GpuBackend implements EpBackend {
     const rt = GpuRuntime.create(context);
     const transport = chooseTransport(context.options.transport, await probeTransportFacts(rt));
     const mode = context.options.mode;
-    if (transport.transport === 'nccl' && mode !== 'normal') {
-      throw new TsepError(
-        'TSEP_UNSUPPORTED',
-        `The low-latency mode needs the NVLink transport for now, and this buffer uses NCCL (${transport.reason}). Use mode 'normal', or run on one host with peer access between the GPUs.`,
-      );
-    }
     const normalImpl = transport.transport === 'nccl' ? NcclNormalPath : NormalPath;
     const normal = mode === 'low-latency' ? undefined : await normalImpl.create(rt);
-    const lowLatency = mode === 'normal' ? undefined : await LowLatencyPath.create(rt, context.owner);
+    const lowLatency =
+      mode === 'normal' ? undefined : await createLowLatencyMode(rt, transport.transport, context.owner);
     return new GpuBackend(rt, transport, normal, lowLatency);
   }
 
-  private lowLatencyPath(call: string): LowLatencyPath {
+  private lowLatencyPath(call: string): LowLatencyMode {
     if (!this.lowLatency) {
       throw new TsepError(
         'TSEP_UNSUPPORTED',
@@ -122,7 +117,7 @@ class GpuBackend implements EpBackend {
 
   async reset(): Promise<void> {
     await this.normal?.reset();
-    this.lowLatency?.clean();
+    await this.lowLatency?.reset();
     await this.rt.stream.synchronize();
   }
 

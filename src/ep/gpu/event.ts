@@ -6,6 +6,7 @@
 // used, because the graph may be replayed on another stream.
 
 import { Event, type Stream } from '../../device/stream.ts';
+import { EpTimeoutError } from '../../errors.ts';
 import type { EpEvent } from '../types.ts';
 
 const RING = 256;
@@ -35,6 +36,12 @@ export interface GpuEventOptions {
   after?: Promise<void>;
   /** Runs once the GPU work is done; throws if a kernel reported a failure (a timed-out wait). */
   check?: () => void;
+  /**
+   * Bounds `wait()` where no kernel bounds its own waits (NCCL transfers): after `ms` milliseconds
+   * `expire()` runs (e.g. aborts the communicator, so the stream moves on) and `wait()` rejects with the
+   * error it returns.
+   */
+  bound?: { ms: number; expire: () => EpTimeoutError };
 }
 
 export class GpuEvent implements EpEvent {
@@ -55,7 +62,13 @@ export class GpuEvent implements EpEvent {
   /** Resolves when the work is done; rejects with EpTimeoutError if a kernel of the call gave up waiting. */
   async wait(): Promise<void> {
     await this.options.after;
-    await this.cuda.synchronize();
+    const bound = this.options.bound;
+    try {
+      await this.cuda.synchronize(bound ? { timeoutMs: bound.ms } : {});
+    } catch (e) {
+      if (bound && e instanceof EpTimeoutError) throw bound.expire();
+      throw e;
+    }
     this.options.check?.();
   }
 
