@@ -71,14 +71,15 @@ __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, c
   }
 }
 
-// Waits until the top 24 bits of the tagged word *p equal `tag` (a call's sequence number) and returns
-// the word; false after reporting, as wait_geq.
-__device__ __forceinline__ bool wait_tag(const u64 *p, u32 tag, u64 *word, u64 timeout_ns, const Fail &f, int rank,
-                                         int kernel, int phase, int peer) {
+// Waits until the top `bits` bits (≤ 32) of the tagged word *p equal the low `bits` bits of `tag` (a
+// call's sequence number) and returns the word; false after reporting, as wait_geq.
+__device__ __forceinline__ bool wait_tag(const u64 *p, u32 tag, int bits, u64 *word, u64 timeout_ns, const Fail &f,
+                                         int rank, int kernel, int phase, int peer) {
+  const u32 mask = bits >= 32 ? 0xffffffffu : (1u << bits) - 1;
   u64 start = 0;
   for (int spins = 0;; ++spins) {
     const u64 v = ld_acquire(p);
-    if ((u32)(v >> 40) == (tag & 0xffffffu)) {
+    if ((u32)(v >> (64 - bits)) == (tag & mask)) {
       *word = v;
       return true;
     }
@@ -86,7 +87,7 @@ __device__ __forceinline__ bool wait_tag(const u64 *p, u32 tag, u64 *word, u64 t
       const u64 now = globaltimer_ns();
       if (start == 0) start = now;
       else if (now - start > timeout_ns || aborted(f)) {
-        report_timeout(f, rank, kernel, phase, peer, (long long)(tag & 0xffffffu), (long long)(v >> 40));
+        report_timeout(f, rank, kernel, phase, peer, (long long)(tag & mask), (long long)(v >> (64 - bits)));
         return false;
       }
     }

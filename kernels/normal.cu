@@ -82,13 +82,23 @@ struct Areas {  // byte offsets of the data areas inside every buffer
 
 // A dispatch chunk's word, written by the sender into every receiver's chunks area at [sender][chunk]:
 // bits 40..63 the dispatch sequence number, 20..39 the first and 0..19 one past the last row position
-// (within the sender's block) the chunk's tokens took at that receiver. A combine chunk's word (in
-// combine_chunks at [expert rank][chunk]) carries only the combine sequence number: chunk k of the rows
-// an expert rank returns to an owner is the owner's k-th group of chunk_tokens rows sent to that rank.
+// (within the sender's block) the chunk's tokens took at that receiver. Every chunk is announced every
+// call, so a stale word is at most one call old. A combine chunk's word (in combine_chunks at [expert
+// rank][chunk]) carries the whole 32-bit combine sequence number in bits 32..63: empty chunks are not
+// announced, so a word may be many calls old, and a 24-bit tag would come round again.
 constexpr int POS_BITS = 20;
+constexpr int DISPATCH_TAG_BITS = 24;
+constexpr int COMBINE_TAG_BITS = 32;
 __device__ __forceinline__ u64 chunk_word(u32 seq, u32 first, u32 end) {
   return ((u64)(seq & 0xffffffu) << 40) | ((u64)first << POS_BITS) | end;
 }
+
+// Tokens (dispatch) or rows (combine) per chunk when `n` of them are cut into at most `num_chunks`
+// chunks: each side computes it from counts it knows, so no sender needs the receiver's T.
+__device__ __forceinline__ int per_chunk(int n, int num_chunks) { return max(1, (n + num_chunks - 1) / num_chunks); }
+
+// Warp-uniform: a lane must not leave while the others go on to a full-warp shuffle.
+__device__ __forceinline__ bool warp_aborted(const tsep::Fail &f) { return __any_sync(0xffffffffu, tsep::aborted(f)); }
 
 enum { KERNEL_NOTIFY = 1, KERNEL_SEND = 2, KERNEL_RECV = 3, KERNEL_BARRIER = 4, KERNEL_COMBINE_SEND = 5, KERNEL_REDUCE = 6 };
 
@@ -217,7 +227,7 @@ __device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N],
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
-// Warps take chunks of `chunk_tokens` tokens (chunk c = tokens [c·C, c·C + C)); each token's row is read once
+// Warps take chunks of C = per_chunk(T, num_chunks) tokens (chunk c = tokens [c·C, c·C + C)); each token's row is read once
 // and stored to every destination rank's buffer. With `chunks_off` non-zero, a chunk's warp then tells
 // every receiver which rows the chunk filled there (chunk_word, tagged with this dispatch's sequence
 // number); every chunk in [0, num_chunks) is announced, empty or not. The NCCL transport packs with the
@@ -225,10 +235,11 @@ __device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N],
 extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
     const u64 *peers, int me, int num_tokens, const u8 *x, const u8 *scales, long long scale_s0,
     long long scale_s1, const idx_t *topk, const float *weights, const int *send_pos, const int *rank_prefix,
-    Areas areas, int chunk_tokens, int num_chunks, tsep::ErrorRecord *err, int *abort) {
+    Areas areas, int num_chunks, tsep::ErrorRecord *err, int *abort) {
   const tsep::Fail fail{err, abort};
   // After a timed-out notify the prefix matrix was never written: send nothing (peers time out too).
-  if (tsep::aborted(fail)) return;
+  if (warp_aborted(fail)) return;
+  const int chunk_tokens = per_chunk(num_tokens, num_chunks);
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   const u32 seq = areas.chunks != 0 ? (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->dispatch_seq) : 0u;
@@ -298,10 +309,6 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
   }
 }
 
-__device__ __forceinline__ void fill_bytes(u8 *dst, u8 value, size_t bytes, size_t tid, size_t nthreads) {
-  for (size_t i = tid; i < bytes; i += nthreads) dst[i] = value;
-}
-
 // One warp copies `n` 16-byte vectors, UNROLL loads per lane in flight.
 __device__ __forceinline__ void warp_copy_vecs(int4 *dst, const int4 *src, size_t n, int lane) {
   constexpr int UNROLL = 2 * TSEP_UNROLL;
@@ -327,35 +334,18 @@ __device__ __forceinline__ void warp_copy_words(u32 *dst, const u32 *src, size_t
 
 // Receiver, concurrent with the send kernels: warps take (chunk, source) items in the order senders
 // produce them, wait for the chunk's word, then copy its rows (already in final order) from the buffer
-// into the outputs. Rows [N, rows) of a worst-case output get zeros and -1 ids. `out_src_idx` is null for
-// a cached dispatch (the handle keeps its copy).
+// into the outputs (rows [N, rows) of a worst-case output were filled by the host's memsets before this
+// kernel). `out_src_idx` is null for a cached dispatch (the handle keeps its copy).
 extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
     const u64 *peers, int me, const int *rank_prefix, const int *recv_count, int rows, u8 *out_x, u8 *out_scales,
     int *out_src_idx, idx_t *out_topk, float *out_weights, Areas areas, int num_chunks, u64 timeout_ns,
     tsep::ErrorRecord *err, int *abort) {
   const tsep::Fail fail{err, abort};
-  if (tsep::aborted(fail)) return;
+  if (warp_aborted(fail)) return;
   Ctrl *mine = ctrl_of(peers, me);
   const u32 seq = (u32)tsep::ld_volatile((const int *)&mine->dispatch_seq);
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
   const int n = min(max(*recv_count, 0), rows);
-  {  // the rows no source fills (worst-case outputs only)
-    const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
-    const size_t pad = (size_t)(rows - n);
-    fill_bytes(out_x + (size_t)n * ROW_BYTES, 0, pad * ROW_BYTES, tid, nth);
-#if TSEP_SW > 0
-    fill_bytes(out_scales + (size_t)n * TSEP_SW * 4, 0, pad * TSEP_SW * 4, tid, nth);
-#endif
-    if (out_src_idx != nullptr)
-      for (size_t i = n + tid; i < (size_t)rows; i += nth) out_src_idx[i] = -1;
-#if TSEP_K > 0
-    if (out_topk != nullptr)
-      for (size_t i = (size_t)n * K + tid; i < (size_t)rows * K; i += nth) out_topk[i] = -1;
-#if TSEP_WEIGHTS
-    if (out_weights != nullptr) fill_bytes(reinterpret_cast<u8 *>(out_weights + (size_t)n * K), 0, pad * K * 4, tid, nth);
-#endif
-#endif
-  }
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.chunks);
@@ -364,10 +354,12 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
     u64 word = 0;
     int ok = 1;
     if (lane == 0)
-      ok = tsep::wait_tag(words + (size_t)s * num_chunks + c, seq, &word, timeout_ns, fail, me, KERNEL_RECV, c, s);
+      ok = tsep::wait_tag(words + (size_t)s * num_chunks + c, seq, DISPATCH_TAG_BITS, &word, timeout_ns, fail, me,
+                          KERNEL_RECV, c, s);
     ok = __shfl_sync(0xffffffffu, ok, 0);
     if (!ok) return;
     word = __shfl_sync(0xffffffffu, word, 0);
+    __syncwarp();  // orders the other lanes' reads of the chunk after lane 0's acquire
     const int first = (int)((word >> POS_BITS) & ((1u << POS_BITS) - 1)), end = (int)(word & ((1u << POS_BITS) - 1));
     if (end <= first) continue;
     // Rows of source s start at its block offset; a bad count must not send the copy astray.
@@ -401,13 +393,14 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
 // Expert side: row i of x came from source rank s (the block of the rank prefix column it falls in) and
 // was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token]. Warps take (chunk,
 // source) items, chunk-major so every link carries traffic at once and every owner's tokens arrive in
-// order; a chunk is chunk_tokens consecutive rows of one source's block, announced when written.
+// order; a chunk is per_chunk(rows from that source, num_chunks) consecutive rows of one source's block,
+// announced when written (empty chunks are not: nobody waits for them).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
                                                                    const int *src_idx, const int *rank_prefix,
                                                                    const float *weights, Areas areas,
-                                                                   int chunk_tokens, int num_chunks,
-                                                                   tsep::ErrorRecord *err, int *abort) {
-  if (tsep::aborted(tsep::Fail{err, abort})) return;
+                                                                   int num_chunks, tsep::ErrorRecord *err,
+                                                                   int *abort) {
+  if (warp_aborted(tsep::Fail{err, abort})) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   const u32 seq = (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq);
@@ -415,6 +408,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
     const int s = j % R, k = j / R;
     const int start = s > 0 ? rank_prefix[(s - 1) * R + me] : 0;
     const int count = rank_prefix[s * R + me] - start;
+    const int chunk_tokens = per_chunk(count, num_chunks);
     const int k1 = min(count, (k + 1) * chunk_tokens);
     if (k * chunk_tokens >= k1) continue;  // nobody waits for an empty chunk
     u8 *base = reinterpret_cast<u8 *>(peers[s]);
@@ -433,26 +427,32 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
     __syncwarp();
     if (lane == 0)
       tsep::st_release_sys_u64(
-          reinterpret_cast<u64 *>(base + areas.combine_chunks) + (size_t)me * num_chunks + k, chunk_word(seq, 0, 0));
+          reinterpret_cast<u64 *>(base + areas.combine_chunks) + (size_t)me * num_chunks + k, (u64)seq << 32);
   }
 }
 
 // Owner side: one warp per token; out = bf16(bias0 + bias1 + Σ_{ranks r, ascending} row[r][t]) in float32.
 // NVLink (areas.combine_chunks set, `row_base` null): the row of token t from rank r is stage row
 // r·T_max + t, put there by combine_send; the warp first waits for the chunk holding it, chunk
-// send_pos[t][r] / chunk_tokens of rank r (a warp's tokens ascend, so it waits once per new chunk). NCCL:
+// send_pos[t][r] / per_chunk(rows this rank sent to r, num_chunks) (a warp's tokens ascend, so it waits
+// once per new chunk). NCCL:
 // row_base[r] + send_pos[t][r] (rank r's rows arrived as one block in token order, before this kernel).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
                                                                      const u8 *in_rank, const u16 *bias0,
                                                                      const u16 *bias1, u16 *out, float *out_weights,
                                                                      const int *send_pos, const int *row_base,
-                                                                     Areas areas, int chunk_tokens, int num_chunks,
+                                                                     const int *rank_prefix, Areas areas, int num_chunks,
                                                                      u64 timeout_ns, tsep::ErrorRecord *err,
                                                                      int *abort) {
   const tsep::Fail fail{err, abort};
-  if (tsep::aborted(fail)) return;
+  if (warp_aborted(fail)) return;
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
   const bool wait = areas.combine_chunks != 0;
+  int chunk_rows[R];  // rows per chunk of what this rank sent to rank r, as rank r cut them
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    chunk_rows[r] = wait ? per_chunk(rank_prefix[me * R + r] - (me > 0 ? rank_prefix[(me - 1) * R + r] : 0), num_chunks)
+                         : 1;
   const u32 seq = wait ? (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq) : 0u;
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.combine_chunks);
   const int lane = threadIdx.x & 31;
@@ -470,14 +470,15 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
       mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
       const int pos = send_pos[(size_t)t * R + r];
       stage_row[r] = row_base != nullptr ? (size_t)row_base[r] + pos : (size_t)r * TSEP_TMAX + t;
-      if (wait && ((mask >> r) & 1) && pos / chunk_tokens != seen[r]) {
-        seen[r] = pos / chunk_tokens;
+      if (wait && ((mask >> r) & 1) && pos >= 0 && pos / chunk_rows[r] != seen[r]) {
+        seen[r] = pos / chunk_rows[r];
         int ok = 1;
         u64 word;
         if (lane == 0)
-          ok = tsep::wait_tag(words + (size_t)r * num_chunks + seen[r], seq, &word, timeout_ns, fail, me, KERNEL_REDUCE,
-                              seen[r], r);
+          ok = tsep::wait_tag(words + (size_t)r * num_chunks + seen[r], seq, COMBINE_TAG_BITS, &word, timeout_ns, fail,
+                              me, KERNEL_REDUCE, seen[r], r);
         if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+        __syncwarp();  // orders the other lanes' reads of the rows after lane 0's acquire
       }
     }
     // U vectors per lane per step, every source row's loads issued before the sums: the reduce runs on a

@@ -2,32 +2,33 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { Rng } from '../../src/cpu/random.ts';
-import { dispatchChunks } from '../../src/ep/gpu/normal-kernels.ts';
+import { chunkCount } from '../../src/ep/gpu/normal-kernels.ts';
 import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
 import { intSetting } from '../../src/ep/gpu/settings.ts';
 import { ValidationError } from '../../src/errors.ts';
 
-test('dispatch chunks cover every token, at most 1024 per source, none wholly past T_max', () => {
-  const rng = new Rng(Date.now() >>> 0);
-  const sizes = [
-    1,
-    2,
-    7,
-    1023,
-    1024,
-    1025,
-    4096,
-    8191,
-    100_000,
-    ...Array.from({ length: 20 }, () => 1 + rng.int(200_000)),
-  ];
-  for (const T of sizes) {
-    const { chunkTokens, numChunks } = dispatchChunks(T);
-    assert.ok(Number.isInteger(chunkTokens) && chunkTokens >= 1, `T=${T}`);
-    assert.ok(numChunks >= 1 && numChunks <= 1024, `T=${T}: ${numChunks} chunks`);
-    assert.ok(chunkTokens * numChunks >= T, `T=${T}: chunks cover ${chunkTokens * numChunks}`);
-    assert.ok((numChunks - 1) * chunkTokens < T, `T=${T}: last chunk starts past T_max`);
+test('chunk count: TSEP_NORMAL_CHUNKS (default 1024), never more than T_max; bad values refused by name', () => {
+  const saved = process.env.TSEP_NORMAL_CHUNKS;
+  try {
+    delete process.env.TSEP_NORMAL_CHUNKS;
+    assert.equal(chunkCount(4096), 1024);
+    assert.equal(chunkCount(127), 127);
+    assert.equal(chunkCount(1), 1);
+    assert.equal(chunkCount(0), 1);
+    process.env.TSEP_NORMAL_CHUNKS = '4096';
+    assert.equal(chunkCount(4096), 4096);
+    assert.equal(chunkCount(100_000), 4096);
+    for (const bad of ['0', '-3', '2.5', 'many', '70000']) {
+      process.env.TSEP_NORMAL_CHUNKS = bad;
+      assert.throws(
+        () => chunkCount(4096),
+        (e: unknown) => e instanceof ValidationError && e.message.includes('TSEP_NORMAL_CHUNKS'),
+        bad,
+      );
+    }
+  } finally {
+    if (saved === undefined) delete process.env.TSEP_NORMAL_CHUNKS;
+    else process.env.TSEP_NORMAL_CHUNKS = saved;
   }
 });
 
@@ -37,7 +38,7 @@ test('buffer areas are ordered, 256-byte aligned and large enough; no chunk word
     [4, 4096, 7168, 8],
     [8, 1, 4096, 1],
   ] as const) {
-    const { numChunks } = dispatchChunks(T);
+    const numChunks = chunkCount(T, 1024);
     const a = normalAreas(R, T, H, K, numChunks);
     const rows = R * T;
     assert.equal(a.rows, rows);
@@ -65,24 +66,7 @@ test('buffer areas are ordered, 256-byte aligned and large enough; no chunk word
   }
 });
 
-test('TSEP_NORMAL_CHUNKS sets the chunk count; bad values of the integer knobs are refused by name', () => {
-  const saved = process.env.TSEP_NORMAL_CHUNKS;
-  try {
-    process.env.TSEP_NORMAL_CHUNKS = '4096';
-    assert.deepEqual(dispatchChunks(4096), { chunkTokens: 1, numChunks: 4096 });
-    assert.deepEqual(dispatchChunks(10_000), { chunkTokens: 3, numChunks: 3334 });
-    for (const bad of ['0', '-3', '2.5', 'many', '70000']) {
-      process.env.TSEP_NORMAL_CHUNKS = bad;
-      assert.throws(
-        () => dispatchChunks(4096),
-        (e: unknown) => e instanceof ValidationError && e.message.includes('TSEP_NORMAL_CHUNKS'),
-        bad,
-      );
-    }
-  } finally {
-    if (saved === undefined) delete process.env.TSEP_NORMAL_CHUNKS;
-    else process.env.TSEP_NORMAL_CHUNKS = saved;
-  }
+test('integer settings from the environment: default, bounds, refusal by name', () => {
   delete process.env.TSEP_TEST_KNOB;
   assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 7);
   process.env.TSEP_TEST_KNOB = '9';

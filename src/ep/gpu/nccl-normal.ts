@@ -33,7 +33,6 @@ import {
   CallQueue,
   DEFAULT_NORMAL_SMS,
   type DispatchInputs,
-  dispatchChunks,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
@@ -131,14 +130,14 @@ export class NcclNormalPath {
     const dev = rt.device;
     this.stagingAreas = normalAreas(1, T, H, K, 0);
     this.staging = DeviceBuffer.alloc(R * this.stagingAreas.bytes, dev);
-    this.staging.fill(0); // zero control blocks: the send kernel counts its blocks there, unread
+    this.staging.fill(0); // once: the padding rows that travel with every block are zeros, not stale memory
     this.stagingTable = DeviceBuffer.alloc(8 * R, dev);
     this.stagingTable.copyFromHost(
       BigUint64Array.from({ length: R }, (_, r) => this.staging.ptr + BigInt(r * this.stagingAreas.bytes)),
     );
     this.stageAreas = normalAreas(R, T, H, K, 0);
     this.stage = DeviceBuffer.alloc(this.stageAreas.bytes, dev);
-    this.stage.fill(0); // zero control block: the reduce kernel's arrival wait passes at once
+    this.stage.fill(0); // its control block holds the abort word this path's kernels check
     this.stageTable = DeviceBuffer.alloc(8 * R, dev);
     this.stageTable.copyFromHost(BigUint64Array.from({ length: R }, () => this.stage.ptr));
     this.counts = DeviceBuffer.alloc(4 * (R + E + 1), dev);
@@ -470,7 +469,7 @@ export class NcclNormalPath {
       sendPos: sendPos.ptr,
       rankPrefix: 0n,
       areas: this.stagingAreas,
-      ...dispatchChunks(this.rt.options.maxTokensPerRank),
+      numChunks: this.rt.options.maxTokensPerRank, // one token per warp item: no announcements to pace
       fail: this.fail,
     });
     this.rt.mark('pack');
@@ -599,7 +598,7 @@ export class NcclNormalPath {
       outWeights: combinedW?.ptr ?? 0n,
       sendPos: h.sendPos.ptr,
       rowBase: h.sendOffsets.ptr,
-      chunkTokens: 1, // no chunk waits: the stage has no chunk words (the rows came with NCCL)
+      rankPrefix: 0n, // no chunk waits: the stage has no chunk words (the rows came with NCCL)
       numChunks: 0,
       areas: this.stageAreas,
       timeoutNs: this.timeoutNs,

@@ -38,17 +38,17 @@ const FAIL_KINDS = ['ptr', 'ptr'] as const;
 const failArgs = (f: FailArgs) => [f.err, f.abort];
 
 /**
- * How a dispatch is cut into chunks of tokens that senders announce one by one: at most `maxChunks` per
- * source (TSEP_NORMAL_CHUNKS, default 1024), so a receiver's word array stays small; the same on every
- * rank (it depends on T_max and the environment only). More chunks make rows land in a steadier stream
- * (a shorter receive tail) at more announcements and more, smaller receive items.
+ * Chunks per source that senders announce one by one (kernels/normal.cu per_chunk: a sender cuts its own
+ * T tokens, an expert rank the rows it returns to one owner, into at most this many): TSEP_NORMAL_CHUNKS
+ * (default 1024), at most T_max. It sizes every rank's word arrays, so all ranks must agree (checked at
+ * create). More chunks make rows land in a steadier stream (a shorter receive tail) at the cost of more
+ * announcements and more, smaller receive items.
  */
-export function dispatchChunks(
+export function chunkCount(
   maxTokensPerRank: number,
   maxChunks = intSetting('TSEP_NORMAL_CHUNKS', 1024, 1, 65536),
-): { chunkTokens: number; numChunks: number } {
-  const chunkTokens = Math.max(1, Math.ceil(maxTokensPerRank / maxChunks));
-  return { chunkTokens, numChunks: Math.max(1, Math.ceil(maxTokensPerRank / chunkTokens)) };
+): number {
+  return Math.max(1, Math.min(maxTokensPerRank, maxChunks));
 }
 
 /** Getting the layout is synchronous, so its kernels (one per index width) are compiled up front. */
@@ -139,6 +139,18 @@ export function dispatchOutputs(
   };
 }
 
+/**
+ * Fills worst-case-size dispatch outputs whole on `stream` before the rows are copied in: zeros, and -1
+ * (every byte 0xff) in source indices and expert ids, which is what rows past the received ones keep.
+ */
+export function padDispatchOutputs(out: ReturnType<typeof dispatchOutputs>, stream: Stream): void {
+  out.recvX.fillBytes(0, stream);
+  out.recvScales?.fillBytes(0, stream);
+  out.recvSrcIdx?.fillBytes(0xff, stream);
+  out.recvTopkIdx?.fillBytes(0xff, stream);
+  out.recvTopkWeights?.fillBytes(0, stream);
+}
+
 /** One specialization of kernels/normal.cu, with a launcher per kernel. */
 export class NormalKernels {
   private readonly mod: Module;
@@ -218,7 +230,7 @@ export class NormalKernels {
 
   /**
    * Each token's row (and metadata) to row `rowOffset(me → r) + sendPos[t][r]` of every destination r, in
-   * chunks of `chunkTokens` tokens, each announced to every receiver when `areas.chunks` is set.
+   * `numChunks` chunks of tokens, each announced to every receiver when `areas.chunks` is set.
    */
   send(
     stream: Stream,
@@ -230,7 +242,6 @@ export class NormalKernels {
       sendPos: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
-      chunkTokens: number;
       numChunks: number;
       fail: FailArgs;
     },
@@ -251,7 +262,6 @@ export class NormalKernels {
         'ptr',
         ...AREA_KINDS,
         'i32',
-        'i32',
         ...FAIL_KINDS,
       ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
@@ -267,7 +277,6 @@ export class NormalKernels {
         a.sendPos,
         a.rankPrefix,
         ...areaArgs(a.areas),
-        a.chunkTokens,
         a.numChunks,
         ...failArgs(a.fail),
       ]);
@@ -336,7 +345,6 @@ export class NormalKernels {
       rankPrefix: bigint;
       weights: bigint;
       areas: NormalAreas;
-      chunkTokens: number;
       numChunks: number;
       fail: FailArgs;
     },
@@ -351,7 +359,6 @@ export class NormalKernels {
         'ptr',
         ...AREA_KINDS,
         'i32',
-        'i32',
         ...FAIL_KINDS,
       ])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
@@ -362,15 +369,14 @@ export class NormalKernels {
         a.rankPrefix,
         a.weights,
         ...areaArgs(a.areas),
-        a.chunkTokens,
         a.numChunks,
         ...failArgs(a.fail),
       ]);
   }
 
   /**
-   * `rowBase` 0n (NVLink): stage row r·T_max + t, waiting for chunk sendPos[t][r] / chunkTokens of rank r;
-   * else rowBase[r] + sendPos[t][r] (NCCL: the rows are all there).
+   * `rowBase` 0n (NVLink): stage row r·T_max + t, waiting for the chunk of rank r that holds it (rows per
+   * chunk from `rankPrefix`); else rowBase[r] + sendPos[t][r] (NCCL: the rows are all there).
    */
   reduce(
     stream: Stream,
@@ -385,8 +391,8 @@ export class NormalKernels {
       outWeights: bigint;
       sendPos: bigint;
       rowBase: bigint;
+      rankPrefix: bigint;
       areas: NormalAreas;
-      chunkTokens: number;
       numChunks: number;
       timeoutNs: bigint;
       fail: FailArgs;
@@ -404,8 +410,8 @@ export class NormalKernels {
         'ptr',
         'ptr',
         'ptr',
+        'ptr',
         ...AREA_KINDS,
-        'i32',
         'i32',
         'u64',
         ...FAIL_KINDS,
@@ -421,8 +427,8 @@ export class NormalKernels {
         a.outWeights,
         a.sendPos,
         a.rowBase,
+        a.rankPrefix,
         ...areaArgs(a.areas),
-        a.chunkTokens,
         a.numChunks,
         a.timeoutNs,
         ...failArgs(a.fail),

@@ -12,7 +12,7 @@
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Kernel } from '../../device/module.ts';
 import { pollUntil } from '../../device/poll.ts';
-import { Stream } from '../../device/stream.ts';
+import { Event, Stream } from '../../device/stream.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { ValidationError } from '../../errors.ts';
 import type {
@@ -25,17 +25,17 @@ import type {
   Tensor,
 } from '../types.ts';
 import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
-import { GpuEvent } from './event.ts';
 import {
   CallQueue,
+  chunkCount,
   DEFAULT_NORMAL_SMS,
-  dispatchChunks,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
   launchLayout,
   loadLayoutKernels,
   NormalModules,
+  padDispatchOutputs,
 } from './normal-kernels.ts';
 import {
   CTRL_ABORT,
@@ -91,9 +91,16 @@ export class NormalPath {
   private readonly modules: NormalModules;
   private readonly timeoutNs = deviceTimeoutNs();
   private readonly queue = new CallQueue();
-  private readonly chunks: { chunkTokens: number; numChunks: number };
-  /** The dispatch receive kernel's stream (forked from and joined back into the call's stream). */
+  private readonly numChunks: number;
+  /**
+   * The receive / reduce kernel's stream, forked from the call's stream after notify or prepare and joined
+   * back before the call's event, through two events of its own (re-recorded every call: a stream wait
+   * takes the event's latest record, so reuse is safe, costs no event creation and leaks none in graphs).
+   * High priority like the call's stream: its kernels are on the call's critical path.
+   */
   private readonly recvStream: Stream;
+  private readonly forkEvent: Event;
+  private readonly joinEvent: Event;
   private seq = 0;
   /**
    * SMs (blocks) a dispatch or a combine uses, its send kernel and the receive or reduce kernel beside it
@@ -106,14 +113,29 @@ export class NormalPath {
     sym: SymmetricBuffer,
     areas: NormalAreas,
     layout: Record<'i32' | 'i64', Kernel>,
+    numChunks: number,
   ) {
     this.rt = rt;
     this.sym = sym;
     this.areas = areas;
     this.layoutKernels = layout;
     this.modules = new NormalModules(rt);
-    this.chunks = dispatchChunks(rt.options.maxTokensPerRank);
-    this.recvStream = Stream.create(rt.device);
+    this.numChunks = numChunks;
+    this.recvStream = Stream.create(rt.device, { priority: 'high' });
+    this.forkEvent = Event.create(rt.device);
+    this.joinEvent = Event.create(rt.device);
+  }
+
+  /** Makes the receive stream wait for the work enqueued on the call's stream so far. */
+  private fork(): void {
+    this.forkEvent.record(this.rt.stream);
+    this.recvStream.waitEvent(this.forkEvent);
+  }
+
+  /** Makes the call's stream wait for the work enqueued on the receive stream so far. */
+  private join(): void {
+    this.joinEvent.record(this.recvStream);
+    this.rt.stream.waitEvent(this.joinEvent);
   }
 
   static async create(rt: GpuRuntime): Promise<NormalPath> {
@@ -127,16 +149,23 @@ export class NormalPath {
       );
     }
     checkNormalShape(rt);
-    const areas = normalAreas(
-      R,
-      o.maxTokensPerRank,
-      o.hidden,
-      o.numTopk,
-      dispatchChunks(o.maxTokensPerRank).numChunks,
+    const numChunks = chunkCount(o.maxTokensPerRank);
+    // The chunk count places every area of every rank's buffer: a rank with another TSEP_NORMAL_CHUNKS
+    // would write rows at the wrong offsets of its peers.
+    const counts = (await rt.group.allGather(Uint8Array.from(String(numChunks), (c) => c.charCodeAt(0)))).map(
+      (b) => Number(String.fromCharCode(...b)),
     );
+    if (counts.some((n) => n !== numChunks)) {
+      throw new ValidationError(
+        'TSEP_NORMAL_CHUNKS',
+        `chunk counts ${counts.join(', ')} on ranks 0..${R - 1}`,
+        'the same value on every rank',
+      );
+    }
+    const areas = normalAreas(R, o.maxTokensPerRank, o.hidden, o.numTopk, numChunks);
     const layout = await loadLayoutKernels(rt);
     const sym = await SymmetricBuffer.create(rt.group, areas.bytes, rt.device, { signalBytes: SIGNAL_BYTES });
-    return new NormalPath(rt, sym, areas, layout);
+    return new NormalPath(rt, sym, areas, layout, numChunks);
   }
 
   /** Bytes of communication memory per rank. */
@@ -172,8 +201,10 @@ export class NormalPath {
    * (plain local copies), half for the combine reduce (it reads every source's row of a token).
    */
   private split(share: number): { send: number; recv: number } {
-    const recv = Math.max(1, Math.round(this.numSms * share));
-    return { send: Math.max(1, this.numSms - recv), recv };
+    // Both grids must be resident at once (the receive side waits for this rank's own sends).
+    const sms = Math.min(this.numSms, this.rt.smCount);
+    const recv = Math.max(1, Math.round(sms * share));
+    return { send: Math.max(1, sms - recv), recv };
   }
 
   /** Throws EpTimeoutError when a kernel of this buffer gave up waiting (until `reset()`). */
@@ -234,7 +265,7 @@ export class NormalPath {
     // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile. The
     // receive stream forks here: its kernel may start once notify or prepare has run.
     const send = (positions: DeviceTensor, prefix: DeviceTensor) => {
-      new GpuEvent(stream).streamWait(this.recvStream);
+      this.fork();
       kernels.send(stream, G.send, {
         peers: this.peers,
         me: this.me,
@@ -242,7 +273,7 @@ export class NormalPath {
         sendPos: positions.ptr,
         rankPrefix: prefix.ptr,
         areas: this.areas,
-        ...this.chunks,
+        numChunks: this.numChunks,
         fail: this.fail,
       });
       rt.mark('send');
@@ -312,6 +343,9 @@ export class NormalPath {
     }
     // Made for the receive kernel, freed on the call's stream (which joins it) after the caller's work.
     const out = dispatchOutputs(inp, rows, rt.options.hidden, this.recvStream, fresh, stream);
+    // Padded (worst-case) outputs: rows past the received ones stay 0 with -1 ids; the memsets run on the
+    // receive stream's SMs beside the sends, before any chunk is copied over the first rows.
+    if (worst > 0) padDispatchOutputs(out, this.recvStream);
     kernels.recv(this.recvStream, G.recv, {
       peers: this.peers,
       me: this.me,
@@ -320,11 +354,11 @@ export class NormalPath {
       rows,
       out,
       areas: this.areas,
-      numChunks: this.chunks.numChunks,
+      numChunks: this.numChunks,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
-    new GpuEvent(this.recvStream).streamWait(stream);
+    this.join();
     rt.mark('receive');
     const recvSrcIdx = out.recvSrcIdx!; // fresh dispatch only (a cached one returns its own handle)
     const handle: GpuDispatchHandle = {
@@ -392,7 +426,7 @@ export class NormalPath {
     });
     rt.mark('barrier');
     // The reduce runs beside the sends, on the receive stream, summing each token once its rows are in.
-    new GpuEvent(stream).streamWait(this.recvStream);
+    this.fork();
     kernels.combineSend(stream, G.send, {
       peers: this.peers,
       me: this.me,
@@ -401,7 +435,7 @@ export class NormalPath {
       rankPrefix: rankPrefix.ptr,
       weights: weights?.ptr ?? 0n,
       areas: this.areas,
-      ...this.chunks,
+      numChunks: this.numChunks,
       fail: this.fail,
     });
     rt.mark('combine send');
@@ -417,12 +451,13 @@ export class NormalPath {
       outWeights: combinedW?.ptr ?? 0n,
       sendPos: rt.onDevice('handle.sendPos', h.sendPos).ptr,
       rowBase: 0n,
+      rankPrefix: rankPrefix.ptr,
       areas: this.areas,
-      ...this.chunks,
+      numChunks: this.numChunks,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
-    new GpuEvent(this.recvStream).streamWait(stream);
+    this.join();
     rt.mark('reduce');
     return {
       combinedX,
@@ -435,7 +470,7 @@ export class NormalPath {
     await this.queue.idle();
     await this.rt.stream.synchronize();
     await this.recvStream.synchronize();
-    this.recvStream.dispose();
+    for (const r of [this.forkEvent, this.joinEvent, this.recvStream]) r.dispose();
     await this.sym.destroy();
   }
 }
