@@ -18,6 +18,7 @@ import {
   referenceLowLatencyDispatch,
 } from '../src/cpu/reference.ts';
 import { DeviceTensor } from '../src/device/device-tensor.ts';
+import { trimPool } from '../src/device/memory.ts';
 import type { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
@@ -156,6 +157,8 @@ async function lowLatencyRound(i: number): Promise<void> {
 const samples: { iteration: number; usedBytes: number }[] = [];
 const sample = async (iteration: number) => {
   await buffer.stream!.synchronize();
+  // Memory the pool keeps for reuse is not in use: trim it, so the samples see live allocations only.
+  trimPool(dev);
   const { free, total } = dev.memoryInfo();
   samples.push({ iteration, usedBytes: total - free });
   if (me === 0)

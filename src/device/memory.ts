@@ -29,6 +29,18 @@ function hostBytes(src: ArrayBufferView): Uint8Array {
 
 const pooled = new Set<number>();
 
+/**
+ * Returns the memory the device's stream-ordered pool holds but no allocation uses to the driver (after
+ * the frees have completed: synchronize first). For measurements of what is really in use, e.g. leak
+ * checks; calls after it grow the pool again.
+ */
+export function trimPool(device: Device): void {
+  device.makeCurrent();
+  const pool = new BigUint64Array(1);
+  cu('cuDeviceGetDefaultMemPool', pool, device.ordinal);
+  cu('cuMemPoolTrimTo', pool[0]!, 0);
+}
+
 /** Keeps freed memory in the device's stream-ordered pool instead of returning it to the driver. */
 function keepPoolMemory(device: Device): void {
   if (pooled.has(device.ordinal)) return;

@@ -32,6 +32,7 @@ const DECLS = {
   cuMemFreeAsync: 'int cuMemFreeAsync(uint64_t dptr, uint64_t stream)',
   cuDeviceGetDefaultMemPool: 'int cuDeviceGetDefaultMemPool(uint64_t *pool, int dev)',
   cuMemPoolSetAttribute: 'int cuMemPoolSetAttribute(uint64_t pool, int attr, void *value)',
+  cuMemPoolTrimTo: 'int cuMemPoolTrimTo(uint64_t pool, size_t minBytesToKeep)',
   cuStreamIsCapturing: 'int cuStreamIsCapturing(uint64_t stream, int *status)',
   cuMemHostAlloc: 'int cuMemHostAlloc(_Out_ void **pp, size_t bytesize, unsigned int flags)',
   cuMemFreeHost: 'int cuMemFreeHost(void *p)',
