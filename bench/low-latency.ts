@@ -3,6 +3,11 @@
 //
 //   node src/cli/main.ts launch -n 4 -- node bench/low-latency.ts [--tokens 128] [--hidden 7168]
 //       [--experts 288] [--topk 8] [--iters 200] [--warmup 20] [--sets 4] [--bf16]
+//       [--transport auto|nvlink|nccl]
+//
+// The transport is chosen as the GPU backend chooses it ('auto': NVLink on one host with peer access, else
+// NCCL) and named in the header and the JSON. The launch-shape sweep covers the knobs of the path in use;
+// the globaltimer stamps exist over NVLink only (over NCCL the transfers are NCCL's kernels).
 //
 // Standard shape (docs/low-latency.md): 128 tokens per rank, hidden 7168, top-8 of 288 experts, FP8
 // dispatch, BF16 combine, routing uniformly random (no -1). Every iteration uses the next of `sets` input
@@ -24,8 +29,14 @@ import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
 import { GpuEvent } from '../src/ep/gpu/event.ts';
+import type { LlGrids } from '../src/ep/gpu/ll-call.ts';
+import { createLowLatencyMode } from '../src/ep/gpu/ll-mode.ts';
 import { LowLatencyPath } from '../src/ep/gpu/low-latency.ts';
+import { NcclLowLatencyPath } from '../src/ep/gpu/nccl-low-latency.ts';
 import { GpuRuntime } from '../src/ep/gpu/runtime.ts';
+import { probeTransportFacts } from '../src/ep/gpu/transport-probe.ts';
+import { chooseTransport } from '../src/ep/transport.ts';
+import type { TransportKind } from '../src/ep/types.ts';
 import { resolveOptions } from '../src/ep/validate.ts';
 import { gbPerS, printTable, summarize, writeResult } from './stats.ts';
 
@@ -40,6 +51,7 @@ const { values } = parseArgs({
     sets: { type: 'string', default: '4' },
     'phase-iters': { type: 'string', default: '40' },
     bf16: { type: 'boolean', default: false },
+    transport: { type: 'string', default: 'auto' },
   },
   strict: true,
 });
@@ -72,9 +84,12 @@ const options = resolveOptions(
 const rt = GpuRuntime.create({ group, options, owner: { label: `bench rank ${me}` } });
 const dev = rt.device;
 const stream = rt.stream;
+const transport = chooseTransport(values.transport as TransportKind, await probeTransportFacts(rt));
 const t0 = performance.now();
-const path = await LowLatencyPath.create(rt);
+const path = await createLowLatencyMode(rt, transport.transport);
 const createMs = performance.now() - t0;
+/** The launch shapes the sweep varies (the NVLink path's have `fuse` too). */
+const knobs: LlGrids & { fuse?: boolean } = path.tuning;
 const El = E / R;
 const RT = R * T;
 
@@ -269,39 +284,41 @@ const ungated = {
 };
 
 // Launch-shape sweep: each knob alone, the others at their defaults.
-const defaults = { ...path.tuning };
+const defaults = { ...knobs };
 const sms = rt.smCount;
 const sweep: { knob: string; value: number; dispatchUs?: number; combineUs?: number }[] = [];
 const med = (ms: number[]) => summarize(ms).median * 1000;
-path.tuning.fuse = false;
-sweep.push({
-  knob: 'fuse (0 = two launches)',
-  value: 0,
-  dispatchUs: med(await timeDispatch()),
-  combineUs: med(await timeCombine()),
-});
-path.tuning.fuse = defaults.fuse;
+if (knobs.fuse !== undefined) {
+  knobs.fuse = false;
+  sweep.push({
+    knob: 'fuse (0 = two launches)',
+    value: 0,
+    dispatchUs: med(await timeDispatch()),
+    combineUs: med(await timeCombine()),
+  });
+  knobs.fuse = defaults.fuse;
+}
 for (const v of [Math.round(sms / 4), Math.round(sms / 2), sms]) {
-  path.tuning.dispatchSendBlocks = v;
+  knobs.dispatchSendBlocks = v;
   sweep.push({ knob: 'dispatchSendBlocks', value: v, dispatchUs: med(await timeDispatch()) });
 }
-path.tuning.dispatchSendBlocks = defaults.dispatchSendBlocks;
+knobs.dispatchSendBlocks = defaults.dispatchSendBlocks;
 for (const v of [1, 2, 4]) {
   if (v === defaults.dispatchRecvParts) continue;
-  path.tuning.dispatchRecvParts = v;
+  knobs.dispatchRecvParts = v;
   sweep.push({ knob: 'dispatchRecvParts', value: v, dispatchUs: med(await timeDispatch()) });
 }
-path.tuning.dispatchRecvParts = defaults.dispatchRecvParts;
+knobs.dispatchRecvParts = defaults.dispatchRecvParts;
 for (const v of [Math.round(sms / 2), 2 * sms]) {
-  path.tuning.combineSendBlocks = v;
+  knobs.combineSendBlocks = v;
   sweep.push({ knob: 'combineSendBlocks', value: v, combineUs: med(await timeCombine()) });
 }
-path.tuning.combineSendBlocks = defaults.combineSendBlocks;
+knobs.combineSendBlocks = defaults.combineSendBlocks;
 for (const v of [Math.round(sms / 2), sms]) {
-  path.tuning.combineRecvBlocks = v;
+  knobs.combineRecvBlocks = v;
   sweep.push({ knob: 'combineRecvBlocks', value: v, combineUs: med(await timeCombine()) });
 }
-path.tuning.combineRecvBlocks = defaults.combineRecvBlocks;
+knobs.combineRecvBlocks = defaults.combineRecvBlocks;
 
 // Phases (hook mode), all on the device: gate; send; gate (every rank's send is done); receive.
 const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as number[], crecv: [] as number[] };
@@ -344,10 +361,11 @@ const phaseSlowest = {
   crecv: await slowest(phase.crecv),
 };
 
-// Inside the kernels (globaltimer stamps of this rank, gated dispatch+combine, one at a time). With fused
-// launches a block starts its receive phase before the last block has signalled, so that gap is negative.
+// Inside the kernels (globaltimer stamps of this rank, gated dispatch+combine, one at a time; NVLink only).
+// With fused launches a block starts its receive phase before the last block has signalled, so that gap is
+// negative.
 const stampSegs: Record<string, number[]> = {};
-for (let i = 0; i < PHASE_ITERS; i++) {
+for (let i = 0; path instanceof LowLatencyPath && i < PHASE_ITERS; i++) {
   path.gate(GATE_NS);
   const d = dispatch(i);
   path.gate(0);
@@ -410,7 +428,15 @@ const dispatchRowBytes = FP8 ? H + (H / 128) * 4 + 16 : 2 * H + 16;
 const dispatchLogical = avg((s) => s.selections) * dispatchRowBytes; // DeepEP's count, bytes per rank
 const combineLogical = avg((s) => s.selections) * 2 * H;
 const msgBytes = FP8 ? H + (H / 128) * 4 : 2 * H;
-const dispatchWire = avg((s) => s.rankTokens) * msgBytes; // what tsep moves (one copy per rank)
+// What tsep moves per rank: over NVLink one message per (token, destination rank); over NCCL the fixed
+// blocks every rank receives (R dispatch blocks of the payload type, R combine blocks).
+const wire =
+  path instanceof NcclLowLatencyPath
+    ? {
+        dispatch: R * path.layout.blockBytes[FP8 ? 'fp8' : 'bf16'],
+        combine: R * path.layout.combineBlockBytes,
+      }
+    : { dispatch: avg((s) => s.rankTokens) * msgBytes, combine: avg((s) => s.selections) * 2 * H };
 
 // ------------------------------------------------------------------------------------------- NCCL
 
@@ -471,7 +497,7 @@ const stampRows = Object.entries(stampSegs).map(([name, v]) => {
 
 if (me === 0) {
   process.stdout.write(
-    `low-latency, ${R} ranks on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E} experts, ${FP8 ? 'FP8' : 'BF16'} dispatch, BF16 combine; ` +
+    `low-latency over ${transport.transport} (${transport.reason}), ${R} ranks on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E} experts, ${FP8 ? 'FP8' : 'BF16'} dispatch, BF16 combine; ` +
       `${WARMUP} warm-up + ${ITERS} timed iterations (${PHASE_ITERS} for phases), ${SETS} input sets; ` +
       `gated (device barrier + ${GATE_NS / 1000} us spin before each iteration) unless marked; slowest rank per iteration, median\n`,
   );
@@ -496,9 +522,9 @@ if (me === 0) {
     `NCCL all-to-all / tsep: dispatch ${ratio(ncclDispatchMs, dispatchMs).toFixed(2)}x, combine ${ratio(ncclCombineMs, combineMs).toFixed(2)}x\n` +
       `host overhead per call (API entry to return, GPU idle; median, max over ranks): dispatch ${hostMax[0]!.toFixed(1)} us, ` +
       `dispatch with hook ${hostMax[1]!.toFixed(1)} us, combine ${hostMax[2]!.toFixed(1)} us, of which one GpuEvent ${hostMax[3]!.toFixed(1)} us\n` +
-      `bytes per rank: symmetric buffer ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
-      `(${(path.outputBytes() / 2 ** 20).toFixed(1)} MiB); NVLink payload per dispatch ${Math.round(dispatchWire)} B ` +
-      `vs DeepEP-logical ${Math.round(dispatchLogical)} B; create ${createMs.toFixed(0)} ms\n` +
+      `bytes per rank: communication memory ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
+      `(${(path.outputBytes() / 2 ** 20).toFixed(1)} MiB); ${transport.transport} payload per dispatch ${Math.round(wire.dispatch)} B ` +
+      `vs DeepEP-logical ${Math.round(dispatchLogical)} B, per combine ${Math.round(wire.combine)} B; create ${createMs.toFixed(0)} ms\n` +
       `defaults ${JSON.stringify(defaults)}\n`,
   );
   printTable(
@@ -510,18 +536,22 @@ if (me === 0) {
     ],
     sweep.map((r) => [r.knob, r.value, r.dispatchUs, r.combineUs]),
   );
-  process.stdout.write('rank 0 globaltimer stamps (us):\n');
-  printTable(
-    [
-      { header: 'segment', align: 'left' },
-      { header: 'median', digits: 2 },
-      { header: 'p10', digits: 2 },
-      { header: 'p90', digits: 2 },
-    ],
-    stampRows.map((r) => [...r]),
-  );
+  if (stampRows.length > 0) {
+    process.stdout.write('rank 0 globaltimer stamps (us):\n');
+    printTable(
+      [
+        { header: 'segment', align: 'left' },
+        { header: 'median', digits: 2 },
+        { header: 'p10', digits: 2 },
+        { header: 'p90', digits: 2 },
+      ],
+      stampRows.map((r) => [...r]),
+    );
+  }
   const out = writeResult('low-latency', {
     bench: 'low-latency',
+    transport: transport.transport,
+    transportReason: transport.reason,
     date: new Date().toISOString(),
     ranks: R,
     device: dev.info.name,
@@ -544,8 +574,12 @@ if (me === 0) {
     tuningDefaults: defaults,
     sweep,
     stampsRank0Us: Object.fromEntries(stampRows.map(([n, m, a, b]) => [n, { median: m, p10: a, p90: b }])),
-    bytesPerRank: { symmetric: path.bytes(), outputRings: path.outputBytes() },
-    dispatchBytesPerRank: { tsepNvlinkPayload: dispatchWire, deepepLogical: dispatchLogical },
+    bytesPerRank: { communication: path.bytes(), outputRings: path.outputBytes() },
+    payloadBytesPerRank: {
+      dispatch: wire.dispatch,
+      combine: wire.combine,
+      deepepDispatchLogical: dispatchLogical,
+    },
   });
   process.stdout.write(`wrote ${out}\n`);
 }

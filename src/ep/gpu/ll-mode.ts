@@ -9,6 +9,7 @@ import type {
   LowLatencyDispatchRequest,
   LowLatencyDispatchResult,
 } from '../types.ts';
+import type { LlGrids } from './ll-call.ts';
 import { LowLatencyPath } from './low-latency.ts';
 import { NcclLowLatencyPath } from './nccl-low-latency.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -16,6 +17,8 @@ import type { GpuRuntime } from './runtime.ts';
 /** What the backend, tests and benchmarks use of a low-latency path. */
 export interface LowLatencyMode {
   readonly rt: GpuRuntime;
+  /** Launch shapes; benchmarks may change them between calls. */
+  readonly tuning: LlGrids;
   dispatch(req: LowLatencyDispatchRequest): LowLatencyDispatchResult;
   combine(req: LowLatencyCombineRequest): LowLatencyCombineResult;
   /** Enqueued, collective: clears the state a timeout left (NVLink); says to reset() over NCCL. */

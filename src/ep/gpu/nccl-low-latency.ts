@@ -62,7 +62,7 @@ export class NcclLowLatencyPath {
   readonly rt: GpuRuntime;
   readonly layout: LlNcclLayout;
   /** Launch shapes (see {@link LlGrids}); benchmarks may change them between calls. */
-  readonly grids: LlGrids;
+  readonly tuning: LlGrids;
   private comm: NcclCommunicator;
   private readonly owner: HandleOwner;
   private readonly k: NcclLlKernels;
@@ -94,7 +94,7 @@ export class NcclLowLatencyPath {
     this.comm = comm;
     this.owner = owner;
     this.k = kernels;
-    this.grids = defaultLlGrids(rt.smCount, layout.localExperts);
+    this.tuning = defaultLlGrids(rt.smCount, layout.localExperts);
     this.smem = llSharedBytes(layout);
     this.timeoutMs = Number(deviceTimeoutNs() / 1_000_000n);
     const dev = rt.device;
@@ -189,7 +189,7 @@ export class NcclLowLatencyPath {
     const gathered = this.dispatchRecv.ptr + BigInt((call & 1) * L.dispatchRecvHalfBytes);
     const block = L.blockBytes[kind];
     const msg = L.msgBytes[kind];
-    const g = this.grids;
+    const g = this.tuning;
     const parts = g.dispatchRecvParts;
     this.k.dispatchPack.launch({ grid: dispatchSendGrid(g, T, L.hidden), block: LL_THREADS, stream }, [
       x.ptr,
@@ -237,7 +237,7 @@ export class NcclLowLatencyPath {
     const out = this.outputs.nextCombine(T);
     const call = this.calls.combine++;
     const blocks = this.combineRecv.ptr + BigInt((call & 1) * L.combineRecvHalfBytes);
-    const g = this.grids;
+    const g = this.tuning;
     const recvGrid = combineRecvGrid(g, T, L.hidden);
     this.k.combinePack.launch(
       { grid: g.combineSendBlocks, block: LL_THREADS, sharedBytes: this.smem.combineSend, stream },
