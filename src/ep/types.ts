@@ -37,9 +37,9 @@ export interface EpBufferOptions {
   /** 'auto' (default) takes the GPU backend when a GPU is present, else the CPU backend. */
   backend?: BackendKind;
   /**
-   * GPU backend: 'nvlink' (peer stores between the GPUs of one host), 'nccl' (any topology, normal mode
-   * only for now) or 'auto' (default: NVLink when every rank is on one host and every pair of their GPUs
-   * has peer access, else NCCL). The CPU backend ignores it.
+   * GPU backend: 'nvlink' (peer stores between the GPUs of one host), 'nccl' (NCCL collectives, any
+   * topology, both modes) or 'auto' (default: NVLink when every rank is on one host and every pair of their
+   * GPUs has peer access, else NCCL). The CPU backend ignores it.
    */
   transport?: TransportKind;
 }
