@@ -6,11 +6,11 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import {
-  checkLlCapacity,
   combineRecvGrid,
   defaultLlGrids,
   dispatchSendGrid,
   hookOnce,
+  llBufferShape,
   llSharedBytes,
 } from '../../src/ep/gpu/ll-call.ts';
 import { llNcclDefines, llNcclLayout } from '../../src/ep/gpu/ll-nccl-layout.ts';
@@ -86,17 +86,24 @@ test("the kernels' stand-alone defaults are the standard shape's layout", () => 
   for (const [name, value] of Object.entries(want)) assert.equal(got[name], value, name);
 });
 
-test('capacity: the receive scan bounds maxTokensPerRank and ranks × maxTokensPerRank', () => {
-  checkLlCapacity(1, 16384);
-  checkLlCapacity(8, 2048);
-  checkLlCapacity(64, 256);
+test('buffer shape: local experts from the ranks; the receive scan bounds maxTokensPerRank and R × it', () => {
+  const options = (maxTokensPerRank: number) => ({
+    numExperts: 288,
+    hidden: 7168,
+    maxTokensPerRank,
+    numTopk: 8,
+  });
+  assert.deepEqual(llBufferShape(4, options(128)), STANDARD);
+  llBufferShape(1, options(16384));
+  llBufferShape(8, options(2048));
+  llBufferShape(64, options(256));
   for (const [R, T] of [
     [1, 65536],
     [2, 8193],
     [8, 2049],
   ] as const) {
     assert.throws(
-      () => checkLlCapacity(R, T),
+      () => llBufferShape(R, options(T)),
       (e: unknown) => {
         assert.ok(e instanceof ValidationError);
         assert.equal(e.argument, 'maxTokensPerRank');

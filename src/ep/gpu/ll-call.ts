@@ -13,6 +13,7 @@ import type {
   LowLatencyDispatchResult,
   LowLatencyHandle,
   RecvHook,
+  ResolvedEpBufferOptions,
 } from '../types.ts';
 import type { LlPayload, LlShape } from './ll-layout.ts';
 import type { DispatchViews } from './ll-outputs.ts';
@@ -26,17 +27,29 @@ const LL_WARPS = LL_THREADS / 32;
 export const LL_FLAG = { fp8: 1, round: 2, ue8m0: 4, idx64: 8 } as const;
 
 /**
- * The receive scan keeps two words per (source, token) slot in shared memory and a token index in 16 bits:
- * `maxTokensPerRank` ≤ 65535 and R·maxTokensPerRank ≤ 16384, whatever the transport.
+ * The low-latency shape of a buffer of `numRanks` ranks. The receive scan keeps two words per (source,
+ * token) slot in shared memory and a token index in 16 bits: `maxTokensPerRank` ≤ 65535 and
+ * R·maxTokensPerRank ≤ 16384, whatever the transport.
  */
-export function checkLlCapacity(numRanks: number, maxTokensPerRank: number): void {
-  if (maxTokensPerRank > 65535 || numRanks * maxTokensPerRank > 16384) {
+export function llBufferShape(
+  numRanks: number,
+  options: Pick<ResolvedEpBufferOptions, 'numExperts' | 'hidden' | 'maxTokensPerRank' | 'numTopk'>,
+): LlShape {
+  const T = options.maxTokensPerRank;
+  if (T > 65535 || numRanks * T > 16384) {
     throw new ValidationError(
       'maxTokensPerRank',
-      String(maxTokensPerRank),
+      String(T),
       `at most 65535 and ranks × maxTokensPerRank ≤ 16384 for the low-latency mode (${numRanks} ranks)`,
     );
   }
+  return {
+    numRanks,
+    localExperts: options.numExperts / numRanks,
+    hidden: options.hidden,
+    maxTokensPerRank: T,
+    numTopk: options.numTopk,
+  };
 }
 
 /** Launch shapes of the phases; defaults follow the SM count. Benchmarks may change them between calls. */

@@ -21,13 +21,13 @@ import type {
 import { deviceTimeoutNs } from './device-error.ts';
 import type { GpuEvent } from './event.ts';
 import {
-  checkLlCapacity,
   combineRecvGrid,
   defaultLlGrids,
   dispatchSendGrid,
   hookOnce,
   LL_THREADS,
   type LlGrids,
+  llBufferShape,
   llCombineInputs,
   llDispatchInputs,
   llDispatchResult,
@@ -142,14 +142,7 @@ export class LowLatencyPath {
     if (group.size > 8 || group.size < 1) {
       throw new ValidationError('group size', String(group.size), '1 to 8 ranks (one NVLink host)');
     }
-    checkLlCapacity(group.size, options.maxTokensPerRank);
-    const layout = llLayout({
-      numRanks: group.size,
-      localExperts: options.numExperts / group.size,
-      hidden: options.hidden,
-      maxTokensPerRank: options.maxTokensPerRank,
-      numTopk: options.numTopk,
-    });
+    const layout = llLayout(llBufferShape(group.size, options));
     const mod = await rt.kernels('low_latency.cu', llDefines(layout));
     const common = ['ptr', 'ptr', 'i32', 'u64'] as const;
     const kernels = [

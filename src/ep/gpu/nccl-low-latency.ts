@@ -29,13 +29,13 @@ import type {
 import { deviceTimeoutNs } from './device-error.ts';
 import type { GpuEvent } from './event.ts';
 import {
-  checkLlCapacity,
   combineRecvGrid,
   defaultLlGrids,
   dispatchSendGrid,
   hookOnce,
   LL_THREADS,
   type LlGrids,
+  llBufferShape,
   llCombineInputs,
   llDispatchInputs,
   llDispatchResult,
@@ -121,14 +121,7 @@ export class NcclLowLatencyPath {
         `at most ${MAX_RANKS} ranks for the low-latency mode over NCCL`,
       );
     }
-    checkLlCapacity(group.size, options.maxTokensPerRank);
-    const layout = llNcclLayout({
-      numRanks: group.size,
-      localExperts: options.numExperts / group.size,
-      hidden: options.hidden,
-      maxTokensPerRank: options.maxTokensPerRank,
-      numTopk: options.numTopk,
-    });
+    const layout = llNcclLayout(llBufferShape(group.size, options));
     const mod = await rt.kernels('ll_nccl.cu', llNcclDefines(layout));
     const kernels: NcclLlKernels = {
       // x, topk, T, K, flags, block, msg
