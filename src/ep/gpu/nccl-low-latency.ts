@@ -338,17 +338,18 @@ export class NcclLowLatencyPath {
       this.comm.allGather(this.dispatchSend.ptr, this.dispatchRecv.ptr, block, 'u8', stream);
     this.comm.allToAll(this.combineSend.ptr, this.combineRecv.ptr, L.combineBlockBytes, 'u8', stream);
     this.comm.allReduce(this.gateWord.ptr, this.gateWord.ptr, 1, 'i32', 'max', stream);
-    await this.drain();
+    // Connecting may take longer than a call may (TSEP_TIMEOUT_S can be small): at least a minute.
+    await this.drain(Math.max(this.timeoutMs, 60_000));
     this.throwIfFailed();
   }
 
   /** Waits for the stream; a transfer that never completes (a missing peer) aborts the communicator. */
-  private async drain(): Promise<void> {
+  private async drain(timeoutMs = this.timeoutMs): Promise<void> {
     try {
-      await this.rt.stream.synchronize({ timeoutMs: this.timeoutMs });
+      await this.rt.stream.synchronize({ timeoutMs });
     } catch (e) {
       if (!(e instanceof EpTimeoutError)) throw e;
-      this.expire();
+      this.expire(timeoutMs);
       await this.rt.stream.synchronize({ timeoutMs: this.timeoutMs });
     }
   }
@@ -364,11 +365,11 @@ export class NcclLowLatencyPath {
   }
 
   /** Records the failure and aborts the communicator (its waiting transfers end); the error to throw. */
-  private expire(): EpTimeoutError {
+  private expire(waitedMs = this.timeoutMs): EpTimeoutError {
     if (this.failure === undefined) {
       const { rank } = this.rt.group;
       this.failure =
-        `Low-latency call over NCCL on rank ${rank} did not complete within ${this.timeoutMs / 1000} s. ` +
+        `Low-latency call over NCCL on rank ${rank} did not complete within ${waitedMs / 1000} s. ` +
         'A rank is missing, stuck or made a different call (NCCL cannot say which): every rank must make the ' +
         'same low-latency calls in the same order, with the same payload options. The NCCL communicator was ' +
         'aborted so this rank can go on; call reset() on every rank before the next call ' +
