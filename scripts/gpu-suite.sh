@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's work in stages that each fit one device call (≤ 10 minutes), logs under $OUT (or /tmp):
 #   scripts/device.sh run -- scripts/gpu-suite.sh tests        smoke, process group, normal-mode tests
-#   scripts/device.sh run -- scripts/gpu-suite.sh tests2       low-latency, failure, virtual-host tests
+#   scripts/device.sh run -- scripts/gpu-suite.sh tests2       low-latency (both transports), failure tests
+#   scripts/device.sh run -- scripts/gpu-suite.sh tests3       2 virtual hosts × 2 ranks (needs 4 GPUs)
 #   scripts/device.sh run -- scripts/gpu-suite.sh benches      normal (NVLink + NCCL-transport columns, per-
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
 #   scripts/device.sh run -- scripts/gpu-suite.sh reliability  soak (10,000 iterations) and compute-sanitizer
@@ -36,9 +37,11 @@ case "${1:-}" in
       ${TEST_PATTERN:+--test-name-pattern="$TEST_PATTERN"} test/gpu/normal.test.ts
     ;;
   tests2)
-    step low-latency 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
-    step failure 120 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts
-    step virtual-hosts 200 node --test --test-reporter=spec test/gpu/virtual-hosts.test.ts
+    step low-latency 440 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
+    step failure 140 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts
+    ;;
+  tests3)
+    step virtual-hosts 560 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
     ;;
   benches)
     step bench-normal 240 env TSEP_PROFILE=1 TSEP_BENCH_OUT="$out/normal.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 230 -- --sms 24,32 --iters 20
@@ -50,7 +53,7 @@ case "${1:-}" in
     step sanitize 170 scripts/sanitize.sh 2
     ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests2|benches|reliability" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests2|tests3|benches|reliability" >&2
     exit 2
     ;;
 esac
