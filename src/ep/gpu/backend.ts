@@ -31,7 +31,7 @@ import { probeTransportFacts } from './transport-probe.ts';
 /** What the backend needs of a normal-mode implementation (NVLink or NCCL). */
 type NormalMode = Pick<
   NormalPath,
-  'layout' | 'dispatch' | 'combine' | 'reset' | 'bytes' | 'destroy' | 'numSms'
+  'layout' | 'dispatch' | 'combine' | 'reset' | 'abortTransfers' | 'bytes' | 'destroy' | 'numSms'
 >;
 
 export const gpuBackendFactory: EpBackendFactory = {
@@ -116,6 +116,10 @@ class GpuBackend implements EpBackend {
   }
 
   async reset(): Promise<void> {
+    // Over NCCL both paths' communicators are aborted before either path waits for the stream: a transfer
+    // stuck in one would otherwise hold up the other's work and that path's reset would time out.
+    this.normal?.abortTransfers();
+    this.lowLatency?.abortTransfers();
     await this.normal?.reset();
     await this.lowLatency?.reset();
     await this.rt.stream.synchronize();

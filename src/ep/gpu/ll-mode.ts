@@ -25,6 +25,8 @@ export interface LowLatencyMode {
   clean(): void;
   /** Collective: makes the path usable after a timeout (the backend waits for the stream afterwards). */
   reset(): Promise<void>;
+  /** Ends any transfer still waiting for a peer (NCCL: aborts the communicator; reset() joins a new one). */
+  abortTransfers(): void;
   /** Collective, for benchmarks: a spin of `spinNs`, then the ranks line up on the device. */
   gate(spinNs?: number): void;
   /** Fills every output allocated so far with `byte` (stream-ordered): tests poison outputs. */

@@ -321,6 +321,9 @@ export class LowLatencyPath {
     ]);
   }
 
+  /** Nothing to abort: every wait of the NVLink kernels is bounded on the device. */
+  abortTransfers(): void {}
+
   /** Collective: clean(), as the reset after a timeout (the backend then waits for the stream). */
   reset(): Promise<void> {
     this.clean();

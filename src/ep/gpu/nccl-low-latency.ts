@@ -78,6 +78,8 @@ export class NcclLowLatencyPath {
   private readonly timeoutMs: number;
   /** Calls made of each kind: call i uses receive half i & 1, which call i + 2 overwrites. */
   private readonly calls = { dispatch: 0, combine: 0 };
+  /** reset()s so far: a hook remembers the epoch of its call. */
+  private epoch = 0;
   /** Set when a call did not complete in time (the communicator is aborted); cleared by reset(). */
   private failure: string | undefined;
   private destroyed = false;
@@ -281,13 +283,19 @@ export class NcclLowLatencyPath {
     }
   }
 
+  /** Ends any NCCL transfer still waiting for a peer: aborts the communicator (reset() joins a new one). */
+  abortTransfers(): void {
+    this.comm.abort();
+  }
+
   /**
    * Collective, after a timeout: aborts this rank's communicator (which ends any transfer still waiting
    * for a peer), waits for the stream, and joins a new communicator with every rank.
    */
   async reset(): Promise<void> {
     if (this.destroyed) throw new DisposedError('NcclLowLatencyPath');
-    this.comm.abort();
+    this.abortTransfers();
+    ++this.epoch; // hooks of calls made before the reset are refused: warmUp() overwrites their halves
     await this.rt.stream.synchronize({
       timeoutMs: this.timeoutMs + 5000,
       what: 'the low-latency calls of this rank after its NCCL communicator was aborted',
@@ -389,8 +397,16 @@ export class NcclLowLatencyPath {
 
   /** A hook's data must still be in its receive half, which the call two later of its kind overwrites. */
   private inTime(kind: CallKind, call: number): () => void {
+    const epoch = this.epoch;
     return () => {
       this.checkUsable();
+      if (this.epoch !== epoch) {
+        throw new TsepError(
+          'TSEP_UNSUPPORTED',
+          `This low-latency ${kind} hook belongs to a call made before reset(), whose data reset() discarded. ` +
+            'Make the call again.',
+        );
+      }
       if (this.calls[kind] > call + 2) {
         throw new TsepError(
           'TSEP_UNSUPPORTED',

@@ -179,13 +179,18 @@ export class NcclNormalPath {
     return launchLayout(this.rt, this.layoutKernels, topkIdx);
   }
 
+  /** Ends any NCCL transfer still waiting for a peer: aborts the communicator (reset() joins a new one). */
+  abortTransfers(): void {
+    this.comm.abort();
+  }
+
   /**
    * Collective: after a failure (a timed-out wait, a peer that died), aborts the communicator — which
    * ends any NCCL kernel still waiting for a peer — and joins a new one. Queued like a call.
    */
   reset(): Promise<void> {
     return this.queue.run(async () => {
-      this.comm.abort();
+      this.abortTransfers();
       await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
       this.comm = await NcclCommunicator.create(this.rt.group, this.rt.device);
     });

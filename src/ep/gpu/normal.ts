@@ -229,6 +229,9 @@ export class NormalPath {
     });
   }
 
+  /** Nothing to abort: every wait of the NVLink kernels is bounded on the device. */
+  abortTransfers(): void {}
+
   layout(topkIdx: Tensor): DispatchLayout {
     return launchLayout(this.rt, this.layoutKernels, topkIdx);
   }
