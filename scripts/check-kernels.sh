@@ -41,4 +41,10 @@ for v in "${variants[@]}"; do
     -o "$out/variant.cubin" "kernels/$file"
   echo "check:kernels: ok $file $defines"
 done
+# The diagnostic programs in bench/tools (host + device, run by hand on the GPU machine) must keep building
+# against the kernels they include.
+for f in bench/tools/*.cu; do
+  "$NVCC" -O3 -arch=sm_90a -std=c++17 -I kernels -o "$out/tool" "$f"
+  echo "check:kernels: ok $f (program)"
+done
 echo "check:kernels: $n kernel source(s) and ${#variants[@]} specializations compiled for sm_90a with $("$NVCC" --version | tail -n 1)"
