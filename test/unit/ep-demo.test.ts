@@ -36,6 +36,23 @@ describe('tsep demo', () => {
     );
   });
 
+  it('8 ranks (the EP8 layout) round-trip too: nothing assumes 4 or fewer ranks', async () => {
+    const rows = await runDemo({
+      ranks: 8,
+      tokens: 5,
+      hidden: 256,
+      experts: 64,
+      topk: 8,
+      seed: BASE_SEED + 8,
+      backend: 'cpu',
+    });
+    for (const r of rows) {
+      assert.equal(r.ranks, 8);
+      assert.ok(r.ok, `${r.path}: worst error ${r.worst} of tolerance (seed ${BASE_SEED + 8})`);
+      assert.ok(r.worst > 0, `${r.path}: rounding leaves some error, so the check compared real numbers`);
+    }
+  });
+
   it('the CLI prints the table and exits 0; a bad option exits non-zero', async () => {
     const main = new URL('../../src/cli/main.ts', import.meta.url).pathname;
     const { stdout } = await run(process.execPath, [
