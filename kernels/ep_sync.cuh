@@ -42,12 +42,6 @@ __device__ __forceinline__ void report_timeout(const Fail &f, int rank, int kern
   st_release_sys(&err->flag, 1);
 }
 
-__device__ __forceinline__ u64 ld_acquire_sys_u64(const u64 *p) {
-  u64 v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ u64 ld_acquire(const u64 *p) { return ld_acquire_sys_u64(p); }
 __device__ __forceinline__ int ld_acquire(const int *p) { return ld_acquire_sys(p); }
 

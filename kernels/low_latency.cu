@@ -27,13 +27,13 @@ __device__ __forceinline__ u32 prologue(const Ctx &c, const u64 *peers, int send
                                         const u32 *first, Prologue &p) {
   u32 v = 0;
   if (threadIdx.x == 32) {
-    p.epoch[0] = ld_volatile_u32(c.state() + send_word);
-    p.epoch[1] = ld_volatile_u32(c.state() + recv_word);
-    p.abort = ld_volatile_u32(c.state() + LL_ST_ABORT);
+    p.epoch[0] = tsep::ld_volatile_u32(c.state() + send_word);
+    p.epoch[1] = tsep::ld_volatile_u32(c.state() + recv_word);
+    p.abort = tsep::ld_volatile_u32(c.state() + LL_ST_ABORT);
   }
   if (threadIdx.x < LL_R) {
     p.peer[threadIdx.x] = reinterpret_cast<u8 *>(peers[threadIdx.x]);
-    v = ld_acquire_u32(first + threadIdx.x);
+    v = tsep::ld_acquire_sys_u32(first + threadIdx.x);
   }
   __syncthreads();
   return v;
@@ -106,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (last_block(c, 0)) {
       c.stamp(LL_T_DS_SIGNAL);
       const u64 sig = ((u64)(u32)T << 32) | (u64)(epoch + 1);
-      for (int d = 0; d < LL_R; d++) st_release_u64(dispatch_signal(p.peer[d], half, rank), sig);
+      for (int d = 0; d < LL_R; d++) tsep::st_release_sys_u64(dispatch_signal(p.peer[d], half, rank), sig);
       atomicExch(c.state() + LL_ST_DSEND, epoch + 1);
     }
   }
@@ -138,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (last_block(cr, 1)) {
       cr.stamp(LL_T_DR_END);
       // Every block is done reading this half: the sources may reuse it (call epoch + 2).
-      for (int s = 0; s < LL_R; s++) st_release_u32(dispatch_ack(p.peer[s], rank), epoch + 1);
+      for (int s = 0; s < LL_R; s++) tsep::st_release_sys_u32(dispatch_ack(p.peer[s], rank), epoch + 1);
       atomicExch(c.state() + LL_ST_DRECV, epoch + 1);
     }
   }
@@ -187,7 +187,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
     combine_send_items(PeerCombineDst{p.peer, half}, x, src_info, layout_range, kmask);
     if (last_block(c, 2)) {
       c.stamp(LL_T_CS_SIGNAL);
-      for (int s = 0; s < LL_R; s++) st_release_u32(combine_signal(p.peer[s], half, rank), epoch + 1);
+      for (int s = 0; s < LL_R; s++) tsep::st_release_sys_u32(combine_signal(p.peer[s], half, rank), epoch + 1);
       atomicExch(c.state() + LL_ST_CSEND, epoch + 1);
     }
   }
@@ -205,7 +205,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
     combine_recv_items(LocalCombineSrc{c.local, half}, topk, weights, out, T, K, flags & LL_FLAG_IDX64);
     if (last_block(cr, 3)) {
       cr.stamp(LL_T_CR_END);
-      for (int s = 0; s < LL_R; s++) st_release_u32(combine_ack(p.peer[s], rank), epoch + 1);
+      for (int s = 0; s < LL_R; s++) tsep::st_release_sys_u32(combine_ack(p.peer[s], rank), epoch + 1);
       atomicExch(c.state() + LL_ST_CRECV, epoch + 1);
     }
   }
@@ -220,7 +220,7 @@ extern "C" __global__ void ll_clean(const u64 *__restrict__ peers, int *record, 
   const Ctx c{reinterpret_cast<u8 *>(peers[rank]), record, timeout_ns, rank, LL_K_CLEAN};
   u32 *st = c.state();
   __shared__ u32 s_bar;
-  if (threadIdx.x == 0) s_bar = ld_volatile_u32(st + LL_ST_BAR);
+  if (threadIdx.x == 0) s_bar = tsep::ld_volatile_u32(st + LL_ST_BAR);
   __syncthreads();
   const u32 bar = s_bar;
   if (!rank_barrier(c, peers, bar + 1)) return;
@@ -248,8 +248,8 @@ extern "C" __global__ void ll_gate(const u64 *__restrict__ peers, int *record, i
     const u64 t0 = tsep::globaltimer_ns();
     while (tsep::globaltimer_ns() - t0 < spin_ns) {
     }
-    s_bar = ld_volatile_u32(st + LL_ST_BAR);
-    s_abort = ld_volatile_u32(st + LL_ST_ABORT);
+    s_bar = tsep::ld_volatile_u32(st + LL_ST_BAR);
+    s_abort = tsep::ld_volatile_u32(st + LL_ST_ABORT);
   }
   __syncthreads();
   if (s_abort != 0u) return;

@@ -65,40 +65,6 @@
 
 namespace ll {
 
-__device__ __forceinline__ u32 ld_acquire_u32(const u32 *p) {
-  u32 v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ u64 ld_acquire_u64(const u64 *p) {
-  u64 v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_u32(u32 *p, u32 v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ void st_release_u64(u64 *p, u64 v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ u32 ld_volatile_u32(const u32 *p) {
-  u32 v;
-  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void fence_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
-__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-__device__ __forceinline__ u32 ld_relaxed_u32(const u32 *p) {
-  u32 v;
-  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ u64 ld_relaxed_u64(const u64 *p) {
-  u64 v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // "a is at or past b" for wrapping u32 sequence numbers.
 __device__ __forceinline__ bool reached(u32 a, u32 b) { return (int)(a - b) >= 0; }
 
@@ -144,15 +110,15 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
   T v;
   const u64 start = tsep::globaltimer_ns();
   for (u32 i = 0;; i++) {
-    if constexpr (sizeof(T) == 8) v = ld_relaxed_u64(reinterpret_cast<const u64 *>(p));
-    else v = ld_relaxed_u32(reinterpret_cast<const u32 *>(p));
+    if constexpr (sizeof(T) == 8) v = tsep::ld_relaxed_sys_u64(reinterpret_cast<const u64 *>(p));
+    else v = tsep::ld_relaxed_sys_u32(reinterpret_cast<const u32 *>(p));
     if (reached((u32)v, target)) {
-      if constexpr (sizeof(T) == 8) v = ld_acquire_u64(reinterpret_cast<const u64 *>(p));
-      else v = ld_acquire_u32(reinterpret_cast<const u32 *>(p));
+      if constexpr (sizeof(T) == 8) v = tsep::ld_acquire_sys_u64(reinterpret_cast<const u64 *>(p));
+      else v = tsep::ld_acquire_sys_u32(reinterpret_cast<const u32 *>(p));
       break;
     }
     if ((i & 255u) == 255u) {
-      if (ld_volatile_u32(c.state() + LL_ST_ABORT) != 0u) return false;
+      if (tsep::ld_volatile_u32(c.state() + LL_ST_ABORT) != 0u) return false;
       if (tsep::globaltimer_ns() - start > c.timeout_ns) {
         report_timeout(c, phase, peer, target, (u32)v);
         return false;
@@ -169,13 +135,13 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
   bool ok = true;
   if (threadIdx.x < LL_R) {
     const int r = threadIdx.x;
-    fence_sys();
-    st_release_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + c.rank, target);
+    tsep::fence_sc_sys();
+    tsep::st_release_sys_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + c.rank, target);
     const u32 *mine = reinterpret_cast<const u32 *>(c.local + LL_OFF_BAR) + r;
     const u64 start = tsep::globaltimer_ns();
-    while (!reached(ld_acquire_u32(mine), target)) {
+    while (!reached(tsep::ld_acquire_sys_u32(mine), target)) {
       if (tsep::globaltimer_ns() - start > c.timeout_ns) {
-        report_timeout(c, LL_P_BARRIER, r, target, ld_acquire_u32(mine));
+        report_timeout(c, LL_P_BARRIER, r, target, tsep::ld_acquire_sys_u32(mine));
         ok = false;
         break;
       }
@@ -191,12 +157,12 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
 __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   __syncthreads();
   if (threadIdx.x != 0) return false;
-  fence_acq_rel_sys();
+  tsep::fence_acq_rel_sys();
   u32 *arrive = c.state() + LL_ST_ARRIVE + counter;
   const u32 prev = atomicAdd(arrive, 1u);
   if (prev != gridDim.x - 1) return false;
   atomicExch(arrive, 0u);
-  fence_acq_rel_sys();
+  tsep::fence_acq_rel_sys();
   return true;
 }
 

@@ -1,13 +1,11 @@
 // Multi-process GPU tests: which rank counts this machine can run (one GPU per rank), and running a
 // fixture under `tsep launch` with its output collected.
 
-import { spawn } from 'node:child_process';
 import { type AddressInfo, createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { Device } from '../../src/device/context.ts';
+import { type LaunchRun, startLaunch } from '../unit/helpers/launch.ts';
 import { gpuSkip } from './gpu.ts';
-
-const MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
 
 export const visibleGpus = gpuSkip ? 0 : Device.count();
 
@@ -21,12 +19,7 @@ export function skipFor(ranks: number): string | false {
   return false;
 }
 
-export interface RankRun {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
+export type RankRun = LaunchRun;
 
 /** Runs `node <fixture> ...args` on `ranks` ranks through `tsep launch` with a job time limit. */
 export function launchRanks(
@@ -37,28 +30,12 @@ export function launchRanks(
   extraEnv: NodeJS.ProcessEnv = {},
   launchFlags: readonly string[] = [],
 ): Promise<RankRun> {
-  const env: NodeJS.ProcessEnv = { ...process.env, TSEP_STORE_TIMEOUT_S: '60', ...extraEnv };
-  delete env.NODE_TEST_CONTEXT; // the ranks are plain programs, not test files
-  const launchArgs = ['launch', '-n', String(ranks), ...launchFlags, '--timeout', String(timeoutS), '--'];
-  const child = spawn(
-    process.execPath,
-    [MAIN, ...launchArgs, process.execPath, fileURLToPath(fixture), ...args],
-    {
-      env,
-      stdio: ['ignore', 'pipe', 'pipe'],
-    },
-  );
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => {
-    stdout += d;
-  });
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d;
-  });
-  return new Promise((resolve) => {
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
-  });
+  return startLaunch(
+    ['-n', String(ranks), ...launchFlags, '--timeout', String(timeoutS)],
+    [process.execPath, fileURLToPath(fixture), ...args],
+    60,
+    extraEnv,
+  ).done;
 }
 
 /**

@@ -2,7 +2,6 @@
 // Every test also checks that no rank (nor its wrapper) outlives the launcher.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -10,24 +9,10 @@ import { join } from 'node:path';
 import { afterEach, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import { type LaunchRun, type StartedLaunch, startLaunch as startLaunchProcess } from './helpers/launch.ts';
 
 const NODE = process.execPath;
-const MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
 const fixture = (name: string): string => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-
-interface Run {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
-
-interface Launch {
-  pid: number;
-  done: Promise<Run>;
-  kill(signal: NodeJS.Signals): void;
-}
 
 const pidDirs: string[] = [];
 
@@ -37,32 +22,12 @@ function tempDir(): string {
   return dir;
 }
 
-function startLaunch(launchArgs: string[], command: string[]): Launch {
-  const env: NodeJS.ProcessEnv = { ...process.env, TSEP_STORE_TIMEOUT_S: '30' };
-  delete env.NODE_TEST_CONTEXT;
-  const started = performance.now();
-  const child = spawn(NODE, [MAIN, 'launch', ...launchArgs, '--', ...command], {
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => {
-    stdout += d;
-  });
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d;
-  });
-  const done = new Promise<Run>((resolve) => {
-    child.on('close', (code, signal) =>
-      resolve({ code, signal, stdout, stderr, ms: performance.now() - started }),
-    );
-  });
-  return { pid: child.pid!, done, kill: (s) => child.kill(s) };
+function startLaunch(launchArgs: string[], command: string[]): StartedLaunch {
+  return startLaunchProcess(launchArgs, command, 30);
 }
 
 /** Runs a fixture under `tsep launch` and waits for the launcher to exit. */
-function launchFixture(launchArgs: string[], name: string, args: string[]): Promise<Run> {
+function launchFixture(launchArgs: string[], name: string, args: string[]): Promise<LaunchRun> {
   return startLaunch(launchArgs, [NODE, fixture(name), ...args]).done;
 }
 

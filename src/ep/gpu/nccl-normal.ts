@@ -436,21 +436,11 @@ export class NcclNormalPath {
     rows: number,
   ): void {
     const T = this.rt.options.maxTokensPerRank;
-    const a = this.stagingAreas;
     const arrays = this.dispatchArrays(inp, out);
-    const transfers = [];
-    for (const [bytes, area] of arrays) {
-      for (let r = 0; r < this.R; r++) {
-        transfers.push({
-          peer: r,
-          send: this.staging.ptr + BigInt(r * a.bytes + a[area]),
-          sendBytes: T * bytes,
-          recv: this.stage.ptr + BigInt(this.stageAreas[area] + r * T * bytes),
-          recvBytes: T * bytes,
-        });
-      }
-    }
-    this.comm.exchange(transfers, this.rt.stream);
+    this.comm.exchange(
+      arrays.flatMap(([bytes, area]) => this.paddedTransfers(area, bytes)),
+      this.rt.stream,
+    );
     for (const [bytes, area, dst, fill] of arrays) {
       launchMoveBlocks(kernels, this.rt.stream, this.rt.smCount, {
         count: recvFrom.ptr,
@@ -463,6 +453,22 @@ export class NcclNormalPath {
         fill,
       });
     }
+  }
+
+  /**
+   * Worst-case mode's transfers of one area (`bytes` per row): staging region r travels whole (T_max rows)
+   * to rank r, whose region from this rank lands in the stage at r·T_max.
+   */
+  private paddedTransfers(area: keyof NormalAreas, bytes: number) {
+    const T = this.rt.options.maxTokensPerRank;
+    const a = this.stagingAreas;
+    return Array.from({ length: this.R }, (_, r) => ({
+      peer: r,
+      send: this.staging.ptr + BigInt(r * a.bytes + a[area]),
+      sendBytes: T * bytes,
+      recv: this.stage.ptr + BigInt(this.stageAreas[area] + r * T * bytes),
+      recvBytes: T * bytes,
+    }));
   }
 
   /** The send kernel with the staging regions as its destinations (me = 0: row = position). */
@@ -536,7 +542,6 @@ export class NcclNormalPath {
     });
     const T = h.numTokens;
     const H = rt.options.hidden;
-    const Tmax = rt.options.maxTokensPerRank;
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
@@ -578,15 +583,7 @@ export class NcclNormalPath {
           rowBytes: bytes,
           fill: 0,
         });
-        for (let r = 0; r < this.R; r++) {
-          transfers.push({
-            peer: r,
-            send: this.staging.ptr + BigInt(r * a.bytes + a[area]),
-            sendBytes: Tmax * bytes,
-            recv: this.stage.ptr + BigInt(this.stageAreas[area] + r * Tmax * bytes),
-            recvBytes: Tmax * bytes,
-          });
-        }
+        transfers.push(...this.paddedTransfers(area, bytes));
       }
     }
     this.comm.exchange(transfers, stream);
