@@ -116,6 +116,8 @@ export class NcclNormalPath {
   private readonly hostCounts: HostBuffer;
   /** Error record and scratch for kernels that expect a signal page. */
   private readonly signal: HostBuffer;
+  /** The error record, and the stage's control block for the abort word (no kernel here waits on a peer). */
+  private readonly fail: FailArgs;
   /** [R] i32 = r·T_max: where each rank's padded block starts in the stage (worst-case mode). */
   private readonly paddedOffsets: DeviceTensor;
   numSms = intSetting('TSEP_NORMAL_SMS', DEFAULT_NORMAL_SMS, 2, 1024);
@@ -144,6 +146,10 @@ export class NcclNormalPath {
     this.allCounts = DeviceBuffer.alloc(4 * R * (R + E + 1), dev);
     this.hostCounts = HostBuffer.alloc(4 * R * (R + E + 1), dev);
     this.signal = HostBuffer.alloc(SIGNAL_BYTES, dev);
+    this.fail = {
+      err: this.signal.devicePtr + BigInt(ERROR_RECORD),
+      abort: this.stage.ptr + BigInt(CTRL_ABORT),
+    };
     this.paddedOffsets = DeviceTensor.fromHost(
       HostTensor.from(
         'i32',
@@ -168,11 +174,6 @@ export class NcclNormalPath {
 
   private get R(): number {
     return this.rt.group.size;
-  }
-
-  /** The error record, and the stage's control block for the abort word (no kernel here waits on a peer). */
-  private get fail(): FailArgs {
-    return { err: this.signal.devicePtr + BigInt(ERROR_RECORD), abort: this.stage.ptr + BigInt(CTRL_ABORT) };
   }
 
   layout(topkIdx: Tensor): DispatchLayout {

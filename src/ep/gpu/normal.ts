@@ -92,6 +92,8 @@ export class NormalPath {
   private readonly timeoutNs = deviceTimeoutNs();
   private readonly queue = new CallQueue();
   private readonly numChunks: number;
+  /** Where this rank's kernels report a timeout (the same every call: computed once). */
+  private readonly fail: FailArgs;
   /**
    * The receive / reduce kernel's stream, forked from the call's stream after notify or prepare and joined
    * back before the call's event, through two events of its own (re-recorded every call: a stream wait
@@ -121,6 +123,10 @@ export class NormalPath {
     this.layoutKernels = layout;
     this.modules = new NormalModules(rt);
     this.numChunks = numChunks;
+    this.fail = {
+      err: sym.signal.devicePtr + BigInt(ERROR_RECORD),
+      abort: sym.local.ptr + BigInt(CTRL_ABORT),
+    };
     this.recvStream = Stream.create(rt.device, { priority: 'high' });
     this.forkEvent = Event.create(rt.device);
     this.joinEvent = Event.create(rt.device);
@@ -152,8 +158,8 @@ export class NormalPath {
     const numChunks = chunkCount(o.maxTokensPerRank);
     // The chunk count places every area of every rank's buffer: a rank with another TSEP_NORMAL_CHUNKS
     // would write rows at the wrong offsets of its peers.
-    const counts = (await rt.group.allGather(Uint8Array.from(String(numChunks), (c) => c.charCodeAt(0)))).map(
-      (b) => Number(String.fromCharCode(...b)),
+    const counts = (await rt.group.allGather(new Uint8Array(Int32Array.of(numChunks).buffer))).map(
+      (b) => new Int32Array(new Uint8Array(b).buffer)[0]!,
     );
     if (counts.some((n) => n !== numChunks)) {
       throw new ValidationError(
@@ -187,13 +193,6 @@ export class NormalPath {
 
   private get peers(): bigint {
     return this.sym.peerTable.ptr;
-  }
-
-  private get fail(): FailArgs {
-    return {
-      err: this.sym.signal.devicePtr + BigInt(ERROR_RECORD),
-      abort: this.sym.local.ptr + BigInt(CTRL_ABORT),
-    };
   }
 
   /**
