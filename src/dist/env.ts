@@ -4,13 +4,7 @@
 import { ValidationError } from '../errors.ts';
 
 /** Where this rank sits in the job and where the TCP store is. */
-export interface DistEnv {
-  rank: number;
-  worldSize: number;
-  localRank: number;
-  localWorldSize: number;
-  masterAddr: string;
-  masterPort: number;
+export interface DistEnv extends Omit<Layout, 'names'> {
   /** Which set of variables described the job. */
   source: 'torchrun' | 'slurm';
   /** TSEP_STORE_HOSTED=1: a launcher already serves the store, so rank 0 must not host one. */
