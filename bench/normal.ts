@@ -19,7 +19,7 @@ import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
-import { chunkCount } from '../src/ep/gpu/normal-kernels.ts';
+import { chunkCounts } from '../src/ep/gpu/normal-kernels.ts';
 import type { DispatchHandle, TransportKind } from '../src/ep/types.ts';
 import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { gbPerS, printTable, summarize, timeEvents, writeResult } from './stats.ts';
@@ -60,7 +60,7 @@ const buffer = await EpBuffer.create(group, {
   transport: opt.transport as TransportKind,
 });
 const stream = buffer.stream!;
-const chunks = chunkCount(T);
+const chunks = chunkCounts(T);
 const dev = stream.device;
 const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
 const up = (t: HostTensor) => DeviceTensor.fromHostStorage(t, dev);
@@ -276,8 +276,8 @@ for (const r of rows) {
 if (rank === 0) {
   process.stdout.write(
     `tsep normal mode over ${buffer.transport!.transport} (${buffer.transport!.reason}), EP${R} on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E}; ` +
-      `received rows per rank ≈ ${Math.round(bf16Bytes / (2 * H))}; ${chunks} chunks per source ` +
-      `(TSEP_NORMAL_CHUNKS); ${warmup} warm-up + ${iters} timed calls, ` +
+      `received rows per rank ≈ ${Math.round(bf16Bytes / (2 * H))}; chunks per source: ${chunks.dispatch} dispatch, ` +
+      `${chunks.combine} combine (TSEP_NORMAL_DISPATCH_CHUNKS, TSEP_NORMAL_COMBINE_CHUNKS); ${warmup} warm-up + ${iters} timed calls, ` +
       'slowest rank per call, median\n',
   );
   printTable(

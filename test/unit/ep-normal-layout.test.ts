@@ -2,51 +2,59 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { chunkCount } from '../../src/ep/gpu/normal-kernels.ts';
+import { chunkCounts } from '../../src/ep/gpu/normal-kernels.ts';
 import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
 import { intSetting } from '../../src/ep/gpu/settings.ts';
 import { ValidationError } from '../../src/errors.ts';
 
-test('chunk count: TSEP_NORMAL_CHUNKS (default 1024), never more than T_max; bad values refused by name', () => {
-  const saved = process.env.TSEP_NORMAL_CHUNKS;
+test('chunk counts: dispatch 4096 and combine 1024 by default, never more than T_max; bad values refused by name', () => {
+  const names = ['TSEP_NORMAL_DISPATCH_CHUNKS', 'TSEP_NORMAL_COMBINE_CHUNKS'] as const;
+  const saved = names.map((n) => process.env[n]);
   try {
-    delete process.env.TSEP_NORMAL_CHUNKS;
-    assert.equal(chunkCount(4096), 1024);
-    assert.equal(chunkCount(127), 127);
-    assert.equal(chunkCount(1), 1);
-    assert.equal(chunkCount(0), 1);
-    process.env.TSEP_NORMAL_CHUNKS = '4096';
-    assert.equal(chunkCount(4096), 4096);
-    assert.equal(chunkCount(100_000), 4096);
-    for (const bad of ['0', '-3', '2.5', 'many', '70000']) {
-      process.env.TSEP_NORMAL_CHUNKS = bad;
-      assert.throws(
-        () => chunkCount(4096),
-        (e: unknown) => e instanceof ValidationError && e.message.includes('TSEP_NORMAL_CHUNKS'),
-        bad,
-      );
+    for (const n of names) delete process.env[n];
+    assert.deepEqual(chunkCounts(4096), { dispatch: 4096, combine: 1024 });
+    assert.deepEqual(chunkCounts(127), { dispatch: 127, combine: 127 });
+    assert.deepEqual(chunkCounts(1), { dispatch: 1, combine: 1 });
+    assert.deepEqual(chunkCounts(0), { dispatch: 1, combine: 1 });
+    assert.deepEqual(chunkCounts(100_000), { dispatch: 4096, combine: 1024 });
+    process.env.TSEP_NORMAL_DISPATCH_CHUNKS = '512';
+    process.env.TSEP_NORMAL_COMBINE_CHUNKS = '8192';
+    assert.deepEqual(chunkCounts(4096), { dispatch: 512, combine: 4096 });
+    assert.deepEqual(chunkCounts(100_000), { dispatch: 512, combine: 8192 });
+    for (const n of names) {
+      for (const bad of ['0', '-1', '1.5', 'many', '65537']) {
+        for (const m of names) delete process.env[m];
+        process.env[n] = bad;
+        assert.throws(
+          () => chunkCounts(4096),
+          (e: unknown) => e instanceof ValidationError && e.message.includes(n),
+          `${n}=${bad}`,
+        );
+      }
     }
   } finally {
-    if (saved === undefined) delete process.env.TSEP_NORMAL_CHUNKS;
-    else process.env.TSEP_NORMAL_CHUNKS = saved;
+    names.forEach((n, i) => {
+      if (saved[i] === undefined) delete process.env[n];
+      else process.env[n] = saved[i];
+    });
   }
 });
 
-test('buffer areas are ordered, 256-byte aligned and large enough; no chunk words for numChunks 0', () => {
+test('buffer areas are ordered, 256-byte aligned and large enough; no chunk words without chunk counts (NCCL)', () => {
   for (const [R, T, H, K] of [
     [2, 127, 2560, 6],
     [4, 4096, 7168, 8],
     [8, 1, 4096, 1],
   ] as const) {
-    const numChunks = chunkCount(T, 1024);
+    const numChunks = chunkCounts(T, 2048, 1024);
     const a = normalAreas(R, T, H, K, numChunks);
     const rows = R * T;
     assert.equal(a.rows, rows);
     assert.equal(a.chunks, CTRL_BYTES);
-    assert.equal(a.combineChunks, CTRL_BYTES + R * numChunks * 8);
+    assert.equal(a.combineChunks, CTRL_BYTES + R * numChunks.dispatch * 8);
     const order: [number, number][] = [
-      [a.chunks, R * numChunks * 8],
-      [a.combineChunks, R * numChunks * 8],
+      [a.chunks, R * numChunks.dispatch * 8],
+      [a.combineChunks, R * numChunks.combine * 8],
       [a.x, rows * H * 2],
       [a.scales, rows * Math.ceil(H / 128) * 4],
       [a.srcIdx, rows * 4],
@@ -59,7 +67,7 @@ test('buffer areas are ordered, 256-byte aligned and large enough; no chunk word
       assert.ok(at + size <= next, `area ${i} overlaps the next (R=${R} T=${T})`);
       if (i >= 2) assert.equal(at % 256, 0, `area ${i} is not 256-byte aligned`);
     }
-    const none = normalAreas(R, T, H, K, 0);
+    const none = normalAreas(R, T, H, K);
     assert.equal(none.chunks, 0);
     assert.equal(none.combineChunks, 0);
     assert.equal(none.x, CTRL_BYTES);

@@ -130,14 +130,14 @@ export class NcclNormalPath {
     const { maxTokensPerRank: T, hidden: H, numTopk: K, numExperts: E } = rt.options;
     const R = rt.group.size;
     const dev = rt.device;
-    this.stagingAreas = normalAreas(1, T, H, K, 0);
+    this.stagingAreas = normalAreas(1, T, H, K);
     this.staging = DeviceBuffer.alloc(R * this.stagingAreas.bytes, dev);
     this.staging.fill(0); // once: the padding rows that travel with every block are zeros, not stale memory
     this.stagingTable = DeviceBuffer.alloc(8 * R, dev);
     this.stagingTable.copyFromHost(
       BigUint64Array.from({ length: R }, (_, r) => this.staging.ptr + BigInt(r * this.stagingAreas.bytes)),
     );
-    this.stageAreas = normalAreas(R, T, H, K, 0);
+    this.stageAreas = normalAreas(R, T, H, K);
     this.stage = DeviceBuffer.alloc(this.stageAreas.bytes, dev);
     this.stage.fill(0); // its control block holds the abort word this path's kernels check
     this.stageTable = DeviceBuffer.alloc(8 * R, dev);

@@ -15,8 +15,14 @@ export const MAX_LOCAL_EXPERTS = 1024;
 /** Row positions travel in 20-bit fields of the dispatch chunk words (kernels/normal.cu chunk_word). */
 export const MAX_TOKENS_PER_RANK = 2 ** 20 - 1;
 
+/** Chunks per source that senders announce one by one, for the dispatch and for the combine. */
+export interface ChunkCounts {
+  dispatch: number;
+  combine: number;
+}
+
 export interface NormalAreas {
-  /** Dispatch and combine chunk words: u64 [rank][chunk] each; 0 = none (numChunks 0: NCCL's buffers). */
+  /** Dispatch and combine chunk words: u64 [rank][chunk] each; 0 = none (no chunk counts: NCCL's buffers). */
   chunks: number;
   combineChunks: number;
   x: number;
@@ -37,12 +43,12 @@ export function normalAreas(
   maxTokensPerRank: number,
   hidden: number,
   numTopk: number,
-  numChunks: number,
+  numChunks?: ChunkCounts,
 ): NormalAreas {
   const rows = numRanks * maxTokensPerRank;
-  const chunks = numChunks > 0 ? CTRL_BYTES : 0;
-  const combineChunks = numChunks > 0 ? CTRL_BYTES + numRanks * numChunks * 8 : 0;
-  const x = align(CTRL_BYTES + 2 * numRanks * numChunks * 8);
+  const chunks = numChunks ? CTRL_BYTES : 0;
+  const combineChunks = numChunks ? CTRL_BYTES + numRanks * numChunks.dispatch * 8 : 0;
+  const x = align(CTRL_BYTES + numRanks * ((numChunks?.dispatch ?? 0) + (numChunks?.combine ?? 0)) * 8);
   const scales = align(x + rows * hidden * 2); // room for bf16 rows; fp8 rows use half
   const srcIdx = align(scales + rows * fp8ScaleCount(hidden) * 4);
   const topk = align(srcIdx + rows * 4);

@@ -27,7 +27,7 @@ import type {
 import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
 import {
   CallQueue,
-  chunkCount,
+  chunkCounts,
   DEFAULT_NORMAL_SMS,
   dispatchInputs,
   dispatchOutputs,
@@ -38,6 +38,7 @@ import {
   padDispatchOutputs,
 } from './normal-kernels.ts';
 import {
+  type ChunkCounts,
   CTRL_ABORT,
   ERROR_RECORD,
   MAX_LOCAL_EXPERTS,
@@ -91,7 +92,7 @@ export class NormalPath {
   private readonly modules: NormalModules;
   private readonly timeoutNs = deviceTimeoutNs();
   private readonly queue = new CallQueue();
-  private readonly numChunks: number;
+  private readonly numChunks: ChunkCounts;
   /** Where this rank's kernels report a timeout (the same every call: computed once). */
   private readonly fail: FailArgs;
   /**
@@ -115,7 +116,7 @@ export class NormalPath {
     sym: SymmetricBuffer,
     areas: NormalAreas,
     layout: Record<'i32' | 'i64', Kernel>,
-    numChunks: number,
+    numChunks: ChunkCounts,
   ) {
     this.rt = rt;
     this.sym = sym;
@@ -155,17 +156,18 @@ export class NormalPath {
       );
     }
     checkNormalShape(rt);
-    const numChunks = chunkCount(o.maxTokensPerRank);
-    // The chunk count places every area of every rank's buffer: a rank with another TSEP_NORMAL_CHUNKS
-    // would write rows at the wrong offsets of its peers.
-    const counts = (await rt.group.allGather(new Uint8Array(Int32Array.of(numChunks).buffer))).map(
-      (b) => new Int32Array(new Uint8Array(b).buffer)[0]!,
+    const numChunks = chunkCounts(o.maxTokensPerRank);
+    // The chunk counts place every area of every rank's buffer: a rank with other chunk settings would
+    // write rows at the wrong offsets of its peers.
+    const mine = Int32Array.of(numChunks.dispatch, numChunks.combine);
+    const counts = (await rt.group.allGather(new Uint8Array(mine.buffer))).map(
+      (b) => new Int32Array(new Uint8Array(b).buffer),
     );
-    if (counts.some((n) => n !== numChunks)) {
+    if (counts.some((n) => n[0] !== mine[0] || n[1] !== mine[1])) {
       throw new ValidationError(
-        'TSEP_NORMAL_CHUNKS',
-        `chunk counts ${counts.join(', ')} on ranks 0..${R - 1}`,
-        'the same value on every rank',
+        'TSEP_NORMAL_DISPATCH_CHUNKS / TSEP_NORMAL_COMBINE_CHUNKS',
+        `chunk counts (dispatch, combine) ${counts.map((n) => `(${n[0]}, ${n[1]})`).join(', ')} on ranks 0..${R - 1}`,
+        'the same values on every rank',
       );
     }
     const areas = normalAreas(R, o.maxTokensPerRank, o.hidden, o.numTopk, numChunks);
@@ -275,7 +277,7 @@ export class NormalPath {
         sendPos: positions.ptr,
         rankPrefix: prefix.ptr,
         areas: this.areas,
-        numChunks: this.numChunks,
+        numChunks: this.numChunks.dispatch,
         fail: this.fail,
       });
       rt.mark('send');
@@ -356,7 +358,7 @@ export class NormalPath {
       rows,
       out,
       areas: this.areas,
-      numChunks: this.numChunks,
+      numChunks: this.numChunks.dispatch,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
@@ -437,7 +439,7 @@ export class NormalPath {
       rankPrefix: rankPrefix.ptr,
       weights: weights?.ptr ?? 0n,
       areas: this.areas,
-      numChunks: this.numChunks,
+      numChunks: this.numChunks.combine,
       fail: this.fail,
     });
     rt.mark('combine send');
@@ -455,7 +457,7 @@ export class NormalPath {
       rowBase: 0n,
       rankPrefix: rankPrefix.ptr,
       areas: this.areas,
-      numChunks: this.numChunks,
+      numChunks: this.numChunks.combine,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
