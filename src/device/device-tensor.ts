@@ -111,6 +111,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     if (!this.isContiguous()) throw new ValidationError('destination', describe(this), 'a contiguous tensor');
     if (this.byteLength === 0) return;
     this.deviceObject();
+    (this.owner ?? this.keepAlive)?.settle(); // a pool tensor: after its stream's earlier work
     cu('cuMemcpyHtoD_v2', this.ptr, host.contiguous().bytes().subarray(0, this.byteLength), this.byteLength);
   }
 
@@ -141,6 +142,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     const host = new Uint8Array(extent * dtypeSize(this.dtype));
     if (host.byteLength > 0) {
       this.deviceObject();
+      (this.owner ?? this.keepAlive)?.settle(); // a pool tensor (e.g. a layout output): after its stream's work
       cu('cuMemcpyDtoH_v2', host, this.ptr, host.byteLength);
     }
     const data = elementView(this.dtype, host.buffer, 0, extent);

@@ -111,12 +111,18 @@ export class DeviceBuffer {
   private p: bigint;
   /** Stream-ordered allocations are freed on this stream (after the work queued on it so far). */
   private readonly freeStream: Stream | undefined;
+  /**
+   * A stream-ordered allocation's stream: the memory and what that stream's work writes into it are
+   * ready in its order only, so host copies wait for it first. Undefined for plain allocations.
+   */
+  readonly stream: Stream | undefined;
 
-  private constructor(device: Device, ptr: bigint, bytes: number, freeStream?: Stream) {
+  private constructor(device: Device, ptr: bigint, bytes: number, streams?: { alloc: Stream; free: Stream }) {
     this.device = device;
     this.p = ptr;
     this.bytes = bytes;
-    this.freeStream = freeStream;
+    this.stream = streams?.alloc;
+    this.freeStream = streams?.free;
   }
 
   /**
@@ -137,7 +143,7 @@ export class DeviceBuffer {
     keepPoolMemory(stream.device);
     const out = new BigUint64Array(1);
     cu('cuMemAllocAsync', out, Math.max(bytes, 1), stream.handle);
-    const buf = new DeviceBuffer(stream.device, out[0]!, bytes, freeOn);
+    const buf = new DeviceBuffer(stream.device, out[0]!, bytes, { alloc: stream, free: freeOn });
     unreleased.register(buf, { ptr: out[0]!, stream: freeOn, device: stream.device }, buf);
     return buf;
   }
@@ -178,20 +184,34 @@ export class DeviceBuffer {
     cu('cuMemsetD32Async', this.ptr + BigInt(offset), value >>> 0, count, stream.handle);
   }
 
-  /** Copies host bytes in, synchronously (the call returns when the copy is done). */
+  /**
+   * Copies host bytes in, synchronously (the call returns when the copy is done). A stream-ordered
+   * allocation's stream is waited for first (see `settle`).
+   */
   copyFromHost(src: ArrayBufferView, offset = 0): void {
     checkRange('copy destination', offset, src.byteLength, this.bytes);
     if (src.byteLength === 0) return;
-    this.device.makeCurrent();
+    this.settle();
     cu('cuMemcpyHtoD_v2', this.ptr + BigInt(offset), hostBytes(src), src.byteLength);
   }
 
-  /** Copies bytes out into `dst`, synchronously. */
+  /** Copies bytes out into `dst`, synchronously, after the work queued so far on `stream`, if any. */
   copyToHost(dst: ArrayBufferView, offset = 0): void {
     checkRange('copy source', offset, dst.byteLength, this.bytes);
     if (dst.byteLength === 0) return;
-    this.device.makeCurrent();
+    this.settle();
     cu('cuMemcpyDtoH_v2', hostBytes(dst), this.ptr + BigInt(offset), dst.byteLength);
+  }
+
+  /**
+   * Before a synchronous copy: makes the device current and, for a stream-ordered allocation, waits for its
+   * stream. Synchronous copies run in no stream's order, so without the wait a copy could read the memory
+   * before that stream's kernels wrote it (the stream is non-blocking), or write it while earlier work of
+   * that stream still uses the memory for a freed allocation. Blocks the thread, as the copy itself does.
+   */
+  settle(): void {
+    this.device.makeCurrent();
+    this.stream?.synchronizeBlocking();
   }
 
   /**

@@ -126,6 +126,49 @@ test('a pool tensor made for one stream can be freed on another that joined it',
   for (const r of [x, a, b]) r.dispose();
 });
 
+test('host copies of a pool tensor wait for its stream (toHost right after a launch on a busy stream)', {
+  skip: gpuSkip,
+}, async () => {
+  // getDispatchLayout returns pool tensors at once; reading one with toHost() must see the kernel's
+  // result, not what the memory held before, however long the stream is busy.
+  const dev = Device.get(0);
+  const m = await smoke();
+  const axpb = m.kernel('tsep_axpb', ['ptr', 'ptr', 'f32', 'f32', 'i32']);
+  const hold = m.kernel('tsep_signal_and_wait', ['ptr', 'ptr', 'i32', 'u64']);
+  const stream = Stream.create(dev);
+  const counter = HostBuffer.alloc(4);
+  const never = HostBuffer.alloc(4); // never acknowledged: the hold kernel runs out its 100 ms
+  never.int32()[0] = 0;
+  const n = 1 << 16;
+  const host = randomF32(seededRandom('pool toHost'), n);
+  const x = DeviceTensor.fromHost(host);
+  for (let round = 0; round < 3; round++) {
+    hold.launch({ grid: 1, block: 32, stream }, [
+      counter.devicePtr,
+      never.devicePtr,
+      7 + round,
+      100_000_000n,
+    ]);
+    const y = DeviceTensor.emptyOn('f32', [n], stream);
+    y.fillBytes(0xff, stream); // NaN poison, written after the hold like the result
+    axpb.launch({ grid: 64, block: 256, stream }, [x.ptr, y.ptr, 3, round, n]);
+    const got = y.toHost(); // no synchronize before: toHost must wait for the stream
+    for (let i = 0; i < n; i++) {
+      const want = Math.fround(Math.fround(3 * host.data[i]!) + round);
+      if (got.data[i] !== want) assert.fail(`round ${round} [${i}]: ${got.data[i]} != ${want}`);
+    }
+    // And copyFromHost into a pool tensor lands after the stream's earlier work, not under it.
+    const z = DeviceTensor.emptyOn('f32', [n], stream);
+    hold.launch({ grid: 1, block: 32, stream }, [counter.devicePtr, never.devicePtr, 9, 50_000_000n]);
+    z.fillBytes(0xff, stream);
+    z.copyFromHost(host);
+    assert.deepEqual(z.toHost().data, host.data, `round ${round}: copyFromHost overwritten by earlier work`);
+    y.dispose();
+    z.dispose();
+  }
+  for (const r of [x, stream, counter, never]) r.dispose();
+});
+
 test('a running kernel’s host-mapped counter is seen before the kernel ends', { skip: gpuSkip }, async () => {
   const dev = Device.get(0);
   const k = (await smoke()).kernel('tsep_signal_and_wait', ['ptr', 'ptr', 'i32', 'u64']);
