@@ -19,7 +19,7 @@ import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
-import { chunkCounts } from '../src/ep/gpu/normal-kernels.ts';
+import { chunkCounts, smShares } from '../src/ep/gpu/normal-kernels.ts';
 import type { DispatchHandle, TransportKind } from '../src/ep/types.ts';
 import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { gbPerS, printTable, summarize, timeEvents, writeResult } from './stats.ts';
@@ -61,6 +61,7 @@ const buffer = await EpBuffer.create(group, {
 });
 const stream = buffer.stream!;
 const chunks = chunkCounts(T);
+const shares = smShares();
 const dev = stream.device;
 const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
 const up = (t: HostTensor) => DeviceTensor.fromHostStorage(t, dev);
@@ -277,7 +278,8 @@ if (rank === 0) {
   process.stdout.write(
     `tsep normal mode over ${buffer.transport!.transport} (${buffer.transport!.reason}), EP${R} on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E}; ` +
       `received rows per rank ≈ ${Math.round(bf16Bytes / (2 * H))}; chunks per source: ${chunks.dispatch} dispatch, ` +
-      `${chunks.combine} combine (TSEP_NORMAL_DISPATCH_CHUNKS, TSEP_NORMAL_COMBINE_CHUNKS); ${warmup} warm-up + ${iters} timed calls, ` +
+      `${chunks.combine} combine (TSEP_NORMAL_DISPATCH_CHUNKS, TSEP_NORMAL_COMBINE_CHUNKS); SMs beside the sends: ` +
+      `${shares.recvPct} % receive, ${shares.reducePct} % reduce (TSEP_NORMAL_RECV_PCT, TSEP_NORMAL_REDUCE_PCT); ${warmup} warm-up + ${iters} timed calls, ` +
       'slowest rank per call, median\n',
   );
   printTable(
@@ -335,6 +337,7 @@ if (rank === 0) {
     bench: 'normal',
     transport: buffer.transport!.transport,
     chunks,
+    shares,
     date: new Date().toISOString(),
     ranks: R,
     device: dev.info.name,

@@ -46,11 +46,17 @@ case "${1:-}" in
     ;;
   benches)
     step bench-normal 240 env TSEP_PROFILE=1 TSEP_BENCH_OUT="$out/normal.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 230 -- --sms 24,32 --iters 20
-    step bench-normal-chunks 150 env TSEP_NORMAL_DISPATCH_CHUNKS=1024 TSEP_BENCH_OUT="$out/normal-chunks1024.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 140 -- --sms 24 --iters 20 --no-nccl-transport
+    # The SM split beside the sends (defaults 33 % receive, 50 % reduce) against two narrower ones.
+    for split in "25 33" "20 25"; do
+      read -r rp dp <<<"$split"
+      step "bench-normal-split-$rp-$dp" 120 env TSEP_NORMAL_RECV_PCT="$rp" TSEP_NORMAL_REDUCE_PCT="$dp" \
+        TSEP_BENCH_OUT="$out/normal-split-$rp-$dp.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 110 -- \
+        --sms 24,32 --iters 20 --no-nccl-transport
+    done
     step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
     ;;
   soak)
-    # 10,000 iterations took ≈460 s on x4 (2026-11-28): the whole call is theirs.
+    # 10,000 iterations took 180 s on x4 (2026-11-28, run 8); the limit leaves room for slower machines.
     step soak 585 env TSEP_BENCH_OUT="$out/soak.json" node src/cli/main.ts bench soak -n "$gpus" --timeout 575
     ;;
   sanitize)

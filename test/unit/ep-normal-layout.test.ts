@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { chunkCounts } from '../../src/ep/gpu/normal-kernels.ts';
+import { chunkCounts, smShares } from '../../src/ep/gpu/normal-kernels.ts';
 import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
 import { intSetting } from '../../src/ep/gpu/settings.ts';
 import { ValidationError } from '../../src/errors.ts';
@@ -27,6 +27,34 @@ test('chunk counts: dispatch 4096 and combine 1024 by default, never more than T
         process.env[n] = bad;
         assert.throws(
           () => chunkCounts(4096),
+          (e: unknown) => e instanceof ValidationError && e.message.includes(n),
+          `${n}=${bad}`,
+        );
+      }
+    }
+  } finally {
+    names.forEach((n, i) => {
+      if (saved[i] === undefined) delete process.env[n];
+      else process.env[n] = saved[i];
+    });
+  }
+});
+
+test('SM shares beside the sends: 33 % receive and 50 % reduce by default; settable; bad values refused by name', () => {
+  const names = ['TSEP_NORMAL_RECV_PCT', 'TSEP_NORMAL_REDUCE_PCT'] as const;
+  const saved = names.map((n) => process.env[n]);
+  try {
+    for (const n of names) delete process.env[n];
+    assert.deepEqual(smShares(), { recvPct: 33, reducePct: 50 });
+    process.env.TSEP_NORMAL_RECV_PCT = '25';
+    process.env.TSEP_NORMAL_REDUCE_PCT = '40';
+    assert.deepEqual(smShares(), { recvPct: 25, reducePct: 40 });
+    for (const n of names) {
+      for (const bad of ['0', '91', '12.5', 'half']) {
+        for (const m of names) delete process.env[m];
+        process.env[n] = bad;
+        assert.throws(
+          () => smShares(),
           (e: unknown) => e instanceof ValidationError && e.message.includes(n),
           `${n}=${bad}`,
         );

@@ -54,6 +54,18 @@ export function chunkCounts(
   return { dispatch: clamp(maxDispatch), combine: clamp(maxCombine) };
 }
 
+/**
+ * Percent of a normal-mode call's SMs that the kernel beside the sends gets: the dispatch receive copy
+ * (TSEP_NORMAL_RECV_PCT, default 33: plain local copies) and the combine reduce (TSEP_NORMAL_REDUCE_PCT,
+ * default 50: it reads every source's row of a token). The rest send.
+ */
+export function smShares(): { recvPct: number; reducePct: number } {
+  return {
+    recvPct: intSetting('TSEP_NORMAL_RECV_PCT', 33, 1, 90),
+    reducePct: intSetting('TSEP_NORMAL_REDUCE_PCT', 50, 1, 90),
+  };
+}
+
 /** Getting the layout is synchronous, so its kernels (one per index width) are compiled up front. */
 export async function loadLayoutKernels(rt: GpuRuntime): Promise<Record<'i32' | 'i64', Kernel>> {
   const R = rt.group.size;

@@ -36,6 +36,7 @@ import {
   loadLayoutKernels,
   NormalModules,
   padDispatchOutputs,
+  smShares,
 } from './normal-kernels.ts';
 import {
   type ChunkCounts,
@@ -110,6 +111,8 @@ export class NormalPath {
    * together (see split()); the same on every rank.
    */
   numSms = intSetting('TSEP_NORMAL_SMS', DEFAULT_NORMAL_SMS, 2, 1024);
+  /** Percent of those SMs for the kernel beside the sends (see smShares). */
+  private readonly shares = smShares();
 
   private constructor(
     rt: GpuRuntime,
@@ -198,13 +201,14 @@ export class NormalPath {
   }
 
   /**
-   * The call's SMs between the send kernel and the kernel beside it: a third for the dispatch receive
-   * (plain local copies), half for the combine reduce (it reads every source's row of a token).
+   * The call's SMs between the send kernel and the kernel beside it, `pct` percent for the latter: by
+   * default a third for the dispatch receive (plain local copies), half for the combine reduce (it reads
+   * every source's row of a token).
    */
-  private split(share: number): { send: number; recv: number } {
+  private split(pct: number): { send: number; recv: number } {
     // Both grids must be resident at once (the receive side waits for this rank's own sends).
     const sms = Math.min(this.numSms, this.rt.smCount);
-    const recv = Math.max(1, Math.round(sms * share));
+    const recv = Math.max(1, Math.round((sms * pct) / 100));
     return { send: Math.max(1, sms - recv), recv };
   }
 
@@ -254,7 +258,7 @@ export class NormalPath {
       idx64: inp.topk?.dtype === 'i64',
       weights: inp.weights !== undefined,
     });
-    const G = this.split(1 / 3);
+    const G = this.split(this.shares.recvPct);
     const stream = rt.stream;
     rt.after(req.previousEvent);
     rt.markStart();
@@ -418,7 +422,7 @@ export class NormalPath {
     });
     const T = h.numTokens;
     const stream = rt.stream;
-    const G = this.split(1 / 2);
+    const G = this.split(this.shares.reducePct);
     rt.after(req.previousEvent);
     rt.markStart();
     kernels.prepare(stream, {
