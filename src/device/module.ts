@@ -169,6 +169,9 @@ export class Kernel {
           break;
       }
     }
+    // The caller may have made another GPU current since (a tensor made there, a second buffer): a
+    // launch must run in its module's context. A compare when nothing changed.
+    this.module.device.makeCurrent();
     const [gx, gy, gz] = dims(config.grid);
     const [bx, by, bz] = dims(config.block);
     const smem = config.sharedBytes ?? 0;

@@ -53,7 +53,12 @@ export class EpBuffer {
     this.options = options;
     this.backend = impl.name;
     this.impl = impl;
-    this.ctx = { options, numRanks: group.size, owner };
+    this.ctx = {
+      options,
+      numRanks: group.size,
+      owner,
+      ...(impl.checkTensor ? { checkTensor: impl.checkTensor.bind(impl) } : {}),
+    };
   }
 
   /**

@@ -5,7 +5,7 @@
 
 import type { DeviceTensor } from '../device/device-tensor.ts';
 import type { Stream } from '../device/stream.ts';
-import type { HostTensor } from '../device/tensor.ts';
+import type { HostTensor, TensorMeta } from '../device/tensor.ts';
 import type { Group } from '../dist/group.ts';
 
 /**
@@ -310,6 +310,11 @@ export interface EpBackend {
   readonly transport?: { readonly transport: 'nvlink' | 'nccl'; readonly reason: string };
   /** GPU backends: the stream the buffer's kernels run on (for events, timing and graph capture). */
   readonly stream?: Stream;
+  /**
+   * GPU backends: throws ValidationError unless the backend can use `t` as `argument` (a DeviceTensor on
+   * this rank's GPU, row-major unless `strided`). Validation calls it before anything is enqueued.
+   */
+  checkTensor?(argument: string, t: TensorMeta, strided: boolean): void;
   /** GPU backends: sets the SMs the normal-mode send kernels use (the same on every rank). */
   setNumSms?(n: number): void;
   /** Collective: brings the buffer back to a usable state after a timeout (GPU backends). */

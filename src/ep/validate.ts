@@ -36,6 +36,8 @@ export interface ValidationContext {
   readonly options: ResolvedEpBufferOptions;
   readonly numRanks: number;
   readonly owner: HandleOwner;
+  /** The backend's placement check (memory kind, GPU, contiguity unless `strided`); throws ValidationError. */
+  readonly checkTensor?: (argument: string, t: TensorMeta, strided: boolean) => void;
 }
 
 const MODES: readonly EpMode[] = ['normal', 'low-latency', 'both'];
@@ -343,6 +345,12 @@ export function validateDispatch(
           minWorst,
           `0, or at least ranks × maxTokensPerRank = ${minWorst}`,
         );
+  // Placement before the layout: computing it launches a kernel, and a refused call must launch nothing.
+  if (args.layout === undefined && ctx.checkTensor) {
+    ctx.checkTensor('x', args.x, false);
+    if (args.scales) ctx.checkTensor('scales', args.scales, true);
+    if (args.topkWeights) ctx.checkTensor('topkWeights', args.topkWeights, false);
+  }
   return {
     kind: 'fresh',
     ...base,

@@ -1,7 +1,8 @@
 // A rank that does not take part must not hang the others (issue "Reliability"): a rank that skips a
 // dispatch makes every other rank raise EpTimeoutError naming it within the timeout + 2 s, after which
 // reset() and a checked dispatch succeed; a rank killed mid-dispatch makes `tsep launch` stop the job and
-// name it. Runs on 2 ranks, and on 4 where there are 4 GPUs.
+// name it; malformed calls that only the GPU backend gets are refused with ValidationError before anything
+// is enqueued, and the next call on the same buffer is exact. Runs on 2 ranks, and on 4 where there are 4 GPUs.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -27,6 +28,35 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
       assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] failure-check ok rank ${r}$`, 'm'), detail);
       if (r !== 1)
         assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] rank ${r}: EpTimeoutError after`, 'm'), detail);
+    }
+  });
+
+  test(`${ranks} ranks: malformed GPU calls raise ValidationError before any launch; the next dispatch is exact`, {
+    skip: skipFor(ranks),
+    timeout: 180_000,
+  }, async () => {
+    const seed = Math.floor(seededRandom(`failure bad ${ranks}`)() * 2 ** 31);
+    const run = await launchRanks(ranks, fixture, [String(seed), 'bad'], 150);
+    process.stdout.write(`# failure-check ${seed} bad:\n${indent(run.stdout)}\n`);
+    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+    assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+    const cases = [
+      'x on another GPU',
+      'topkIdx on another GPU',
+      'non-contiguous x',
+      'non-contiguous topkIdx',
+      'fp8 x with scales \\[T, S \\+ 1\\]',
+      'a handle of another buffer',
+      'a handle of a destroyed buffer',
+    ];
+    for (let r = 0; r < ranks; r++) {
+      for (const c of cases)
+        assert.match(
+          run.stdout,
+          new RegExp(`^\\[rank ${r}\\] bad input refused, next call exact: ${c} `, 'm'),
+          detail,
+        );
+      assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] failure-check ok rank ${r}$`, 'm'), detail);
     }
   });
 

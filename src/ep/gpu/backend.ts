@@ -3,6 +3,7 @@
 // communication memory), as the buffer's `mode` asks.
 
 import type { Stream } from '../../device/stream.ts';
+import type { TensorMeta } from '../../device/tensor.ts';
 import { TsepError } from '../../errors.ts';
 import { chooseTransport, type TransportChoice } from '../transport.ts';
 import type {
@@ -77,6 +78,7 @@ class GpuBackend implements EpBackend {
         `${call} needs a buffer created with mode 'low-latency' or 'both'.`,
       );
     }
+    this.rt.device.makeCurrent(); // the caller may have made another GPU current
     return this.lowLatency;
   }
 
@@ -84,6 +86,7 @@ class GpuBackend implements EpBackend {
     if (!this.normal) {
       throw new TsepError('TSEP_UNSUPPORTED', `${call} needs a buffer created with mode 'normal' or 'both'.`);
     }
+    this.rt.device.makeCurrent(); // the caller may have made another GPU current
     return this.normal;
   }
 
@@ -116,6 +119,7 @@ class GpuBackend implements EpBackend {
   }
 
   async reset(): Promise<void> {
+    this.rt.device.makeCurrent();
     // Over NCCL both paths' communicators are aborted before either path waits for the stream: a transfer
     // stuck in one would otherwise hold up the other's work and that path's reset would time out.
     this.normal?.abortTransfers();
@@ -129,6 +133,10 @@ class GpuBackend implements EpBackend {
     return this.rt.phaseTimes();
   }
 
+  checkTensor(argument: string, t: TensorMeta, strided: boolean): void {
+    this.rt.onDevice(argument, t, { strided });
+  }
+
   setNumSms(n: number): void {
     if (this.normal) this.normal.numSms = n;
   }
@@ -138,6 +146,7 @@ class GpuBackend implements EpBackend {
   }
 
   async destroy(): Promise<void> {
+    this.rt.device.makeCurrent();
     await this.normal?.destroy();
     await this.lowLatency?.destroy();
     releaseEvents(this.rt.stream);
