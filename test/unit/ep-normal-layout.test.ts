@@ -7,11 +7,38 @@ import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
 import { intSetting } from '../../src/ep/gpu/settings.ts';
 import { ValidationError } from '../../src/errors.ts';
 
-test('chunk counts: dispatch 4096 and combine 1024 by default, never more than T_max; bad values refused by name', () => {
-  const names = ['TSEP_NORMAL_DISPATCH_CHUNKS', 'TSEP_NORMAL_COMBINE_CHUNKS'] as const;
+/** Runs `body` with the named settings unset first, restoring them after. */
+function withSettings(names: readonly string[], body: () => void): void {
   const saved = names.map((n) => process.env[n]);
   try {
     for (const n of names) delete process.env[n];
+    body();
+  } finally {
+    names.forEach((n, i) => {
+      if (saved[i] === undefined) delete process.env[n];
+      else process.env[n] = saved[i];
+    });
+  }
+}
+
+/** Each bad value of each setting, alone, makes `read` throw a ValidationError naming the setting. */
+function refusesBadValues(names: readonly string[], bad: readonly string[], read: () => unknown): void {
+  for (const n of names) {
+    for (const value of bad) {
+      for (const m of names) delete process.env[m];
+      process.env[n] = value;
+      assert.throws(
+        read,
+        (e: unknown) => e instanceof ValidationError && e.message.includes(n),
+        `${n}=${value}`,
+      );
+    }
+  }
+}
+
+test('chunk counts: dispatch 4096 and combine 1024 by default, never more than T_max; bad values refused by name', () => {
+  const names = ['TSEP_NORMAL_DISPATCH_CHUNKS', 'TSEP_NORMAL_COMBINE_CHUNKS'];
+  withSettings(names, () => {
     assert.deepEqual(chunkCounts(4096), { dispatch: 4096, combine: 1024 });
     assert.deepEqual(chunkCounts(127), { dispatch: 127, combine: 127 });
     assert.deepEqual(chunkCounts(1), { dispatch: 1, combine: 1 });
@@ -21,51 +48,19 @@ test('chunk counts: dispatch 4096 and combine 1024 by default, never more than T
     process.env.TSEP_NORMAL_COMBINE_CHUNKS = '8192';
     assert.deepEqual(chunkCounts(4096), { dispatch: 512, combine: 4096 });
     assert.deepEqual(chunkCounts(100_000), { dispatch: 512, combine: 8192 });
-    for (const n of names) {
-      for (const bad of ['0', '-1', '1.5', 'many', '65537']) {
-        for (const m of names) delete process.env[m];
-        process.env[n] = bad;
-        assert.throws(
-          () => chunkCounts(4096),
-          (e: unknown) => e instanceof ValidationError && e.message.includes(n),
-          `${n}=${bad}`,
-        );
-      }
-    }
-  } finally {
-    names.forEach((n, i) => {
-      if (saved[i] === undefined) delete process.env[n];
-      else process.env[n] = saved[i];
-    });
-  }
+    refusesBadValues(names, ['0', '-1', '1.5', 'many', '65537'], () => chunkCounts(4096));
+  });
 });
 
 test('SM shares beside the sends: 33 % receive and 50 % reduce by default; settable; bad values refused by name', () => {
-  const names = ['TSEP_NORMAL_RECV_PCT', 'TSEP_NORMAL_REDUCE_PCT'] as const;
-  const saved = names.map((n) => process.env[n]);
-  try {
-    for (const n of names) delete process.env[n];
+  const names = ['TSEP_NORMAL_RECV_PCT', 'TSEP_NORMAL_REDUCE_PCT'];
+  withSettings(names, () => {
     assert.deepEqual(smShares(), { recvPct: 33, reducePct: 50 });
     process.env.TSEP_NORMAL_RECV_PCT = '25';
     process.env.TSEP_NORMAL_REDUCE_PCT = '40';
     assert.deepEqual(smShares(), { recvPct: 25, reducePct: 40 });
-    for (const n of names) {
-      for (const bad of ['0', '91', '12.5', 'half']) {
-        for (const m of names) delete process.env[m];
-        process.env[n] = bad;
-        assert.throws(
-          () => smShares(),
-          (e: unknown) => e instanceof ValidationError && e.message.includes(n),
-          `${n}=${bad}`,
-        );
-      }
-    }
-  } finally {
-    names.forEach((n, i) => {
-      if (saved[i] === undefined) delete process.env[n];
-      else process.env[n] = saved[i];
-    });
-  }
+    refusesBadValues(names, ['0', '91', '12.5', 'half'], () => smShares());
+  });
 });
 
 test('buffer areas are ordered, 256-byte aligned and large enough; no chunk words without chunk counts (NCCL)', () => {
