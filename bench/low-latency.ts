@@ -537,7 +537,11 @@ if (me === 0) {
     sweep.map((r) => [r.knob, r.value, r.dispatchUs, r.combineUs]),
   );
   if (stampRows.length > 0) {
-    process.stdout.write('rank 0 globaltimer stamps (us):\n');
+    process.stdout.write(
+      "rank 0 globaltimer stamps (us; 'send start -> recv end' is the kernel's own time from its first block's " +
+        "start to its last block's end, the convention of DeepEP's profiler-based low-latency numbers; the " +
+        'event-timed rows above also hold the launch latency):\n',
+    );
     printTable(
       [
         { header: 'segment', align: 'left' },
