@@ -3,8 +3,19 @@
 // Pointers cross this boundary as bigint (device addresses, handles) so nothing above sees a koffi type.
 
 import koffi, { type LibraryHandle as KoffiLibrary } from 'koffi';
-import { CudaError } from '../errors.ts';
+import { CudaError, ValidationError } from '../errors.ts';
 import { CUDA_DRIVER, loadLibrary } from './loader.ts';
+
+// koffi runs each asynchronous call (NVRTC compiles, nvrtc.ts) on a native stack of its own, 128 KiB by
+// default: NVRTC overflows that on large header sets (NVSHMEM's device headers: a segfault), so give async
+// calls an ordinary thread's 8 MiB. koffi only accepts this before its first library load: libraries load
+// lazily, on first use, and the device and jit layers import this module, so on tsep's paths this runs
+// first; if a load came first anyway, the default stays.
+try {
+  koffi.config({ ...koffi.config(), async_stack_size: 8 * 1024 * 1024 });
+} catch {
+  // A library was already loaded: keep koffi's defaults.
+}
 
 // Opaque handles are declared as `void *` and handled as koffi externals internally; the layers above
 // get bigint addresses. Out-parameters are typed arrays so results come back without koffi wrappers.
@@ -63,6 +74,14 @@ const DECLS = {
   cuEventElapsedTime_v2: 'int cuEventElapsedTime_v2(float *ms, uint64_t start, uint64_t end)',
   cuEventDestroy_v2: 'int cuEventDestroy_v2(uint64_t event)',
   cuModuleLoadData: 'int cuModuleLoadData(uint64_t *module, const void *image)',
+  cuLinkCreate_v2:
+    'int cuLinkCreate_v2(unsigned int numOptions, int *options, uint64_t *optionValues, uint64_t *stateOut)',
+  cuLinkAddData_v2:
+    'int cuLinkAddData_v2(uint64_t state, int type, const void *data, size_t size, const char *name, unsigned int numOptions, int *options, uint64_t *optionValues)',
+  cuLinkAddFile_v2:
+    'int cuLinkAddFile_v2(uint64_t state, int type, const char *path, unsigned int numOptions, int *options, uint64_t *optionValues)',
+  cuLinkComplete: 'int cuLinkComplete(uint64_t state, _Out_ void **cubinOut, _Out_ size_t *sizeOut)',
+  cuLinkDestroy: 'int cuLinkDestroy(uint64_t state)',
   cuModuleUnload: 'int cuModuleUnload(uint64_t module)',
   cuModuleGetFunction: 'int cuModuleGetFunction(uint64_t *fn, uint64_t module, const char *name)',
   cuModuleGetGlobal_v2:
@@ -247,4 +266,97 @@ export function ipcOpenMemHandle(handle: Uint8Array): bigint {
 
 export function ipcCloseMemHandle(ptr: bigint): void {
   cu('cuIpcCloseMemHandle', ptr);
+}
+
+/** One input of {@link linkDeviceCode}: an image in memory, or a file (an archive of host objects). */
+export type LinkInput = { kind: 'cubin'; name: string; data: Uint8Array } | { kind: 'library'; path: string };
+
+// CUjitInputType and CUjit_option values (cuda.h).
+const JIT_INPUT = { cubin: 0, library: 4 } as const;
+const JIT = { INFO_LOG: 3, INFO_LOG_SIZE: 4, ERROR_LOG: 5, ERROR_LOG_SIZE: 6, TARGET: 9 } as const;
+const LINK_LOG_BYTES = 64 * 1024;
+
+/** CUjit_target for an arch such as "sm_90a": 90, plus CU_COMPUTE_ACCELERATED_TARGET_BASE for "a". */
+export function jitTarget(arch: string): number {
+  const m = /^sm_(\d+)(a?)$/.exec(arch);
+  if (!m) throw new ValidationError('link target', JSON.stringify(arch), 'an arch such as "sm_90a"');
+  return Number(m[1]) + (m[2] ? 0x10000 : 0);
+}
+
+/**
+ * Links relocatable device code (NVRTC -rdc cubins, archives such as libnvshmem_device.a) into one
+ * executable cubin with the driver's JIT linker, for `arch` (explicit, so an sm_90a input is not linked for
+ * the context's plain sm_90). Needs a current context. Failures carry the linker's error log.
+ */
+export function linkDeviceCode(
+  inputs: readonly LinkInput[],
+  arch: string,
+): { cubin: Uint8Array; log: string } {
+  // The log buffers must stay valid for the life of the link state; the driver writes them up to complete.
+  const info = allocNative(LINK_LOG_BYTES);
+  const error = allocNative(LINK_LOG_BYTES);
+  const text = (b: { view: ArrayBuffer }): string => {
+    const bytes = new Uint8Array(b.view);
+    const end = bytes.indexOf(0);
+    return Buffer.from(bytes.subarray(0, end < 0 ? bytes.length : end))
+      .toString('utf8')
+      .trim();
+  };
+  const options = Int32Array.from([
+    JIT.INFO_LOG,
+    JIT.INFO_LOG_SIZE,
+    JIT.ERROR_LOG,
+    JIT.ERROR_LOG_SIZE,
+    JIT.TARGET,
+  ]);
+  const values = BigUint64Array.from([
+    info.address,
+    BigInt(LINK_LOG_BYTES),
+    error.address,
+    BigInt(LINK_LOG_BYTES),
+    BigInt(jitTarget(arch)),
+  ]);
+  const state = new BigUint64Array(1);
+  let created = false;
+  try {
+    cu('cuLinkCreate_v2', options.length, options, values, state);
+    created = true;
+    const withLog = (call: Name, f: () => number): void => {
+      const status = f();
+      if (status === 0) return;
+      const { name, text: description } = errorText(status);
+      const log = text(error);
+      throw new CudaError(call, status, name, description, log ? `Linker log:\n${log}` : undefined);
+    };
+    for (const input of inputs) {
+      if (input.kind === 'cubin') {
+        withLog('cuLinkAddData_v2', () =>
+          raw('cuLinkAddData_v2')(
+            state[0],
+            JIT_INPUT.cubin,
+            input.data,
+            input.data.byteLength,
+            input.name,
+            0,
+            null,
+            null,
+          ),
+        );
+      } else {
+        withLog('cuLinkAddFile_v2', () =>
+          raw('cuLinkAddFile_v2')(state[0], JIT_INPUT.library, input.path, 0, null, null),
+        );
+      }
+    }
+    const out: unknown[] = [null];
+    const size = [0];
+    withLog('cuLinkComplete', () => raw('cuLinkComplete')(state[0], out, size));
+    // The image belongs to the link state: copy it out before cuLinkDestroy.
+    const cubin = new Uint8Array(viewNative(out[0], Number(size[0])).slice(0));
+    return { cubin, log: text(info) };
+  } finally {
+    if (created) cu('cuLinkDestroy', state[0]);
+    freeNative(info.external);
+    freeNative(error.external);
+  }
 }
