@@ -44,7 +44,30 @@ done
 # The diagnostic programs in bench/tools (host + device, run by hand on the GPU machine) must keep building
 # against the kernels they include.
 for f in bench/tools/*.cu; do
+  case "$f" in bench/tools/nvshmem-*) continue ;; esac # device code for the JIT, checked below
   "$NVCC" -O3 -arch=sm_90a -std=c++17 -I kernels -o "$out/tool" "$f"
   echo "check:kernels: ok $f (program)"
 done
+# The NVSHMEM spike kernel (src/jit/link.ts compiles it with NVRTC -rdc and links libnvshmem_device.a)
+# needs NVSHMEM's headers: TSEP_NVSHMEM_HOME, NVSHMEM_HOME, or the nvidia-nvshmem-cu* wheel's folder.
+nvshmem=""
+for d in "${TSEP_NVSHMEM_HOME:-}" "${NVSHMEM_HOME:-}" "${VIRTUAL_ENV:-/nonexistent}"/lib/python3*/site-packages/nvidia/nvshmem \
+  /opt/*/.venv/lib/python3*/site-packages/nvidia/nvshmem "$HOME"/.local/lib/python3*/site-packages/nvidia/nvshmem \
+  /usr/local/lib/python3*/dist-packages/nvidia/nvshmem /usr/lib/python3/dist-packages/nvidia/nvshmem; do
+  if [ -n "$d" ] && [ -f "$d/include/nvshmem.h" ]; then nvshmem="$d"; break; fi
+done
+if [ -z "$nvshmem" ]; then
+  echo "check:kernels: skipped bench/tools/nvshmem-put-signal.cu, NVSHMEM headers not found (set TSEP_NVSHMEM_HOME)"
+else
+  "$NVCC" -cubin -rdc=true -gencode=arch=compute_90a,code=sm_90a -std=c++17 -I "$nvshmem/include" \
+    -o "$out/nvshmem-rdc.cubin" bench/tools/nvshmem-put-signal.cu
+  linked="relocatable only; no lib/libnvshmem_device.a to link"
+  if [ -f "$nvshmem/lib/libnvshmem_device.a" ]; then
+    # What cuLink does at run time: the -rdc cubin plus the archive's sm_90 relocatable code -> sm_90a cubin.
+    "$NVCC" -dlink -cubin -arch=sm_90a -o "$out/nvshmem.cubin" "$out/nvshmem-rdc.cubin" -L "$nvshmem/lib" \
+      -lnvshmem_device
+    linked="linked with libnvshmem_device.a"
+  fi
+  echo "check:kernels: ok bench/tools/nvshmem-put-signal.cu (nvcc -rdc, $linked; NVSHMEM at $nvshmem)"
+fi
 echo "check:kernels: $n kernel source(s) and ${#variants[@]} specializations compiled for sm_90a with $("$NVCC" --version | tail -n 1)"
