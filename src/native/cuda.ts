@@ -6,17 +6,6 @@ import koffi, { type LibraryHandle as KoffiLibrary } from 'koffi';
 import { CudaError, ValidationError } from '../errors.ts';
 import { CUDA_DRIVER, loadLibrary } from './loader.ts';
 
-// koffi runs each asynchronous call (NVRTC compiles, nvrtc.ts) on a native stack of its own, 128 KiB by
-// default: NVRTC overflows that on large header sets (NVSHMEM's device headers: a segfault), so give async
-// calls an ordinary thread's 8 MiB. koffi only accepts this before its first library load: libraries load
-// lazily, on first use, and the device and jit layers import this module, so on tsep's paths this runs
-// first; if a load came first anyway, the default stays.
-try {
-  koffi.config({ ...koffi.config(), async_stack_size: 8 * 1024 * 1024 });
-} catch {
-  // A library was already loaded: keep koffi's defaults.
-}
-
 // Opaque handles are declared as `void *` and handled as koffi externals internally; the layers above
 // get bigint addresses. Out-parameters are typed arrays so results come back without koffi wrappers.
 const DECLS = {

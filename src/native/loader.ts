@@ -10,6 +10,16 @@ import { LibraryNotFoundError } from '../errors.ts';
 
 export type LibraryHandle = KoffiLibrary;
 
+// koffi runs each asynchronous call (NVRTC compiles, nvrtc.ts) on a native stack of its own, 128 KiB by
+// default: NVRTC overflows that on large header sets (NVSHMEM's device headers: a segfault), so give async
+// calls an ordinary thread's 8 MiB. koffi accepts this only before its first library load, and every
+// library tsep loads comes through this module.
+try {
+  koffi.config({ ...koffi.config(), async_stack_size: 8 * 1024 * 1024 });
+} catch {
+  // Something outside tsep loaded a library through koffi first: keep koffi's defaults.
+}
+
 export interface LibrarySpec {
   /** Human name for messages, e.g. "libcuda (CUDA driver)". */
   name: string;
