@@ -114,7 +114,7 @@ async function main(): Promise<void> {
   const o = options();
   const group = await initProcessGroup({ timeoutMs: WAIT_MS });
   const { rank, size } = group;
-  if (size < 2) fail(rank, `needs at least 2 ranks (got ${size}): tsep launch -n 2`);
+  // One rank puts to itself (its "next PE"): init, link and a local put, where only one GPU is lent.
   // One host: NVSHMEM's bootstrap over loopback and no network transport (P2P over NVLink only), unless
   // the caller chose otherwise.
   if (group.localSize === size) {
