@@ -4,19 +4,21 @@
 
 import { DisposedError, TsepError } from '../errors.ts';
 import { check, cu, raw } from '../native/cuda.ts';
-import type { Stream } from './stream.ts';
+import { captureClosed, captureOpened, type Stream } from './stream.ts';
 
 const CAPTURE_MODE_RELAXED = 2;
 const NO_FAILURE = Symbol('no failure');
 
 function beginCapture(stream: Stream): void {
   cu('cuStreamBeginCapture_v2', stream.handle, CAPTURE_MODE_RELAXED);
+  captureOpened();
 }
 
 // Always ends the capture, even when the enqueueing code failed, so the stream is usable again.
 function endCapture(stream: Stream, failure: unknown): bigint {
   const graph = new BigUint64Array(1);
   const status = raw('cuStreamEndCapture')(stream.handle, graph) as number;
+  captureClosed();
   if (failure !== NO_FAILURE) {
     if (graph[0]) cu('cuGraphDestroy', graph[0]);
     throw failure;

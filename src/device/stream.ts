@@ -14,6 +14,22 @@ function ready(call: 'cuStreamQuery' | 'cuEventQuery', handle: bigint): boolean 
   return true;
 }
 
+/**
+ * Graph captures begun through graph.ts and not yet ended in this process. tsep begins captures nowhere
+ * else, so while none is open no stream can be capturing (a stream joins a capture only by waiting on a
+ * capturing stream's event) and isCapturing() skips the driver query, which costs more than the event
+ * record it guards on every call.
+ */
+let openCaptures = 0;
+
+/** graph.ts: a capture began (after cuStreamBeginCapture succeeded) or ended. */
+export function captureOpened(): void {
+  openCaptures++;
+}
+export function captureClosed(): void {
+  openCaptures--;
+}
+
 export class Stream {
   readonly device: Device;
   private h: bigint;
@@ -73,6 +89,7 @@ export class Stream {
 
   /** True while work enqueued on this stream is being captured into a graph instead of run. */
   isCapturing(): boolean {
+    if (openCaptures === 0) return false;
     const status = new Int32Array(1);
     cu('cuStreamIsCapturing', this.handle, status);
     return status[0] !== 0;
