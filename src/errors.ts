@@ -7,6 +7,7 @@ export type TsepErrorCode =
   | 'TSEP_NVRTC_ERROR'
   | 'TSEP_COMPILE_ERROR'
   | 'TSEP_NCCL_ERROR'
+  | 'TSEP_NVSHMEM_ERROR'
   | 'TSEP_RENDEZVOUS_ERROR'
   | 'TSEP_TIMEOUT'
   | 'TSEP_VALIDATION_ERROR'
@@ -51,6 +52,23 @@ export class CudaError extends TsepError {
       `${call} failed: ${statusName} (${status}): ${description}${hint ? `. ${hint}` : ''}`,
     );
     this.name = 'CudaError';
+    this.call = call;
+    this.status = status;
+    this.statusName = statusName;
+  }
+}
+
+/** An NVSHMEM host call failed; `statusName` is NVSHMEM's name for `status`. */
+export class NvshmemError extends TsepError {
+  readonly call: string;
+  readonly status: number;
+  readonly statusName: string;
+  constructor(call: string, status: number, statusName: string, description: string, hint = '') {
+    super(
+      'TSEP_NVSHMEM_ERROR',
+      `${call} failed: ${statusName} (${status}): ${description}${hint ? `. ${hint}` : ''}`,
+    );
+    this.name = 'NvshmemError';
     this.call = call;
     this.status = status;
     this.statusName = statusName;

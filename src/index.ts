@@ -66,6 +66,7 @@ export {
   EpTimeoutError,
   LibraryNotFoundError,
   NcclError,
+  NvshmemError,
   RendezvousError,
   TsepError,
   type TsepErrorCode,

@@ -14,7 +14,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import koffi from 'koffi';
-import { CudaError, LibraryNotFoundError, TsepError, ValidationError } from '../errors.ts';
+import { LibraryNotFoundError, NvshmemError, TsepError, ValidationError } from '../errors.ts';
 import { sitePackagesDirs } from './loader.ts';
 
 export const NVSHMEM_HOST_SONAME = 'libnvshmem_host.so.3';
@@ -174,10 +174,10 @@ const STATUS = [
   'NVSHMEMX_ERROR_INTERNAL',
 ];
 
-/** NVSHMEM is part of the CUDA stack, so its failures are CudaErrors (code TSEP_CUDA_ERROR). */
+/** A non-zero NVSHMEM status becomes an NvshmemError (code TSEP_NVSHMEM_ERROR). */
 function check(call: string, status: number, hint: string): void {
   if (status === 0) return;
-  throw new CudaError(call, status, STATUS[status] ?? `NVSHMEM status ${status}`, 'NVSHMEM failed', hint);
+  throw new NvshmemError(call, status, STATUS[status] ?? `NVSHMEM status ${status}`, 'NVSHMEM failed', hint);
 }
 
 const DEBUG_HINT = 'Run with NVSHMEM_DEBUG=WARN (or INFO) for NVSHMEM’s own account';
@@ -271,7 +271,7 @@ export function nvshmemMalloc(bytes: number): bigint {
     throw new ValidationError('NVSHMEM allocation size', String(bytes), 'a positive integer');
   const p = BigInt(api().malloc(bytes));
   if (p === 0n) {
-    throw new CudaError(
+    throw new NvshmemError(
       'nvshmem_malloc',
       2,
       'NVSHMEMX_ERROR_OUT_OF_MEMORY',
