@@ -41,37 +41,40 @@ export class LibraryNotFoundError extends TsepError {
   }
 }
 
-/** A CUDA driver or NVRTC call returned a non-success status. */
-export class CudaError extends TsepError {
+/** A native library call returned a non-success status: the call, the status and its name. */
+export class NativeCallError extends TsepError {
   readonly call: string;
   readonly status: number;
   readonly statusName: string;
-  constructor(call: string, status: number, statusName: string, description: string, hint = '') {
-    super(
-      'TSEP_CUDA_ERROR',
-      `${call} failed: ${statusName} (${status}): ${description}${hint ? `. ${hint}` : ''}`,
-    );
-    this.name = 'CudaError';
+  constructor(
+    code: TsepErrorCode,
+    call: string,
+    status: number,
+    statusName: string,
+    description: string,
+    hint = '',
+  ) {
+    super(code, `${call} failed: ${statusName} (${status}): ${description}${hint ? `. ${hint}` : ''}`);
+    this.name = 'NativeCallError';
     this.call = call;
     this.status = status;
     this.statusName = statusName;
   }
 }
 
-/** An NVSHMEM host call failed; `statusName` is NVSHMEM's name for `status`. */
-export class NvshmemError extends TsepError {
-  readonly call: string;
-  readonly status: number;
-  readonly statusName: string;
+/** A CUDA driver or NVRTC call returned a non-success status. */
+export class CudaError extends NativeCallError {
   constructor(call: string, status: number, statusName: string, description: string, hint = '') {
-    super(
-      'TSEP_NVSHMEM_ERROR',
-      `${call} failed: ${statusName} (${status}): ${description}${hint ? `. ${hint}` : ''}`,
-    );
+    super('TSEP_CUDA_ERROR', call, status, statusName, description, hint);
+    this.name = 'CudaError';
+  }
+}
+
+/** An NVSHMEM host call failed; `statusName` is NVSHMEM's name for `status`. */
+export class NvshmemError extends NativeCallError {
+  constructor(call: string, status: number, statusName: string, description: string, hint = '') {
+    super('TSEP_NVSHMEM_ERROR', call, status, statusName, description, hint);
     this.name = 'NvshmemError';
-    this.call = call;
-    this.status = status;
-    this.statusName = statusName;
   }
 }
 
