@@ -137,22 +137,21 @@ const llReceived = Array.from({ length: R }, () => allocLowLatencyReceived(R, H,
 
 async function lowLatencyRound(i: number): Promise<void> {
   const all = inputs(i);
-  const received = llReceived;
-  for (let r = 0; r < R; r++) fillLowLatencyDispatch(received[r]!, all, r, llConfig);
+  for (let r = 0; r < R; r++) fillLowLatencyDispatch(llReceived[r]!, all, r, llConfig);
   const mine = all[me]!;
   const [x, topk, w] = [up(mine.x), up(mine.topkIdx), up(mine.topkWeights)];
   const ll = buffer.lowLatencyDispatch({ x, topkIdx: topk, fp8: false });
   const c = buffer.lowLatencyCombine({ x: ll.recvX, topkIdx: topk, topkWeights: w, handle: ll.handle });
   try {
     await c.event.wait();
-    sameTensor(`iteration ${i} LL recvCount`, host(ll.recvCount), received[me]!.recvCount);
+    sameTensor(`iteration ${i} LL recvCount`, host(ll.recvCount), llReceived[me]!.recvCount);
     // Only this rank's combined tokens are checked here, so only they are computed (a quarter of the work).
     const want = HostTensor.zeros('bf16', [mine.x.shape[0]!, H]);
     fillLowLatencyCombine(
       want,
       me,
       mine,
-      received.map((r) => ({
+      llReceived.map((r) => ({
         x: r.recvX,
         packedRecvSrcInfo: r.packedRecvSrcInfo,
         packedRecvLayoutRange: r.packedRecvLayoutRange,

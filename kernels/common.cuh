@@ -20,8 +20,6 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
   return r;
 }
 
-__device__ __forceinline__ float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
-
 // Two float32 -> two fp8 e4m3 (lo in the low byte), round to nearest even, saturating to +-448.
 __device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
   u16 r;

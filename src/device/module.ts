@@ -51,7 +51,8 @@ export class Module {
   kernel(name: string, params: readonly ArgKind[]): Kernel {
     const known = this.kernels.get(name);
     if (known) {
-      if (known.params.join() !== params.join()) {
+      // Runs on every launch of the EP paths: compare in place, without building strings.
+      if (known.params.length !== params.length || known.params.some((k, i) => k !== params[i])) {
         throw new ValidationError(`parameters of kernel ${name}`, params.join(', '), known.params.join(', '));
       }
       return known;

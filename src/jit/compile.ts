@@ -84,14 +84,19 @@ function progress(file: string): () => void {
   };
 }
 
+/** `-DNAME=value` options in name order (booleans as 0/1), so equal specializations give equal cache keys. */
+export function defineOptions(defines: Record<string, Define> = {}): string[] {
+  return Object.entries(defines)
+    .sort(([a], [b]) => (a < b ? -1 : 1))
+    .map(([k, v]) => `-D${k}=${typeof v === 'boolean' ? Number(v) : v}`);
+}
+
 /** Compiles (or fetches from the disk cache) one kernel source with the given specialization. */
 export async function compileKernel(req: CompileRequest): Promise<CompileResult> {
   const t0 = performance.now();
   const src = readKernelSource(req.file);
   const cc = await pickCompiler();
-  const defines = Object.entries(req.defines ?? {})
-    .sort(([a], [b]) => (a < b ? -1 : 1))
-    .map(([k, v]) => `-D${k}=${typeof v === 'boolean' ? Number(v) : v}`);
+  const defines = defineOptions(req.defines);
   const options = [`--gpu-architecture=${req.arch}`, '-std=c++17', '-lineinfo', ...defines];
   const key = cacheKey({ ...src, options, compiler: cc.version, arch: req.arch });
   const hit = readCached(key);

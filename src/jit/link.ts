@@ -26,7 +26,7 @@ import { cudaRoots } from '../native/loader.ts';
 import { nvrtcCompile, nvrtcVersion } from '../native/nvrtc.ts';
 import { findNvshmem, type NvshmemInstall, nvshmemCumoduleInit } from '../native/nvshmem.ts';
 import { cacheKey, readCached, writeCached } from './cache.ts';
-import { archFor, type Define } from './compile.ts';
+import { archFor, type Define, defineOptions } from './compile.ts';
 
 const SHIM_NAME = 'tsep_nvshmem_nvrtc.h';
 const SHIM = `// Pre-included by tsep (src/jit/link.ts) when NVRTC compiles NVSHMEM device code.
@@ -165,9 +165,6 @@ export function nvshmemCompileOptions(
   cudaIncludes: readonly string[],
   defines: Record<string, Define> = {},
 ): string[] {
-  const d = Object.entries(defines)
-    .sort(([a], [b]) => (a < b ? -1 : 1))
-    .map(([k, v]) => `-D${k}=${typeof v === 'boolean' ? Number(v) : v}`);
   return [
     `--gpu-architecture=${arch}`,
     '--relocatable-device-code=true',
@@ -177,7 +174,7 @@ export function nvshmemCompileOptions(
     `--pre-include=${SHIM_NAME}`,
     `-I${install.includeDir}`,
     ...cudaIncludes.map((i) => `-I${i}`),
-    ...d,
+    ...defineOptions(defines),
   ];
 }
 

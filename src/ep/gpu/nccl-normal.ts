@@ -31,7 +31,6 @@ import type { GpuEvent } from './event.ts';
 import { checkNormalShape, type GpuDispatchHandle } from './normal.ts';
 import {
   CallQueue,
-  DEFAULT_NORMAL_SMS,
   type DispatchInputs,
   dispatchInputs,
   dispatchOutputs,
@@ -42,10 +41,10 @@ import {
   loadLayoutKernels,
   type NormalKernels,
   NormalModules,
+  normalSms,
 } from './normal-kernels.ts';
 import { CTRL_ABORT, ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
-import { intSetting } from './settings.ts';
 
 /** What the host knows of a dispatch's routing over NCCL: rows per peer, both ways. */
 export interface NcclCounts {
@@ -120,7 +119,7 @@ export class NcclNormalPath {
   private readonly fail: FailArgs;
   /** [R] i32 = r·T_max: where each rank's padded block starts in the stage (worst-case mode). */
   private readonly paddedOffsets: DeviceTensor;
-  numSms = intSetting('TSEP_NORMAL_SMS', DEFAULT_NORMAL_SMS, 2, 1024);
+  numSms = normalSms();
 
   private constructor(rt: GpuRuntime, comm: NcclCommunicator, layout: Record<'i32' | 'i64', Kernel>) {
     this.rt = rt;

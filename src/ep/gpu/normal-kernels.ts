@@ -13,8 +13,10 @@ import { intSetting } from './settings.ts';
 
 /** Threads per block of the send kernels; a block is one SM's worth of copy warps. */
 export const SEND_THREADS = 512;
-/** SMs the send kernels use unless told otherwise (DeepEP's tests use 24). */
-export const DEFAULT_NORMAL_SMS = 24;
+/** SMs of a normal-mode call unless told otherwise: TSEP_NORMAL_SMS, default 24 (DeepEP's tests use 24). */
+export function normalSms(): number {
+  return intSetting('TSEP_NORMAL_SMS', 24, 2, 1024);
+}
 
 /** Threads per block of the dispatch receive kernel (copy warps; more loads in flight per SM). */
 export const RECV_THREADS = 1024;

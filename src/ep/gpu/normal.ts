@@ -28,13 +28,13 @@ import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-
 import {
   CallQueue,
   chunkCounts,
-  DEFAULT_NORMAL_SMS,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
   launchLayout,
   loadLayoutKernels,
   NormalModules,
+  normalSms,
   padDispatchOutputs,
   smShares,
 } from './normal-kernels.ts';
@@ -53,7 +53,6 @@ import {
   SIGNAL_SEQ,
 } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
-import { intSetting } from './settings.ts';
 
 /** Device state a GPU dispatch handle carries beyond the public fields. */
 export interface GpuDispatchHandle extends DispatchHandle {
@@ -110,7 +109,7 @@ export class NormalPath {
    * SMs (blocks) a dispatch or a combine uses, its send kernel and the receive or reduce kernel beside it
    * together (see split()); the same on every rank.
    */
-  numSms = intSetting('TSEP_NORMAL_SMS', DEFAULT_NORMAL_SMS, 2, 1024);
+  numSms = normalSms();
   /** Percent of those SMs for the kernel beside the sends (see smShares). */
   private readonly shares = smShares();
 
