@@ -121,7 +121,9 @@ async function main(): Promise<void> {
     process.env.NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME ??= 'lo';
     process.env.NVSHMEM_REMOTE_TRANSPORT ??= 'none';
   }
-  const dev = Device.get(group.localRank);
+  // More ranks than GPUs (the one-GPU machine): ranks share GPUs round-robin, as EpBuffer's ranks do;
+  // NVSHMEM then runs several PEs per GPU (its "MPG" mode), each PE a process of its own.
+  const dev = Device.get(group.localRank % Device.count());
 
   // Rank 0's unique id and seed reach every rank through the TCP store.
   const root = rank === 0 ? new Uint8Array([...nvshmemGetUniqueId(), ...randomBytes(SEED_BYTES)]) : undefined;

@@ -69,11 +69,16 @@ export class EpBuffer {
   static async create(group: Group, options: EpBufferOptions): Promise<EpBuffer> {
     const resolved = await agreeOnOptions(group, options);
     const factory = await selectBackend(resolved.backend, group);
+    let buffer: EpBuffer | undefined;
     const owner: HandleOwner = {
       label: `EpBuffer #${++buffersCreated} (rank ${group.rank} of ${group.size}, ${factory.name} backend)`,
+      get destroyed() {
+        return buffer?.destroyed ?? false;
+      },
     };
     const impl = await factory.create({ group, options: resolved, owner });
-    return new EpBuffer(group, resolved, impl, owner);
+    buffer = new EpBuffer(group, resolved, impl, owner);
+    return buffer;
   }
 
   /** Experts on each rank (E / R). */

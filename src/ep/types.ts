@@ -72,6 +72,8 @@ export type RecvHook = () => void | Promise<void>;
 /** Identity of the buffer that made a handle; a handle is only accepted by its own buffer. */
 export interface HandleOwner {
   readonly label: string;
+  /** Whether the buffer has been destroyed (its handles then refer to freed memory). */
+  readonly destroyed?: boolean;
 }
 
 export interface DispatchLayout {

@@ -258,9 +258,10 @@ function checkHandle<H extends DispatchHandle | LowLatencyHandle>(
     throw new ValidationError('handle', got, `the handle returned by this buffer's ${from}`);
   }
   if (h.owner !== ctx.owner) {
+    const made = h.owner?.destroyed ? 'a destroyed EpBuffer' : 'another EpBuffer';
     throw new ValidationError(
       'handle',
-      `a handle made by another EpBuffer (${h.owner?.label ?? 'unknown'})`,
+      `a handle made by ${made} (${h.owner?.label ?? 'unknown'})`,
       `a handle returned by this buffer's ${from} (${ctx.owner.label})`,
     );
   }

@@ -1,5 +1,10 @@
 // Multi-process GPU tests: which rank counts this machine can run (one GPU per rank), and running a
 // fixture under `tsep launch` with its output collected.
+//
+// TSEP_TEST_SHARE_GPUS=1 lets ranks share GPUs (rank r on GPU r mod visible, as EpBuffer places them), so
+// the 2- and 4-rank cases run on a one-GPU machine. Processes on one GPU take turns in time slices: the
+// results are checked the same way, timings mean nothing, and NCCL refuses two ranks on one GPU, so its
+// cases skip (`skipFor(ranks, { nccl: true })`).
 
 import { type AddressInfo, createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
@@ -9,14 +14,31 @@ import { gpuSkip } from './gpu.ts';
 
 export const visibleGpus = gpuSkip ? 0 : Device.count();
 
+/** Whether ranks may share GPUs here (TSEP_TEST_SHARE_GPUS=1). */
+export const shareGpus = process.env.TSEP_TEST_SHARE_GPUS === '1';
+
+if (shareGpus && !gpuSkip) {
+  process.stdout.write(
+    `# TSEP_TEST_SHARE_GPUS=1: ranks share the ${visibleGpus} visible GPU(s); NCCL cases skip\n`,
+  );
+}
+
 /** 2, 4 and all visible GPUs, the sizes worth testing here. */
 export const rankCounts = [...new Set([2, 4, visibleGpus])].filter((r) => r >= 2).sort((a, b) => a - b);
 
-/** False when `ranks` ranks can run here, else why not. */
-export function skipFor(ranks: number): string | false {
+/** False when `ranks` ranks can run here, else why not. `nccl`: the case needs one GPU per rank. */
+export function skipFor(ranks: number, needs: { nccl?: boolean } = {}): string | false {
   if (gpuSkip) return gpuSkip;
-  if (visibleGpus < ranks) return `needs ${ranks} GPUs (one per rank); ${visibleGpus} visible`;
+  if (visibleGpus >= ranks) return false;
+  if (!shareGpus) return `needs ${ranks} GPUs (one per rank); ${visibleGpus} visible`;
+  if (needs.nccl)
+    return `NCCL refuses two ranks on one GPU; ${ranks} ranks on ${visibleGpus} GPU(s) share them`;
   return false;
+}
+
+/** The GPUs (as CUDA_VISIBLE_DEVICES) of virtual host `h` of `perHost` ranks: shared round-robin if needed. */
+export function hostGpus(h: number, perHost: number): string {
+  return Array.from({ length: perHost }, (_, i) => (h * perHost + i) % Math.max(1, visibleGpus)).join(',');
 }
 
 export type RankRun = LaunchRun;
@@ -53,8 +75,7 @@ export async function launchVirtualHosts(
 ): Promise<RankRun[]> {
   const port = await freePort();
   const runs = Array.from({ length: hosts }, (_, h) => {
-    const gpus = Array.from({ length: perHost }, (_, i) => h * perHost + i).join(',');
-    return launchRanks(perHost, fixture, args, timeoutS, { CUDA_VISIBLE_DEVICES: gpus }, [
+    return launchRanks(perHost, fixture, args, timeoutS, { CUDA_VISIBLE_DEVICES: hostGpus(h, perHost) }, [
       '--nnodes',
       String(hosts),
       '--node-rank',

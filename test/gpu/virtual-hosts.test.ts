@@ -12,7 +12,7 @@ const JOB_TIMEOUT_S = 400;
 /** Runs `fixture <seed> quick auto` on 2 × 2 ranks; every rank must print `<name> transport nccl` and `ok`. */
 function onVirtualHosts(mode: string, fixture: string, name: string, ok: (rank: number) => string): void {
   test(`${mode} on 2 virtual hosts × 2 ranks: transport auto picks NCCL; results equal the CPU reference`, {
-    skip: skipFor(4),
+    skip: skipFor(4, { nccl: true }),
     timeout: (JOB_TIMEOUT_S + 30) * 1000,
   }, async () => {
     const seed = Math.floor(seededRandom(`virtual hosts ${mode}`)() * 2 ** 31);

@@ -507,3 +507,20 @@ describe('a destroyed buffer refuses every call', () => {
     });
   }
 });
+
+describe('a handle whose buffer was destroyed', () => {
+  it('is refused by a live buffer, and the message says the buffer was destroyed', async () => {
+    const gone = await createWorld(R, OPTIONS);
+    const [d] = await onAllRanks(gone, (b, r) => b.dispatch(inputs[r]!));
+    await destroyWorld(gone);
+    await assert.rejects(
+      async () => world[0]!.combine({ x: x0(), handle: d!.handle }),
+      (e: unknown) => isValidation('handle')(e) && /made by a destroyed EpBuffer/.test((e as Error).message),
+    );
+    // A handle of a live buffer of another world still reads "another".
+    await assert.rejects(
+      async () => world[0]!.combine({ x: x0(), handle: foreignDispatch.handle }),
+      (e: unknown) => isValidation('handle')(e) && /made by another EpBuffer/.test((e as Error).message),
+    );
+  });
+});
