@@ -43,6 +43,7 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
     // The other-GPU cases need two GPUs in the process (the fixture says when it skips them).
     const cases = [
       ...(visibleGpus > 1 ? ['x on another GPU', 'topkIdx on another GPU'] : []),
+      'x in host memory',
       'non-contiguous x',
       'non-contiguous topkIdx',
       'fp8 x with scales \\[T, S \\+ 1\\]',
