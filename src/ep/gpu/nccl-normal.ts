@@ -14,7 +14,6 @@
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import { DeviceBuffer, HostBuffer } from '../../device/memory.ts';
-import type { Kernel } from '../../device/module.ts';
 import { HostTensor } from '../../device/tensor.ts';
 import { NcclCommunicator } from '../../dist/nccl-comm.ts';
 import { ValidationError } from '../../errors.ts';
@@ -35,6 +34,7 @@ import {
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
+  type LayoutKernels,
   launchLayout,
   launchMoveBlocks,
   launchNcclCounts,
@@ -96,7 +96,7 @@ function describeShape(v: number): string {
 export class NcclNormalPath {
   private readonly rt: GpuRuntime;
   private comm: NcclCommunicator;
-  private readonly layoutKernels: Record<'i32' | 'i64', Kernel>;
+  private readonly layoutKernels: LayoutKernels;
   private readonly modules: NormalModules;
   private readonly queue = new CallQueue();
   private readonly timeoutNs = deviceTimeoutNs();
@@ -121,7 +121,7 @@ export class NcclNormalPath {
   private readonly paddedOffsets: DeviceTensor;
   numSms = normalSms();
 
-  private constructor(rt: GpuRuntime, comm: NcclCommunicator, layout: Record<'i32' | 'i64', Kernel>) {
+  private constructor(rt: GpuRuntime, comm: NcclCommunicator, layout: LayoutKernels) {
     this.rt = rt;
     this.comm = comm;
     this.layoutKernels = layout;
@@ -625,6 +625,7 @@ export class NcclNormalPath {
       this.stageTable,
       this.counts,
       this.allCounts,
+      this.layoutKernels.scratch,
     ])
       b.dispose();
     this.paddedOffsets.dispose();

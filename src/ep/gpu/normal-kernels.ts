@@ -4,6 +4,7 @@
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import type { DType } from '../../device/dtypes.ts';
+import { DeviceBuffer } from '../../device/memory.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import type { Stream } from '../../device/stream.ts';
 import type { DispatchLayout, DispatchRequest, Tensor } from '../types.ts';
@@ -68,37 +69,46 @@ export function smShares(): { recvPct: number; reducePct: number } {
   };
 }
 
-/** Getting the layout is synchronous, so its kernels (one per index width) are compiled up front. */
-export async function loadLayoutKernels(rt: GpuRuntime): Promise<Record<'i32' | 'i64', Kernel>> {
+/** Threads and tokens per tile of the layout kernel (kernels/layout.cu LAYOUT_THREADS, LAYOUT_TILE). */
+const LAYOUT_THREADS = 256;
+const LAYOUT_TILE = 32;
+/** Most blocks of a layout launch (each takes tiles of LAYOUT_TILE tokens in turn). */
+const LAYOUT_MAX_BLOCKS = 264;
+
+/** The layout kernels (one per index width) and their scratch: E + R counters and an arrival counter. */
+export interface LayoutKernels {
+  i32: Kernel;
+  i64: Kernel;
+  /** [E + R] i32 counts, then the u32 arrival counter: zero between launches (the kernel leaves it so). */
+  scratch: DeviceBuffer;
+}
+
+/** Getting the layout is synchronous, so its kernels are compiled up front. Free `scratch` when done. */
+export async function loadLayoutKernels(rt: GpuRuntime): Promise<LayoutKernels> {
   const R = rt.group.size;
   const EL = rt.options.numExperts / R;
   const [m32, m64] = await Promise.all(
     [0, 1].map((idx64) => rt.kernels('layout.cu', { TSEP_R: R, TSEP_EL: EL, TSEP_IDX64: idx64 })),
   );
-  const params = ['ptr', 'i32', 'i32', 'ptr', 'ptr', 'ptr'] as const;
-  return { i32: m32!.kernel('tsep_layout', params), i64: m64!.kernel('tsep_layout', params) };
+  const params = ['ptr', 'i32', 'i32', 'ptr', 'ptr', 'ptr', 'ptr'] as const;
+  const scratch = DeviceBuffer.alloc(4 * (rt.options.numExperts + R + 1), rt.device);
+  scratch.fill(0, rt.stream);
+  return { i32: m32!.kernel('tsep_layout', params), i64: m64!.kernel('tsep_layout', params), scratch };
 }
 
 /** Per-rank and per-expert counts and the token -> rank map of `topkIdx`, on the runtime's stream. */
-export function launchLayout(
-  rt: GpuRuntime,
-  kernels: Record<'i32' | 'i64', Kernel>,
-  topkIdx: Tensor,
-): DispatchLayout {
+export function launchLayout(rt: GpuRuntime, kernels: LayoutKernels, topkIdx: Tensor): DispatchLayout {
   const topk = rt.onDevice('topkIdx', topkIdx);
   const [T, K] = topk.shape as [number, number];
   const R = rt.group.size;
   const perRank = DeviceTensor.emptyOn('i32', [R], rt.stream);
   const perExpert = DeviceTensor.emptyOn('i32', [rt.options.numExperts], rt.stream);
   const inRank = DeviceTensor.emptyOn('bool', [T, R], rt.stream);
-  kernels[topk.dtype === 'i64' ? 'i64' : 'i32'].launch({ grid: 1, block: 1024, stream: rt.stream }, [
-    topk.ptr,
-    T,
-    K,
-    perRank.ptr,
-    perExpert.ptr,
-    inRank.ptr,
-  ]);
+  const blocks = Math.min(LAYOUT_MAX_BLOCKS, Math.max(1, Math.ceil(T / LAYOUT_TILE)));
+  kernels[topk.dtype === 'i64' ? 'i64' : 'i32'].launch(
+    { grid: blocks, block: LAYOUT_THREADS, stream: rt.stream },
+    [topk.ptr, T, K, perRank.ptr, perExpert.ptr, inRank.ptr, kernels.scratch.ptr],
+  );
   return { numTokensPerRank: perRank, numTokensPerExpert: perExpert, isTokenInRank: inRank };
 }
 

@@ -10,7 +10,6 @@
 // then waits for it. Calls are serialized on the host, in call order, like the stream they use.
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
-import type { Kernel } from '../../device/module.ts';
 import { pollUntil } from '../../device/poll.ts';
 import { Event, Stream } from '../../device/stream.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
@@ -31,6 +30,7 @@ import {
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
+  type LayoutKernels,
   launchLayout,
   loadLayoutKernels,
   NormalModules,
@@ -88,7 +88,7 @@ export class NormalPath {
   private readonly rt: GpuRuntime;
   private readonly sym: SymmetricBuffer;
   private readonly areas: NormalAreas;
-  private readonly layoutKernels: Record<'i32' | 'i64', Kernel>;
+  private readonly layoutKernels: LayoutKernels;
   private readonly modules: NormalModules;
   private readonly timeoutNs = deviceTimeoutNs();
   private readonly queue = new CallQueue();
@@ -117,7 +117,7 @@ export class NormalPath {
     rt: GpuRuntime,
     sym: SymmetricBuffer,
     areas: NormalAreas,
-    layout: Record<'i32' | 'i64', Kernel>,
+    layout: LayoutKernels,
     numChunks: ChunkCounts,
   ) {
     this.rt = rt;
@@ -477,7 +477,8 @@ export class NormalPath {
     await this.queue.idle();
     await this.rt.stream.synchronize();
     await this.recvStream.synchronize();
-    for (const r of [this.forkEvent, this.joinEvent, this.recvStream]) r.dispose();
+    for (const r of [this.forkEvent, this.joinEvent, this.recvStream, this.layoutKernels.scratch])
+      r.dispose();
     await this.sym.destroy();
   }
 }
