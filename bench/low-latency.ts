@@ -3,7 +3,7 @@
 //
 //   node src/cli/main.ts launch -n 4 -- node bench/low-latency.ts [--tokens 128] [--hidden 7168]
 //       [--experts 288] [--topk 8] [--iters 200] [--warmup 20] [--sets 4] [--bf16]
-//       [--transport auto|nvlink|nccl]
+//       [--transport auto|nvlink|nccl|nvshmem] [--ranks-per-host N]
 //
 // The transport is chosen as the GPU backend chooses it ('auto': NVLink on one host with peer access, else
 // NCCL) and named in the header and the JSON. The launch-shape sweep covers the knobs of the path in use;
@@ -52,6 +52,7 @@ const { values } = parseArgs({
     'phase-iters': { type: 'string', default: '40' },
     bf16: { type: 'boolean', default: false },
     transport: { type: 'string', default: 'auto' },
+    'ranks-per-host': { type: 'string' },
   },
   strict: true,
 });
@@ -78,8 +79,10 @@ const options = resolveOptions(
     mode: 'low-latency',
     fp8: FP8,
     backend: 'gpu',
+    ...(values['ranks-per-host'] ? { ranksPerHost: Number(values['ranks-per-host']) } : {}),
   },
   R,
+  group.localSize,
 );
 const rt = GpuRuntime.create({ group, options, owner: { label: `bench rank ${me}` } });
 const dev = rt.device;

@@ -259,7 +259,8 @@ __device__ __forceinline__ void dispatch_recv_expert(const Src &src, int rank, i
 
 // Combine send: each expert-side row (local expert e, row j < its count) goes to its source rank s into
 // `dst.slot(s, t, k)` for every top-k slot k of that token that chose e (the dispatch's k mask; a
-// duplicated expert fills both slots, like the reference). Dynamic shared memory:
+// duplicated expert fills both slots, like the reference); then `dst.sent(s, t, k, slot, offset, bytes)`
+// (every lane) for the chunk just written. Dynamic shared memory:
 // (2 * LL_EL * LL_R + LL_EL + 1) words.
 template <typename Dst>
 __device__ __forceinline__ void combine_send_items(const Dst &dst, const u16 *x, const int *src_info,
@@ -327,6 +328,9 @@ __device__ __forceinline__ void combine_send_items(const Dst &dst, const u16 *x,
         const int i = ch * LL_CCHUNK + u * 32 + lane;
         if (i < nvec) st_v4(out + 16 * (size_t)i, v[u]);
       }
+      // The chunk's bytes of the row are written: a transport that staged them sends them on.
+      const int first = ch * LL_CCHUNK;
+      dst.sent(s, t, k, out, 16 * (size_t)first, 16 * (size_t)(min(nvec, first + LL_CCHUNK) - first));
     }
   }
 }

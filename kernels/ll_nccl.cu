@@ -96,6 +96,8 @@ struct OwnerBlocksDst {
   __device__ __forceinline__ u8 *slot(int s, int t, int k) const {
     return base + (size_t)s * LLN_CBLOCK + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
   }
+  // NCCL moves the blocks afterwards.
+  __device__ __forceinline__ void sent(int, int, int, const u8 *, size_t, size_t) const {}
 };
 
 // Dynamic shared memory: (2 * LL_EL * LL_R + LL_EL + 1) words.

@@ -1,4 +1,5 @@
-// Low-latency (decode) dispatch and combine over NVLink, one process per GPU, R <= 8 ranks of one host.
+// Low-latency (decode) dispatch and combine over NVLink, one process per GPU, R <= 8 ranks of one host;
+// with LL_ENGINE (low_latency.cuh), ranks on other hosts through NVSHMEM.
 // docs/low-latency.md describes the protocol; src/cpu/ref-low-latency.ts is the oracle the outputs match
 // bit for bit (deterministic order: per local expert, source rank ascending, then token ascending).
 //
@@ -41,6 +42,22 @@ __device__ __forceinline__ u32 prologue(const Ctx &c, const u64 *peers, int send
 
 // ------------------------------------------------------------------------------------------ dispatch
 
+#if LL_ENGINE
+// The parts of a message that one send item (chunk `ch`) wrote into this rank's own slot, to rank d: the
+// row's channels, then their FP8 scales (f32 per 128 channels, or the chunk's UE8M0 word).
+__device__ __forceinline__ void send_msg_chunk(const u8 *msg, int ch, bool fp8, bool ue8m0, int d) {
+  const int c0 = ch * LL_CHUNK;
+  const int n = min(LL_CHUNK, LL_H - c0);
+  if (!fp8) {
+    put_warp(msg + 2 * c0, 2 * (size_t)n, d);
+    return;
+  }
+  put_warp(msg + c0, n, d);
+  if (ue8m0) put_warp(msg + LL_H + 4 * ch, 4, d);
+  else put_warp(msg + LL_H + 4 * (c0 / 128), 4 * (size_t)((n + 127) / 128), d);
+}
+#endif
+
 // Send phase: one warp per (token, LL_CHUNK channels); each lane owns 16 channels (two 16-byte loads).
 __device__ __forceinline__ void dispatch_send_items(const Prologue &p, int rank, int half, const u16 *x,
                                                     const void *topk, int T, int K, int flags) {
@@ -57,6 +74,13 @@ __device__ __forceinline__ void dispatch_send_items(const Prologue &p, int rank,
 #pragma unroll
       for (int d = 0; d < LL_R; d++) dispatch_route(p.peer[d], half, rank)[c.t * LL_KMAX + lane] = c.expert;
     }
+#if LL_ENGINE
+    // Ranks on other hosts: the stores above went to this rank's own slot (their `peers` entry is our
+    // buffer); the row goes on from there.
+    if (c.ch == 0)
+      for (int d = 0; d < LL_R; d++)
+        if (remote(d, rank)) put_warp(dispatch_route(p.peer[rank], half, rank) + c.t * LL_KMAX, 4 * LL_KMAX, d);
+#endif
     if (dmask == 0u) continue;
     // The two payloads in separate loops, so each destination's stores are straight-line code.
     if (fp8) {
@@ -69,6 +93,11 @@ __device__ __forceinline__ void dispatch_send_items(const Prologue &p, int rank,
       for (int d = 0; d < LL_R; d++)
         if (dmask >> d & 1u) put_chunk(dispatch_msg(p.peer[d], half, rank, c.t), c, Fp8Lane{}, false, false);
     }
+#if LL_ENGINE
+    for (int d = 0; d < LL_R; d++)
+      if ((dmask >> d & 1u) && remote(d, rank))
+        send_msg_chunk(dispatch_msg(p.peer[rank], half, rank, c.t), c.ch, fp8, ue8m0, d);
+#endif
   }
 }
 
@@ -103,10 +132,11 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (!__syncthreads_and(ok)) return;
     if (stamper) c.stamp(LL_T_DS_READY);
     dispatch_send_items(p, rank, half, x, topk, T, K, flags);
+    complete_puts();
     if (last_block(c, 0)) {
       c.stamp(LL_T_DS_SIGNAL);
       const u64 sig = ((u64)(u32)T << 32) | (u64)(epoch + 1);
-      for (int d = 0; d < LL_R; d++) tsep::st_release_sys_u64(dispatch_signal(p.peer[d], half, rank), sig);
+      for (int d = 0; d < LL_R; d++) publish_u64(dispatch_signal(p.peer[d], half, rank), sig, d, rank);
       atomicExch(c.state() + LL_ST_DSEND, epoch + 1);
     }
   }
@@ -138,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (last_block(cr, 1)) {
       cr.stamp(LL_T_DR_END);
       // Every block is done reading this half: the sources may reuse it (call epoch + 2).
-      for (int s = 0; s < LL_R; s++) tsep::st_release_sys_u32(dispatch_ack(p.peer[s], rank), epoch + 1);
+      for (int s = 0; s < LL_R; s++) publish_u32(dispatch_ack(p.peer[s], rank), epoch + 1, s, rank);
       atomicExch(c.state() + LL_ST_DRECV, epoch + 1);
     }
   }
@@ -150,11 +180,25 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
 // Receive phase: the k-ordered weighted sum of the token's slots (combine_recv_items).
 // Dynamic shared memory: (2 * LL_EL * LL_R + LL_EL + 1) words.
 
-// The owners' combine slots, in the given half of each peer's buffer.
+// The owners' combine slots, in the given half of each peer's buffer; an owner on another host gets the
+// rows through this rank's outbox (then an NVSHMEM put into its slot).
 struct PeerCombineDst {
   u8 *const *peer;
   int half;
-  __device__ __forceinline__ u8 *slot(int s, int t, int k) const { return combine_slot(peer[s], half, t, k); }
+  int rank;
+  __device__ __forceinline__ u8 *slot(int s, int t, int k) const {
+#if LL_ENGINE
+    if (remote(s, rank)) return combine_outbox(peer[rank], s, t, k);
+#endif
+    return combine_slot(peer[s], half, t, k);
+  }
+  __device__ __forceinline__ void sent(int s, int t, int k, const u8 *staged, size_t offset, size_t bytes) const {
+#if LL_ENGINE
+    if (remote(s, rank)) put_warp_to(combine_slot(peer[rank], half, t, k) + offset, staged + offset, bytes, s);
+#else
+    (void)s, (void)t, (void)k, (void)staged, (void)offset, (void)bytes;
+#endif
+  }
 };
 
 // This rank's combine slots of the given half (every expert rank writes the slots of its experts).
@@ -184,10 +228,11 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
       ok = wait_reached(c, combine_ack(c.local, threadIdx.x), epoch - 1, LL_P_ACK, threadIdx.x);
     if (!__syncthreads_and(ok)) return;
     if (stamper) c.stamp(LL_T_CS_READY);
-    combine_send_items(PeerCombineDst{p.peer, half}, x, src_info, layout_range, kmask);
+    combine_send_items(PeerCombineDst{p.peer, half, rank}, x, src_info, layout_range, kmask);
+    complete_puts();
     if (last_block(c, 2)) {
       c.stamp(LL_T_CS_SIGNAL);
-      for (int s = 0; s < LL_R; s++) tsep::st_release_sys_u32(combine_signal(p.peer[s], half, rank), epoch + 1);
+      for (int s = 0; s < LL_R; s++) publish_u32(combine_signal(p.peer[s], half, rank), epoch + 1, s, rank);
       atomicExch(c.state() + LL_ST_CSEND, epoch + 1);
     }
   }
@@ -205,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
     combine_recv_items(LocalCombineSrc{c.local, half}, topk, weights, out, T, K, flags & LL_FLAG_IDX64);
     if (last_block(cr, 3)) {
       cr.stamp(LL_T_CR_END);
-      for (int s = 0; s < LL_R; s++) tsep::st_release_sys_u32(combine_ack(p.peer[s], rank), epoch + 1);
+      for (int s = 0; s < LL_R; s++) publish_u32(combine_ack(p.peer[s], rank), epoch + 1, s, rank);
       atomicExch(c.state() + LL_ST_CRECV, epoch + 1);
     }
   }

@@ -6,6 +6,26 @@
 
 #include "ll_core.cuh"
 
+// LL_ENGINE 1: the ranks span hosts of LL_RPH ranks each (docs/multi-host.md). Peers on this rank's host
+// are reached by stores through peer pointers as without it; a peer on another host through NVSHMEM (puts
+// and signal writes; NVSHMEM picks the network, or its own intra-node transport for virtual hosts). For such
+// a peer the host passes this rank's own buffer in `peers`, so every slot address computed from it is the
+// symmetric address NVSHMEM wants; the kernels write there first (a staging copy) and put it from there.
+#ifndef LL_ENGINE
+#define LL_ENGINE 0
+#endif
+#if LL_ENGINE
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#ifndef LL_RPH
+#define LL_RPH 1
+#endif
+#ifndef LL_OFF_COUT
+// The combine outbox ([R][T_max][K_max] rows), after the combine area (src/ep/gpu/ll-layout.ts).
+#define LL_OFF_COUT (LL_OFF_CAREA + 2 * LL_CHALF)
+#endif
+#endif
+
 #ifndef LL_MSG
 // Defaults so the file compiles stand-alone (scripts/check-kernels.sh); the library always passes all.
 #define LL_MSG 14336
@@ -129,6 +149,67 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
   return true;
 }
 
+// Whether rank d is on another host than `rank` (always false without LL_ENGINE).
+__device__ __forceinline__ bool remote(int d, int rank) {
+#if LL_ENGINE
+  return d / LL_RPH != rank / LL_RPH;
+#else
+  (void)d;
+  (void)rank;
+  return false;
+#endif
+}
+
+// Publishes a word into rank d's buffer at `p` (computed from peers[d]) with release semantics: a store
+// through NVLink, or an NVSHMEM write to a peer on another host (after the caller's nvshmem_quiet when it
+// must follow the data).
+__device__ __forceinline__ void publish_u32(u32 *p, u32 v, int d, int rank) {
+#if LL_ENGINE
+  if (remote(d, rank)) {
+    nvshmem_uint32_p(reinterpret_cast<uint32_t *>(p), v, d);
+    return;
+  }
+#endif
+  (void)d;
+  (void)rank;
+  tsep::st_release_sys_u32(p, v);
+}
+__device__ __forceinline__ void publish_u64(u64 *p, u64 v, int d, int rank) {
+#if LL_ENGINE
+  if (remote(d, rank)) {
+    nvshmemx_signal_op(reinterpret_cast<uint64_t *>(p), v, NVSHMEM_SIGNAL_SET, d);
+    return;
+  }
+#endif
+  (void)d;
+  (void)rank;
+  tsep::st_release_sys_u64(p, v);
+}
+
+#if LL_ENGINE
+// The warp's `bytes` at `p` in this rank's buffer, to the same place in rank d's (every lane calls it,
+// after the stores it copies; non-blocking: complete() before anything that announces them).
+__device__ __forceinline__ void put_warp(const void *p, size_t bytes, int d) {
+  __syncwarp();
+  nvshmemx_putmem_nbi_warp(const_cast<void *>(p), p, bytes, d);
+}
+// `bytes` from `src` (this rank's staging) to `dst` (a symmetric address) in rank d's buffer.
+__device__ __forceinline__ void put_warp_to(void *dst, const void *src, size_t bytes, int d) {
+  __syncwarp();
+  nvshmemx_putmem_nbi_warp(dst, src, bytes, d);
+}
+#endif
+
+// Every NVSHMEM put this warp issued has completed (a no-op without LL_ENGINE). Lane 0 of each warp calls
+// it before the block arrives at last_block, so the signals the last block writes follow all the data.
+__device__ __forceinline__ void complete_puts() {
+#if LL_ENGINE
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) nvshmem_quiet();
+  __syncwarp();
+#endif
+}
+
 // Barrier of the ranks through the monotonic counters at LL_OFF_BAR: threads r < LL_R each publish
 // `target` into rank r and wait for rank r's. Call from threads 0..31 of one block; true when passed.
 __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32 target) {
@@ -136,7 +217,7 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
   if (threadIdx.x < LL_R) {
     const int r = threadIdx.x;
     tsep::fence_sc_sys();
-    tsep::st_release_sys_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + c.rank, target);
+    publish_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + c.rank, target, r, c.rank);
     const u32 *mine = reinterpret_cast<const u32 *>(c.local + LL_OFF_BAR) + r;
     const u64 start = tsep::globaltimer_ns();
     while (!reached(tsep::ld_acquire_sys_u32(mine), target)) {
@@ -191,5 +272,11 @@ __device__ __forceinline__ u8 *dispatch_msg(u8 *base, int half, int src, int t) 
 __device__ __forceinline__ u8 *combine_slot(u8 *base, int half, int t, int k) {
   return base + LL_OFF_CAREA + (size_t)half * LL_CHALF + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
 }
+#if LL_ENGINE
+// Staging of the combine rows for owner s on another host, in this rank's buffer (slot [t][k] of s).
+__device__ __forceinline__ u8 *combine_outbox(u8 *base, int s, int t, int k) {
+  return base + LL_OFF_COUT + (((size_t)s * LL_TMAX + t) * LL_KMAX + k) * (2 * LL_H);
+}
+#endif
 
 }  // namespace ll

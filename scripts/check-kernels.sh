@@ -48,26 +48,37 @@ for f in bench/tools/*.cu; do
   "$NVCC" -O3 -arch=sm_90a -std=c++17 -I kernels -o "$out/tool" "$f"
   echo "check:kernels: ok $f (program)"
 done
-# The NVSHMEM spike kernel (src/jit/link.ts compiles it with NVRTC -rdc and links libnvshmem_device.a)
-# needs NVSHMEM's headers: TSEP_NVSHMEM_HOME, NVSHMEM_HOME, or the nvidia-nvshmem-cu* wheel's folder.
+# NVSHMEM's headers (for the sources below): TSEP_NVSHMEM_HOME, NVSHMEM_HOME, or the nvidia-nvshmem-cu*
+# wheel's folder.
 nvshmem=""
 for d in "${TSEP_NVSHMEM_HOME:-}" "${NVSHMEM_HOME:-}" "${VIRTUAL_ENV:-/nonexistent}"/lib/python3*/site-packages/nvidia/nvshmem \
   /opt/*/.venv/lib/python3*/site-packages/nvidia/nvshmem "$HOME"/.local/lib/python3*/site-packages/nvidia/nvshmem \
   /usr/local/lib/python3*/dist-packages/nvidia/nvshmem /usr/lib/python3/dist-packages/nvidia/nvshmem; do
   if [ -n "$d" ] && [ -f "$d/include/nvshmem.h" ]; then nvshmem="$d"; break; fi
 done
+# NVSHMEM device code (src/jit/link.ts compiles it with NVRTC -rdc and links libnvshmem_device.a): the
+# spike kernel, and the low-latency kernels with ranks on other hosts (LL_ENGINE, 2 hosts x 2 and 2 x 8).
+engine_variants=(
+  "bench/tools/nvshmem-put-signal.cu"
+  "kernels/low_latency.cu -DLL_ENGINE=1 -DLL_RPH=2 -DLL_R=4 -DLL_EL=2 -DLL_H=2048 -DLL_TMAX=16 -DLL_KMAX=4"
+  "kernels/low_latency.cu -DLL_ENGINE=1 -DLL_RPH=8 -DLL_R=16 -DLL_EL=18 -DLL_H=7168 -DLL_TMAX=128 -DLL_KMAX=8"
+)
 if [ -z "$nvshmem" ]; then
-  echo "check:kernels: skipped bench/tools/nvshmem-put-signal.cu, NVSHMEM headers not found (set TSEP_NVSHMEM_HOME)"
+  echo "check:kernels: skipped ${#engine_variants[@]} NVSHMEM sources, NVSHMEM headers not found (set TSEP_NVSHMEM_HOME)"
 else
-  "$NVCC" -cubin -rdc=true -gencode=arch=compute_90a,code=sm_90a -std=c++17 -I "$nvshmem/include" \
-    -o "$out/nvshmem-rdc.cubin" bench/tools/nvshmem-put-signal.cu
-  linked="relocatable only; no lib/libnvshmem_device.a to link"
-  if [ -f "$nvshmem/lib/libnvshmem_device.a" ]; then
-    # What cuLink does at run time: the -rdc cubin plus the archive's sm_90 relocatable code -> sm_90a cubin.
-    "$NVCC" -dlink -cubin -arch=sm_90a -o "$out/nvshmem.cubin" "$out/nvshmem-rdc.cubin" -L "$nvshmem/lib" \
-      -lnvshmem_device
-    linked="linked with libnvshmem_device.a"
-  fi
-  echo "check:kernels: ok bench/tools/nvshmem-put-signal.cu (nvcc -rdc, $linked; NVSHMEM at $nvshmem)"
+  for v in "${engine_variants[@]}"; do
+    read -r file defines <<<"$v"
+    # shellcheck disable=SC2086
+    "$NVCC" -cubin -rdc=true -gencode=arch=compute_90a,code=sm_90a -std=c++17 -I "$nvshmem/include" $defines \
+      -o "$out/nvshmem-rdc.cubin" "$file"
+    linked="relocatable only; no lib/libnvshmem_device.a to link"
+    if [ -f "$nvshmem/lib/libnvshmem_device.a" ]; then
+      # What cuLink does at run time: the -rdc cubin plus the archive's sm_90 relocatable code -> sm_90a.
+      "$NVCC" -dlink -cubin -arch=sm_90a -o "$out/nvshmem.cubin" "$out/nvshmem-rdc.cubin" -L "$nvshmem/lib" \
+        -lnvshmem_device
+      linked="linked with libnvshmem_device.a"
+    fi
+    echo "check:kernels: ok $file $defines (nvcc -rdc, $linked; NVSHMEM at $nvshmem)"
+  done
 fi
 echo "check:kernels: $n kernel source(s) and ${#variants[@]} specializations compiled for sm_90a with $("$NVCC" --version | tail -n 1)"

@@ -117,12 +117,26 @@ export class DeviceBuffer {
    */
   readonly stream: Stream | undefined;
 
+  /** Memory someone else allocated and frees (see {@link DeviceBuffer.wrap}). */
+  private borrowed = false;
+
   private constructor(device: Device, ptr: bigint, bytes: number, streams?: { alloc: Stream; free: Stream }) {
     this.device = device;
     this.p = ptr;
     this.bytes = bytes;
     this.stream = streams?.alloc;
     this.freeStream = streams?.free;
+  }
+
+  /**
+   * A view of device memory another allocator owns (e.g. NVSHMEM's symmetric heap), with this class's
+   * copies and fills; `dispose()` only drops the view, the owner frees the memory.
+   */
+  static wrap(ptr: bigint, bytes: number, device: Device): DeviceBuffer {
+    if (ptr === 0n) throw new ValidationError('ptr', '0', 'a device address');
+    const b = new DeviceBuffer(device, ptr, bytes);
+    b.borrowed = true;
+    return b;
   }
 
   /**
@@ -239,7 +253,9 @@ export class DeviceBuffer {
   dispose(): void {
     if (this.p === 0n) return;
     this.device.makeCurrent();
-    if (this.freeStream) {
+    if (this.borrowed) {
+      // The owner frees it.
+    } else if (this.freeStream) {
       freePooled({ ptr: this.p, stream: this.freeStream, device: this.device });
       unreleased.unregister(this);
     } else {

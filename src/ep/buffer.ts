@@ -7,6 +7,7 @@ import { DisposedError, ValidationError } from '../errors.ts';
 import { selectBackend } from './select.ts';
 import type {
   BackendName,
+  ChosenTransport,
   CombineArgs,
   CombineResult,
   DispatchArgs,
@@ -137,7 +138,7 @@ export class EpBuffer {
   }
 
   /** GPU backend: 'nvlink' or 'nccl' (see the `transport` option) and why; undefined on the CPU backend. */
-  get transport(): { readonly transport: 'nvlink' | 'nccl'; readonly reason: string } | undefined {
+  get transport(): { readonly transport: ChosenTransport; readonly reason: string } | undefined {
     return this.impl.transport;
   }
 
@@ -202,7 +203,7 @@ async function agreeOnOptions(group: Group, options: EpBufferOptions): Promise<R
   let resolved: ResolvedEpBufferOptions | undefined;
   let failure: unknown;
   try {
-    resolved = resolveOptions(options, group.size);
+    resolved = resolveOptions(options, group.size, group.localSize);
   } catch (error) {
     failure = error;
   }

@@ -2,18 +2,20 @@
 // and the group (ep/gpu/transport-probe.ts) and `tsep doctor` prints the same decision.
 
 import { ValidationError } from '../errors.ts';
-import type { TransportKind } from './types.ts';
+import type { ChosenTransport, TransportKind } from './types.ts';
 
 export interface TransportFacts {
-  /** Ranks in the job and on this host. */
+  /** Ranks in the job and on this host (the `ranksPerHost` option: a host may be virtual). */
   ranks: number;
   localRanks: number;
   /** Every pair of the host's ranks' GPUs can access each other directly (NVLink or PCIe P2P). */
   peerAccess: boolean;
+  /** An NVSHMEM install was found on every rank (transport 'nvshmem'); absent means no. */
+  nvshmem?: boolean;
 }
 
 export interface TransportChoice {
-  transport: 'nvlink' | 'nccl';
+  transport: ChosenTransport;
   reason: string;
 }
 
@@ -26,6 +28,25 @@ export function chooseTransport(requested: TransportKind, f: TransportFacts): Tr
       ? 'not every pair of the GPUs has peer access'
       : undefined;
   if (requested === 'nccl') return { transport: 'nccl', reason: "transport 'nccl' was requested" };
+  if (requested === 'nvshmem') {
+    const problem = !f.nvshmem
+      ? 'no NVSHMEM install was found on every rank (set TSEP_NVSHMEM_HOME, or pip install nvidia-nvshmem-cu13)'
+      : !f.peerAccess
+        ? "not every pair of a host's GPUs has peer access (NVLink carries the traffic inside a host)"
+        : undefined;
+    if (problem !== undefined) {
+      throw new ValidationError(
+        'transport',
+        "'nvshmem'",
+        `NVSHMEM between hosts, but ${problem}; use 'nccl'`,
+      );
+    }
+    const hosts = f.ranks / f.localRanks;
+    return {
+      transport: 'nvshmem',
+      reason: `transport 'nvshmem' was requested: NVLink inside each of ${hosts} host(s) of ${f.localRanks} ranks, NVSHMEM between them`,
+    };
+  }
   if (requested === 'nvlink') {
     if (why !== undefined) {
       throw new ValidationError(

@@ -18,8 +18,13 @@ export type Tensor = HostTensor | DeviceTensor;
 export type EpMode = 'normal' | 'low-latency' | 'both';
 export type BackendKind = 'cpu' | 'gpu' | 'auto';
 export type BackendName = 'cpu' | 'gpu';
-/** How the GPU backend moves data: NVLink peer stores, NCCL transfers, or the best available ('auto'). */
-export type TransportKind = 'auto' | 'nvlink' | 'nccl';
+/**
+ * How the GPU backend moves data: NVLink peer stores, NCCL transfers, NVLink inside hosts with NVSHMEM
+ * between them, or the best available ('auto').
+ */
+export type TransportKind = 'auto' | 'nvlink' | 'nccl' | 'nvshmem';
+/** The transport a GPU buffer ended up with. */
+export type ChosenTransport = Exclude<TransportKind, 'auto'>;
 
 export interface EpBufferOptions {
   /** Hidden size H of every row; a positive multiple of 16 (rows are whole 16-byte vectors). */
@@ -39,9 +44,16 @@ export interface EpBufferOptions {
   /**
    * GPU backend: 'nvlink' (peer stores between the GPUs of one host), 'nccl' (NCCL collectives, any
    * topology, both modes) or 'auto' (default: NVLink when every rank is on one host and every pair of their
-   * GPUs has peer access, else NCCL). The CPU backend ignores it.
+   * GPUs has peer access, else NCCL), or 'nvshmem' (NVLink between the GPUs of a host, NVSHMEM between
+   * hosts; the low-latency mode only so far, docs/multi-host.md). The CPU backend ignores it.
    */
   transport?: TransportKind;
+  /**
+   * Ranks per host (default: LOCAL_WORLD_SIZE, the ranks the launcher started on this machine). A smaller
+   * divisor of it splits one machine into virtual hosts, e.g. 4 GPUs as 2 hosts × 2: traffic between them
+   * then takes the multi-host route (transport 'nvshmem' or 'nccl').
+   */
+  ranksPerHost?: number;
 }
 
 export interface ResolvedEpBufferOptions {
@@ -53,6 +65,7 @@ export interface ResolvedEpBufferOptions {
   readonly fp8: boolean;
   readonly backend: BackendKind;
   readonly transport: TransportKind;
+  readonly ranksPerHost: number;
 }
 
 /**
@@ -309,7 +322,7 @@ export interface EpBackend {
   cleanLowLatencyBuffer(): void;
   sizeHint(): EpSizeHint;
   /** GPU backends: the transport in use and why it was chosen. */
-  readonly transport?: { readonly transport: 'nvlink' | 'nccl'; readonly reason: string };
+  readonly transport?: { readonly transport: ChosenTransport; readonly reason: string };
   /** GPU backends: the stream the buffer's kernels run on (for events, timing and graph capture). */
   readonly stream?: Stream;
   /**

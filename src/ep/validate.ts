@@ -42,7 +42,7 @@ export interface ValidationContext {
 
 const MODES: readonly EpMode[] = ['normal', 'low-latency', 'both'];
 const BACKENDS: readonly BackendKind[] = ['cpu', 'gpu', 'auto'];
-const TRANSPORTS: readonly TransportKind[] = ['auto', 'nvlink', 'nccl'];
+const TRANSPORTS: readonly TransportKind[] = ['auto', 'nvlink', 'nccl', 'nvshmem'];
 
 function show(value: unknown): string {
   if (typeof value === 'string') return `'${value}'`;
@@ -104,7 +104,12 @@ function checkAbsent(argument: string, value: unknown, need: string): void {
 
 // ------------------------------------------------------------------------------------------- options
 
-export function resolveOptions(options: EpBufferOptions, numRanks: number): ResolvedEpBufferOptions {
+/** `localRanks`: the ranks the launcher started on this machine (LOCAL_WORLD_SIZE). */
+export function resolveOptions(
+  options: EpBufferOptions,
+  numRanks: number,
+  localRanks = numRanks,
+): ResolvedEpBufferOptions {
   if (typeof options !== 'object' || options === null) {
     throw new ValidationError(
       'options',
@@ -145,7 +150,10 @@ export function resolveOptions(options: EpBufferOptions, numRanks: number): Reso
     throw new ValidationError('transport', show(transport), `one of ${TRANSPORTS.map(show).join(', ')}`);
   }
   const fp8 = checkBool('fp8', options.fp8, false);
-  return { hidden, maxTokensPerRank, numExperts, numTopk, mode, fp8, backend, transport };
+  const need = `a divisor of the ranks on this machine (${localRanks}), which ranks are laid out by`;
+  const ranksPerHost = checkInt('ranksPerHost', options.ranksPerHost ?? localRanks, 1, need);
+  if (localRanks % ranksPerHost !== 0) throw new ValidationError('ranksPerHost', String(ranksPerHost), need);
+  return { hidden, maxTokensPerRank, numExperts, numTopk, mode, fp8, backend, transport, ranksPerHost };
 }
 
 function checkMode(ctx: ValidationContext, family: 'normal' | 'low-latency', call: string): void {

@@ -154,6 +154,7 @@ function api(): Record<string, Raw> {
     nPes: l.func('int nvshmem_n_pes()'),
     malloc: l.func('uint64_t nvshmem_malloc(size_t size)'),
     free: l.func('void nvshmem_free(uint64_t ptr)'),
+    ptr: l.func('uint64_t nvshmem_ptr(uint64_t dest, int pe)'),
     barrierAll: l.func('void nvshmem_barrier_all()'),
     cumoduleInit: l.func('int nvshmemx_cumodule_init(uint64_t module)'),
     cumoduleFinalize: l.func('int nvshmemx_cumodule_finalize(uint64_t module)'),
@@ -285,6 +286,14 @@ export function nvshmemMalloc(bytes: number): bigint {
 /** Collective: frees a symmetric allocation on every PE. */
 export function nvshmemFree(ptr: bigint): void {
   api().free(ptr);
+}
+
+/**
+ * The address through which this PE's GPU loads and stores PE `pe`'s copy of the symmetric object at
+ * `dest` (peer-mapped memory), or 0n when `pe` is reachable only through NVSHMEM's operations.
+ */
+export function nvshmemPtr(dest: bigint, pe: number): bigint {
+  return BigInt(api().ptr(dest, pe));
 }
 
 /** Host barrier across all PEs; also completes the NVSHMEM operations issued before it. */

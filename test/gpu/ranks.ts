@@ -38,7 +38,8 @@ export function skipFor(ranks: number, needs: { nccl?: boolean } = {}): string |
 
 /** The GPUs (as CUDA_VISIBLE_DEVICES) of virtual host `h` of `perHost` ranks: shared round-robin if needed. */
 export function hostGpus(h: number, perHost: number): string {
-  return Array.from({ length: perHost }, (_, i) => (h * perHost + i) % Math.max(1, visibleGpus)).join(',');
+  const ids = Array.from({ length: perHost }, (_, i) => (h * perHost + i) % Math.max(1, visibleGpus));
+  return [...new Set(ids)].join(',');
 }
 
 export type RankRun = LaunchRun;

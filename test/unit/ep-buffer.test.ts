@@ -99,6 +99,7 @@ describe('backend selection', () => {
       fp8: false,
       backend: 'auto',
       transport: 'auto',
+      ranksPerHost: 2,
     });
     assert.equal(buffers[1]!.rank, 1);
     assert.equal(buffers[1]!.numRanks, 2);

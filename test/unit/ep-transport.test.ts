@@ -41,4 +41,21 @@ describe('transport selection', () => {
   it('a single rank counts as one host with peer access to itself', () => {
     assert.equal(chooseTransport('auto', { ranks: 1, localRanks: 1, peerAccess: true }).transport, 'nvlink');
   });
+
+  it("'nvshmem' needs NVSHMEM on every rank and peer access inside each host", () => {
+    const virtualHosts = { ranks: 4, localRanks: 2, peerAccess: true, nvshmem: true };
+    const c = chooseTransport('nvshmem', virtualHosts);
+    assert.equal(c.transport, 'nvshmem');
+    assert.match(c.reason, /2 host\(s\) of 2 ranks, NVSHMEM between them/);
+    assert.throws(
+      () => chooseTransport('nvshmem', { ...virtualHosts, nvshmem: false }),
+      (e: unknown) => e instanceof ValidationError && /no NVSHMEM install/.test(e.message),
+    );
+    assert.throws(
+      () => chooseTransport('nvshmem', { ...virtualHosts, peerAccess: false }),
+      (e: unknown) => e instanceof ValidationError && /peer access/.test(e.message),
+    );
+    // 'auto' keeps NCCL across hosts until the normal mode runs over NVSHMEM too.
+    assert.equal(chooseTransport('auto', virtualHosts).transport, 'nccl');
+  });
 });

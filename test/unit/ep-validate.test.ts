@@ -159,6 +159,8 @@ describe('EpBuffer.create rejects bad options', () => {
     ['unknown backend', 'backend', { backend: 'tpu' as never }],
     ['unknown transport', 'transport', { transport: 'pcie' as never }],
     ['fp8 not a boolean', 'fp8', { fp8: 1 as never }],
+    ['ranksPerHost not dividing the ranks of the machine', 'ranksPerHost', { ranksPerHost: 3 }],
+    ['ranksPerHost 0', 'ranksPerHost', { ranksPerHost: 0 }],
     ['options not an object', 'options', null],
   ];
   for (const [name, argument, patch] of cases) {

@@ -64,6 +64,13 @@ class GpuBackend implements EpBackend {
     const rt = GpuRuntime.create(context);
     const transport = chooseTransport(context.options.transport, await probeTransportFacts(rt));
     const mode = context.options.mode;
+    if (transport.transport === 'nvshmem' && mode !== 'low-latency') {
+      throw new TsepError(
+        'TSEP_UNSUPPORTED',
+        "The normal mode over transport 'nvshmem' (per-host deduplication between hosts) is not built yet: " +
+          "create this buffer with mode 'low-latency', and use transport 'nccl' for the normal mode across hosts.",
+      );
+    }
     const normalImpl = transport.transport === 'nccl' ? NcclNormalPath : NormalPath;
     const normal = mode === 'low-latency' ? undefined : await normalImpl.create(rt);
     const lowLatency =

@@ -5,6 +5,8 @@
 //   [0, 4096)        control: signals and acks peers write into us, and our own device-side state
 //   dispatch area    2 halves × R sources × (routing [T_max][K_max] i32 + T_max messages)
 //   combine area     2 halves × T_max tokens × K_max slots × H bf16
+//   combine outbox   (transport 'nvshmem' only) R owners × T_max × K_max × H bf16: rows for owners on other
+//                    hosts are staged here, then put into the owner's combine area by NVSHMEM
 
 const align = (n: number, a: number): number => Math.ceil(n / a) * a;
 
@@ -68,12 +70,23 @@ export interface LlLayout extends LlShape {
   offBarrier: number;
   offDispatch: number;
   offCombine: number;
+  /** The combine outbox (0 without one). */
+  offOutbox: number;
   totalBytes: number;
 }
 
-export function llLayout(shape: LlShape): LlLayout {
+/**
+ * `outbox`: room to stage the combine rows for owners on other hosts (transport 'nvshmem'). The control
+ * block's signal and ack arrays hold 16 ranks.
+ */
+export function llLayout(shape: LlShape, options: { outbox?: boolean } = {}): LlLayout {
   const { numRanks: R, hidden: H, maxTokensPerRank: T, numTopk: K } = shape;
-  if (R > 8) throw new RangeError(`low-latency layout: ${R} ranks, at most 8 (one NVLink host)`);
+  const most = options.outbox ? 16 : 8;
+  if (R > most) {
+    throw new RangeError(
+      `low-latency layout: ${R} ranks, at most ${most} (${options.outbox ? 'across hosts' : 'one NVLink host'})`,
+    );
+  }
   const scales = Math.ceil(H / 128);
   const msgBytes = align(Math.max(2 * H, H + 4 * scales), 16);
   const routeBytes = align(T * K * 4, 128);
@@ -82,7 +95,9 @@ export function llLayout(shape: LlShape): LlLayout {
   const combineHalfBytes = T * K * 2 * H;
   const offDispatch = 4096;
   const offCombine = align(offDispatch + 2 * dispatchHalfBytes, 4096);
-  const totalBytes = align(offCombine + 2 * combineHalfBytes, 2 << 20);
+  const offOutbox = options.outbox ? align(offCombine + 2 * combineHalfBytes, 4096) : 0;
+  const end = options.outbox ? offOutbox + R * combineHalfBytes : offCombine + 2 * combineHalfBytes;
+  const totalBytes = align(end, 2 << 20);
   return {
     ...shape,
     msgBytes,
@@ -98,6 +113,7 @@ export function llLayout(shape: LlShape): LlLayout {
     offBarrier: 896,
     offDispatch,
     offCombine,
+    offOutbox,
     totalBytes,
   };
 }
@@ -130,5 +146,6 @@ export function llDefines(l: LlLayout): Record<string, number> {
     LL_OFF_BAR: l.offBarrier,
     LL_OFF_DAREA: l.offDispatch,
     LL_OFF_CAREA: l.offCombine,
+    ...(l.offOutbox ? { LL_OFF_COUT: l.offOutbox } : {}),
   };
 }

@@ -1,8 +1,10 @@
 // The low-latency mode behind one interface whatever the transport: the NVLink path (peer stores between
-// the GPUs of one host, low-latency.ts) or the NCCL path (collectives, any topology, nccl-low-latency.ts).
+// the GPUs of one host, low-latency.ts; with 'nvshmem', the same kernels reach other hosts through NVSHMEM)
+// or the NCCL path (collectives, any topology, nccl-low-latency.ts).
 // The backend, the GPU tests and the benchmark create it here.
 
 import type {
+  ChosenTransport,
   HandleOwner,
   LowLatencyCombineRequest,
   LowLatencyCombineResult,
@@ -43,8 +45,9 @@ export interface LowLatencyMode {
 /** Collective: the low-latency path of `transport` for the runtime's buffer shape. */
 export function createLowLatencyMode(
   rt: GpuRuntime,
-  transport: 'nvlink' | 'nccl',
+  transport: ChosenTransport,
   owner?: HandleOwner,
 ): Promise<LowLatencyMode> {
-  return transport === 'nccl' ? NcclLowLatencyPath.create(rt, owner) : LowLatencyPath.create(rt, owner);
+  if (transport === 'nccl') return NcclLowLatencyPath.create(rt, owner);
+  return LowLatencyPath.create(rt, owner, transport === 'nvshmem');
 }

@@ -7,9 +7,10 @@
 // replays stay correct. Outputs come from the ring of ll-outputs.ts; the host side of a call that does not
 // depend on the transport (checks, flags, handle, hooks) is ll-call.ts.
 
-import type { Kernel } from '../../device/module.ts';
+import type { Kernel, Module } from '../../device/module.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
+import { readKernelSource } from '../../jit/sources.ts';
 import type {
   HandleOwner,
   LowLatencyCombineRequest,
@@ -35,7 +36,11 @@ import {
 } from './ll-call.ts';
 import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
 import { LlOutputs } from './ll-outputs.ts';
+import { joinNvshmem, loadEngineModule, NvshmemSymmetric } from './nvshmem-engine.ts';
 import type { GpuRuntime } from './runtime.ts';
+
+/** The peer-mapped memory of a path: CUDA IPC between the GPUs of a host, or NVSHMEM's symmetric heap. */
+type LlMemory = Pick<SymmetricBuffer, 'local' | 'peerTable' | 'signal' | 'destroy'>;
 
 const KERNEL_NAMES: Record<number, string> = {
   1: 'dispatch send',
@@ -82,7 +87,7 @@ const PHASE_RECV = 2;
 export class LowLatencyPath {
   readonly rt: GpuRuntime;
   readonly layout: LlLayout;
-  private readonly sym: SymmetricBuffer;
+  private readonly sym: LlMemory;
   private readonly owner: HandleOwner;
   private readonly record: Int32Array;
   private readonly timeout: bigint;
@@ -104,9 +109,10 @@ export class LowLatencyPath {
   private constructor(
     rt: GpuRuntime,
     layout: LlLayout,
-    sym: SymmetricBuffer,
+    sym: LlMemory,
     owner: HandleOwner,
     kernels: Kernel[],
+    rank: number,
   ) {
     this.rt = rt;
     this.layout = layout;
@@ -114,7 +120,7 @@ export class LowLatencyPath {
     this.owner = owner;
     this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
     this.timeout = deviceTimeoutNs();
-    this.rank = rt.group.localRank;
+    this.rank = rank;
     this.outputs = new LlOutputs(rt, layout, rt.options.fp8 ? 'fp8' : 'bf16');
     [this.kDispatch, this.kCombine, this.kClean, this.kGate] = kernels as [Kernel, Kernel, Kernel, Kernel];
     const sms = rt.smCount;
@@ -129,21 +135,37 @@ export class LowLatencyPath {
   /**
    * Collective: every rank of the runtime's group calls it. Compiles the kernels for the buffer's shape
    * and maps the ranks' symmetric buffers. `owner` goes into every handle (default: a label naming the
-   * rank).
+   * rank). `acrossHosts`: transport 'nvshmem' (ranks on other hosts than `ranksPerHost` puts them on are
+   * reached through NVSHMEM); otherwise every rank must be on this host.
    */
-  static async create(rt: GpuRuntime, owner?: HandleOwner): Promise<LowLatencyPath> {
+  static async create(rt: GpuRuntime, owner?: HandleOwner, acrossHosts = false): Promise<LowLatencyPath> {
     const { group, options } = rt;
-    if (group.size !== group.localSize) {
+    if (!acrossHosts && group.size !== group.localSize) {
       throw new TsepError(
         'TSEP_UNSUPPORTED',
-        `The GPU low-latency mode runs over NVLink inside one host; this group has ${group.size} ranks, ${group.localSize} on this host.`,
+        `The GPU low-latency mode over NVLink runs inside one host; this group has ${group.size} ranks, ${group.localSize} on this host (transport 'nvshmem' or 'nccl' spans hosts).`,
       );
     }
-    if (group.size > 8 || group.size < 1) {
-      throw new ValidationError('group size', String(group.size), '1 to 8 ranks (one NVLink host)');
+    const most = acrossHosts ? 16 : 8;
+    if (group.size > most || group.size < 1) {
+      throw new ValidationError(
+        'group size',
+        String(group.size),
+        `1 to ${most} ranks (${acrossHosts ? 'across hosts' : 'one NVLink host'})`,
+      );
     }
-    const layout = llLayout(llBufferShape(group.size, options));
-    const mod = await rt.kernels('low_latency.cu', llDefines(layout));
+    const layout = llLayout(llBufferShape(group.size, options), { outbox: acrossHosts });
+    let mod: Module;
+    let sym: LlMemory;
+    if (acrossHosts) {
+      await joinNvshmem(group, rt.device, layout.totalBytes);
+      const defines = { ...llDefines(layout), LL_ENGINE: 1, LL_RPH: options.ranksPerHost };
+      mod = await loadEngineModule(rt.device, { ...readKernelSource('low_latency.cu'), defines });
+      sym = await NvshmemSymmetric.create(group, rt.device, layout.totalBytes, options.ranksPerHost);
+    } else {
+      mod = await rt.kernels('low_latency.cu', llDefines(layout));
+      sym = await SymmetricBuffer.create(group, layout.totalBytes, rt.device);
+    }
     const common = ['ptr', 'ptr', 'i32', 'u64'] as const;
     const kernels = [
       // x, topk, T, K, flags, recvX, recvScales, recvCount, srcInfo, layoutRange, kmask, parts, phases
@@ -181,13 +203,14 @@ export class LowLatencyPath {
       mod.kernel('ll_clean', [...common]),
       mod.kernel('ll_gate', [...common, 'u64']),
     ];
-    const sym = await SymmetricBuffer.create(group, layout.totalBytes, rt.device);
     return new LowLatencyPath(
       rt,
       layout,
       sym,
       owner ?? { label: `GPU low-latency path (rank ${group.rank} of ${group.size})` },
       kernels,
+      // Kernels index the peer table by rank: the host's ranks over NVLink, every rank with NVSHMEM.
+      acrossHosts ? group.rank : group.localRank,
     );
   }
 

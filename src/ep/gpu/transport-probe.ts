@@ -1,8 +1,11 @@
-// The facts behind the transport choice, gathered collectively: how the ranks sit on hosts, and whether
-// every pair of this host's ranks' GPUs has peer access. Ranks may see different GPUs (CUDA_VISIBLE_DEVICES
-// per rank), so GPUs are matched by PCI bus id; a peer GPU this rank cannot see counts as no access.
+// The facts behind the transport choice, gathered collectively: how the ranks sit on hosts (the buffer's
+// `ranksPerHost`, so a machine may be split into virtual hosts), whether every pair of a host's ranks' GPUs
+// has peer access, and whether every rank finds NVSHMEM. Ranks may see different GPUs
+// (CUDA_VISIBLE_DEVICES per rank), so GPUs are matched by PCI bus id; a peer GPU this rank cannot see
+// counts as no access.
 
 import { Device } from '../../device/context.ts';
+import { findNvshmem } from '../../native/nvshmem.ts';
 import type { TransportFacts } from '../transport.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -11,14 +14,26 @@ export async function probeTransportFacts(rt: GpuRuntime): Promise<TransportFact
   const mine = rt.device.info.pciBusId;
   const buses = (await g.allGather(new TextEncoder().encode(mine))).map((b) => new TextDecoder().decode(b));
   const visible = Device.pciBusIds();
-  const first = g.rank - g.localRank;
+  const perHost = rt.options.ranksPerHost;
+  const first = g.rank - (g.rank % perHost);
   let ok = true;
-  for (let l = 0; l < g.localSize; l++) {
+  for (let l = 0; l < perHost; l++) {
     const bus = buses[first + l]!;
     if (bus === mine) continue;
     const ordinal = visible.indexOf(bus);
     ok &&= ordinal >= 0 && rt.device.canAccessPeer(ordinal);
   }
-  const votes = await g.allGather(Uint8Array.of(ok ? 1 : 0));
-  return { ranks: g.size, localRanks: g.localSize, peerAccess: votes.every((v) => v[0] === 1) };
+  let nvshmem = true;
+  try {
+    findNvshmem();
+  } catch {
+    nvshmem = false;
+  }
+  const votes = await g.allGather(Uint8Array.of((ok ? 1 : 0) | (nvshmem ? 2 : 0)));
+  return {
+    ranks: g.size,
+    localRanks: perHost,
+    peerAccess: votes.every((v) => (v[0]! & 1) === 1),
+    nvshmem: votes.every((v) => (v[0]! & 2) === 2),
+  };
 }
