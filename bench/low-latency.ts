@@ -118,20 +118,30 @@ interface InputSet {
   selections: number;
   /** Expected tokens this rank sends to each rank (deduplicated), for the byte count. */
   rankTokens: number;
+  /** The part of rankTokens (dispatch) and selections (combine rows back) that crosses to other hosts. */
+  remoteRankTokens: number;
+  remoteSelections: number;
 }
+
+const perHost = options.ranksPerHost;
+const otherHost = (r: number) => Math.floor(r / perHost) !== Math.floor(me / perHost);
 
 const sets: InputSet[] = [];
 for (let s = 0; s < SETS; s++) {
   const ids = new BigInt64Array(T * K);
   let rankTokens = 0;
+  let remoteRankTokens = 0;
+  let remoteSelections = 0;
   for (let t = 0; t < T; t++) {
     const picks = rng.distinct(E, K);
     const ranks = new Set<number>();
     for (let k = 0; k < K; k++) {
       ids[t * K + k] = BigInt(picks[k]!);
       ranks.add(Math.floor(picks[k]! / El));
+      if (otherHost(Math.floor(picks[k]! / El))) remoteSelections++;
     }
     rankTokens += ranks.size;
+    remoteRankTokens += [...ranks].filter(otherHost).length;
   }
   const w = new Float32Array(T * K);
   for (let i = 0; i < w.length; i++) w[i] = rng.float();
@@ -141,6 +151,8 @@ for (let s = 0; s < SETS; s++) {
     weights: DeviceTensor.fromHost(HostTensor.from('f32', [T, K], w), dev),
     selections: T * K,
     rankTokens,
+    remoteRankTokens,
+    remoteSelections,
   });
 }
 // Expert outputs for combine: random bf16 over the whole [E_l, R·T, H] (a 16 MiB random block repeated).
@@ -440,6 +452,13 @@ const wire =
         combine: R * path.layout.combineBlockBytes,
       }
     : { dispatch: avg((s) => s.rankTokens) * msgBytes, combine: avg((s) => s.selections) * 2 * H };
+// Of those, what goes between hosts (NVSHMEM with transport 'nvshmem', NCCL's network otherwise): a
+// token's message once per destination rank on another host; combine rows from experts on other hosts
+// (this rank's tokens' share, the same on average as what it sends back).
+const crossHost = {
+  dispatch: avg((s) => s.remoteRankTokens) * msgBytes,
+  combine: avg((s) => s.remoteSelections) * 2 * H,
+};
 
 // ------------------------------------------------------------------------------------------- NCCL
 
@@ -528,6 +547,10 @@ if (me === 0) {
       `bytes per rank: communication memory ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
       `(${(path.outputBytes() / 2 ** 20).toFixed(1)} MiB); ${transport.transport} payload per dispatch ${Math.round(wire.dispatch)} B ` +
       `vs DeepEP-logical ${Math.round(dispatchLogical)} B, per combine ${Math.round(wire.combine)} B; create ${createMs.toFixed(0)} ms\n` +
+      (path instanceof NcclLowLatencyPath
+        ? ''
+        : `hosts of ${perHost} ranks: between hosts per dispatch ${Math.round(crossHost.dispatch)} B, per combine ` +
+          `${Math.round(crossHost.combine)} B; inside the host (NVLink) the rest\n`) +
       `defaults ${JSON.stringify(defaults)}\n`,
   );
   printTable(
@@ -586,6 +609,9 @@ if (me === 0) {
       dispatch: wire.dispatch,
       combine: wire.combine,
       deepepDispatchLogical: dispatchLogical,
+      ranksPerHost: perHost,
+      betweenHostsDispatch: crossHost.dispatch,
+      betweenHostsCombine: crossHost.combine,
     },
   });
   process.stdout.write(`wrote ${out}\n`);
