@@ -1,6 +1,7 @@
 // Normal-mode benchmark (DESIGN §5), run on every rank under the launcher:
 //   tsep bench normal [-n R] [-- --tokens 4096 --hidden 7168 --topk 8 --experts 256 --sms 16,24,32 --iters 30
-//                               --transport auto|nvlink|nccl --no-nccl-transport]
+//                               --transport auto|nvlink|nccl|nvshmem --ranks-per-host P --no-nccl-transport
+//                               --no-nccl]
 // Standard shape: 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform random routing.
 // Times, with CUDA events around each whole call on the buffer's stream, calls back to back after warm-up
 // with a 256 MiB memset before each (L2 flush), as DeepEP's bench does:
@@ -8,7 +9,9 @@
 //   exchange + host read of the counts), combine, and the layout kernel;
 // logical bandwidth = bytes received by a rank (own tokens included; FP8 rows count H + 4·H/128 bytes) /
 // time; per iteration the slowest rank's time. NCCL all-to-all of the same bytes runs in the same job, and
-// (unless --no-nccl-transport) the same calls on a second buffer over the NCCL transport ("NCCL-tr").
+// (unless --no-nccl-transport) the same calls on a second buffer over the NCCL transport ("NCCL-tr");
+// --no-nccl skips both (for ranks that share a GPU, which NCCL refuses). Across hosts (transport 'nvshmem')
+// it also prints what one dispatch moved between hosts (counted on the device) and over NVLink.
 
 import { parseArgs } from 'node:util';
 import { Rng } from '../src/cpu/random.ts';
@@ -19,6 +22,7 @@ import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
+import { HierNormalPath } from '../src/ep/gpu/hier-normal.ts';
 import { chunkCounts, smShares } from '../src/ep/gpu/normal-kernels.ts';
 import type { DispatchHandle, TransportKind } from '../src/ep/types.ts';
 import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
@@ -36,6 +40,8 @@ const { values: opt } = parseArgs({
     seed: { type: 'string', default: String(Date.now() >>> 0) },
     transport: { type: 'string', default: 'auto' },
     'nccl-transport': { type: 'boolean', default: true },
+    nccl: { type: 'boolean', default: true },
+    'ranks-per-host': { type: 'string' },
   },
   allowNegative: true,
   strict: true,
@@ -58,6 +64,7 @@ const buffer = await EpBuffer.create(group, {
   numTopk: K,
   backend: 'gpu',
   transport: opt.transport as TransportKind,
+  ...(opt['ranks-per-host'] ? { ranksPerHost: Number(opt['ranks-per-host']) } : {}),
 });
 const stream = buffer.stream!;
 const chunks = chunkCounts(T);
@@ -66,7 +73,8 @@ const dev = stream.device;
 const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
 const up = (t: HostTensor) => DeviceTensor.fromHostStorage(t, dev);
 
-const topk = up(routingTensor('i64', T, K, randomRouting(rng, T, K, E)));
+const routing = randomRouting(rng, T, K, E);
+const topk = up(routingTensor('i64', T, K, routing));
 const weights = up(
   HostTensor.from(
     'f32',
@@ -120,6 +128,32 @@ async function timeCall(fn: () => Promise<unknown>, on = stream): Promise<number
 
 const f64 = (b: Uint8Array) => new Float64Array(new Uint8Array(b).buffer);
 
+/**
+ * Across hosts (transport 'nvshmem'): what the first dispatch put to other hosts, counted on the device,
+ * against one message per destination rank (what a flat all-to-all moves); and the rows each rank read
+ * from its host's proxies over NVLink. Means over the ranks; undefined on other transports.
+ */
+async function crossHostReport() {
+  const path = (buffer as unknown as { impl: { normal?: unknown } }).impl.normal;
+  if (!(path instanceof HierNormalPath)) return undefined;
+  const got = path.crossHostTraffic();
+  const P = buffer.options.ranksPerHost;
+  const EL = E / R;
+  let perRank = 0;
+  for (let t = 0; t < T; t++) {
+    const ranks = new Set<number>();
+    for (let k = 0; k < K; k++) if (routing[t * K + k]! >= 0) ranks.add(Math.floor(routing[t * K + k]! / EL));
+    for (const r of ranks) if (Math.floor(r / P) !== Math.floor(rank / P)) perRank++;
+  }
+  return {
+    ranksPerHost: P,
+    tokens: await meanAcrossRanks(got.tokens),
+    bytes: await meanAcrossRanks(got.bytes),
+    perDestinationRankTokens: await meanAcrossRanks(perRank),
+    nvlinkRows: await meanAcrossRanks(N),
+  };
+}
+
 /** Slowest rank's time per iteration. */
 async function slowest(ms: number[]): Promise<number[]> {
   const all = (await group.allGather(new Uint8Array(Float64Array.from(ms).buffer))).map(f64);
@@ -136,6 +170,7 @@ const first = await buffer.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeight
 await first.event.wait();
 const handle: DispatchHandle = first.handle;
 const N = handle.numRecvRows;
+const crossHost = await crossHostReport();
 const S = Math.ceil(H / 128);
 const fp8Bytes = await meanAcrossRanks(N * (H + 4 * S));
 const bf16Bytes = await meanAcrossRanks(N * 2 * H);
@@ -197,7 +232,7 @@ await add('layout', 0, await timeCall(async () => buffer.getDispatchLayout(topk,
 
 // The same calls over the NCCL transport, in the same job (issue "NCCL transport": what the calls cost
 // written with NCCL collectives), at the last SM count; skipped with --no-nccl-transport.
-if (buffer.transport!.transport !== 'nccl' && opt['nccl-transport']) {
+if (buffer.transport!.transport !== 'nccl' && opt['nccl-transport'] && opt.nccl) {
   const nb = await EpBuffer.create(group, {
     hidden: H,
     maxTokensPerRank: T,
@@ -251,13 +286,13 @@ if (process.env.TSEP_PROFILE === '1') {
 }
 
 // NCCL all-to-all of the same bytes (each rank sends an equal share of what it receives), same job.
-const comm = await NcclCommunicator.create(group, dev);
-const ncclFor = async (bytes: number) => {
+const comm = opt.nccl ? await NcclCommunicator.create(group, dev) : undefined;
+const ncclFor = async (c: NcclCommunicator, bytes: number) => {
   const count = Math.ceil(bytes / R / 2 / 64) * 64;
   const send = DeviceBuffer.alloc(count * 2 * R, dev);
   const recv = DeviceBuffer.alloc(count * 2 * R, dev);
   send.fill(0x3c, stream);
-  const ms = await timeEvents(stream, iters, () => comm.allToAll(send.ptr, recv.ptr, count, 'bf16', stream), {
+  const ms = await timeEvents(stream, iters, () => c.allToAll(send.ptr, recv.ptr, count, 'bf16', stream), {
     warmup,
     afterWarmup: () => group.barrier(),
     beforeEach,
@@ -266,14 +301,25 @@ const ncclFor = async (bytes: number) => {
   recv.dispose();
   return summarize(await slowest(ms)).median * 1000;
 };
-const ncclFp8 = await ncclFor(fp8Bytes);
-const ncclBf16 = await ncclFor(bf16Bytes);
-for (const r of rows) {
-  if (r.op === 'layout') continue;
-  r.ncclUs = r.op.includes('fp8') ? ncclFp8 : ncclBf16;
-  r.ratio = r.ncclUs / r.medianUs;
+if (comm) {
+  const ncclFp8 = await ncclFor(comm, fp8Bytes);
+  const ncclBf16 = await ncclFor(comm, bf16Bytes);
+  for (const r of rows) {
+    if (r.op === 'layout') continue;
+    r.ncclUs = r.op.includes('fp8') ? ncclFp8 : ncclBf16;
+    r.ratio = r.ncclUs / r.medianUs;
+  }
 }
 
+if (rank === 0 && crossHost) {
+  const c = crossHost;
+  process.stdout.write(
+    `across hosts of ${c.ranksPerHost} ranks (NVSHMEM), one FP8 dispatch, mean per rank: ${c.tokens.toFixed(0)} tokens ` +
+      `(${(c.bytes / 2 ** 20).toFixed(1)} MiB) put to other hosts, one per destination host (one per destination rank ` +
+      `would be ${c.perDestinationRankTokens.toFixed(0)}, ×${(c.perDestinationRankTokens / Math.max(c.tokens, 1)).toFixed(2)}); ` +
+      `${c.nvlinkRows.toFixed(0)} rows (${((c.nvlinkRows * (H + 4 * S)) / 2 ** 20).toFixed(1)} MiB) read from the host's proxies over NVLink\n`,
+  );
+}
 if (rank === 0) {
   process.stdout.write(
     `tsep normal mode over ${buffer.transport!.transport} (${buffer.transport!.reason}), EP${R} on ${dev.info.name}: T=${T} H=${H} top-${K} of ${E}; ` +
@@ -319,7 +365,9 @@ if (rank === 0) {
     const b = rows.filter((r) => r.op === op).sort((a, c) => a.medianUs - c.medianUs)[0]!;
     process.stdout.write(
       `best ${op}: ${b.medianUs.toFixed(1)} µs, ${b.gbps.toFixed(1)} GB/s at ${b.sms} SMs ` +
-        `(NCCL ${b.ncclUs!.toFixed(1)} µs, NCCL/tsep ${b.ratio!.toFixed(2)})\n`,
+        (b.ncclUs === undefined
+          ? '(NCCL skipped: --no-nccl)\n'
+          : `(NCCL ${b.ncclUs.toFixed(1)} µs, NCCL/tsep ${b.ratio!.toFixed(2)})\n`),
     );
   }
   if (phaseRows.length > 0) {
@@ -336,6 +384,7 @@ if (rank === 0) {
   const path = writeResult('normal', {
     bench: 'normal',
     transport: buffer.transport!.transport,
+    ...(crossHost ? { crossHost } : {}),
     chunks,
     shares,
     date: new Date().toISOString(),
@@ -352,6 +401,6 @@ if (rank === 0) {
   });
   process.stdout.write(`wrote ${path}\n`);
 }
-comm.destroy();
+comm?.destroy();
 await buffer.destroy();
 await group.destroy();

@@ -17,6 +17,8 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 n=0
 for f in kernels/*.cu; do
+  # Sources that always need NVSHMEM's headers are built in the NVSHMEM section below.
+  if grep -q '^#include <nvshmem.h>' "$f"; then continue; fi
   "$NVCC" -cubin -gencode=arch=compute_90a,code=sm_90a -std=c++17 -Werror all-warnings \
     -o "$out/$(basename "$f" .cu).cubin" "$f"
   echo "check:kernels: ok $f"
@@ -56,12 +58,27 @@ for d in "${TSEP_NVSHMEM_HOME:-}" "${NVSHMEM_HOME:-}" "${VIRTUAL_ENV:-/nonexiste
   /usr/local/lib/python3*/dist-packages/nvidia/nvshmem /usr/lib/python3/dist-packages/nvidia/nvshmem; do
   if [ -n "$d" ] && [ -f "$d/include/nvshmem.h" ]; then nvshmem="$d"; break; fi
 done
+# No install, but the nvidia-nvshmem-cu13 wheel on disk (a pinned file, as on this project's machines):
+# its headers and device library are enough to compile and link, so unpack them into the scratch folder.
+if [ -z "$nvshmem" ]; then
+  for w in "${TSEP_NVSHMEM_WHEEL:-}" /opt/pypi-more/files/nvidia_nvshmem_cu13-3.4.5-*.whl; do
+    if [ -n "$w" ] && [ -f "$w" ] && command -v python3 >/dev/null; then
+      python3 -c 'import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith(("nvidia/nvshmem/include/", "nvidia/nvshmem/lib/libnvshmem_device.a"))])' \
+        "$w" "$out/wheel" && nvshmem="$out/wheel/nvidia/nvshmem" && echo "check:kernels: NVSHMEM headers from $w"
+      break
+    fi
+  done
+fi
 # NVSHMEM device code (src/jit/link.ts compiles it with NVRTC -rdc and links libnvshmem_device.a): the
-# spike kernel, and the low-latency kernels with ranks on other hosts (LL_ENGINE, 2 hosts x 2 and 2 x 8).
+# spike kernel, the low-latency kernels with ranks on other hosts (LL_ENGINE, 2 hosts x 2 and 2 x 8), and
+# the normal mode across hosts (hier.cu, its stand-alone defaults: 2 hosts x 2).
 engine_variants=(
   "bench/tools/nvshmem-put-signal.cu"
   "kernels/low_latency.cu -DLL_ENGINE=1 -DLL_RPH=2 -DLL_R=4 -DLL_EL=2 -DLL_H=2048 -DLL_TMAX=16 -DLL_KMAX=4"
   "kernels/low_latency.cu -DLL_ENGINE=1 -DLL_RPH=8 -DLL_R=16 -DLL_EL=18 -DLL_H=7168 -DLL_TMAX=128 -DLL_KMAX=8"
+  "kernels/hier.cu"
 )
 if [ -z "$nvshmem" ]; then
   echo "check:kernels: skipped ${#engine_variants[@]} NVSHMEM sources, NVSHMEM headers not found (set TSEP_NVSHMEM_HOME)"
@@ -69,7 +86,7 @@ else
   for v in "${engine_variants[@]}"; do
     read -r file defines <<<"$v"
     # shellcheck disable=SC2086
-    "$NVCC" -cubin -rdc=true -gencode=arch=compute_90a,code=sm_90a -std=c++17 -I "$nvshmem/include" $defines \
+    "$NVCC" -cubin -rdc=true -gencode=arch=compute_90a,code=sm_90a -std=c++17 -I "$nvshmem/include" -I kernels $defines \
       -o "$out/nvshmem-rdc.cubin" "$file"
     linked="relocatable only; no lib/libnvshmem_device.a to link"
     if [ -f "$nvshmem/lib/libnvshmem_device.a" ]; then

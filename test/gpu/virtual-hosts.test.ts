@@ -22,6 +22,7 @@ function onVirtualHosts(
   name: string,
   ok: (rank: number) => string,
   transport: 'auto' | 'nvshmem' = 'auto',
+  also?: (rank: number) => string,
 ): void {
   const want = transport === 'auto' ? 'nccl' : transport;
   const title =
@@ -50,6 +51,7 @@ function onVirtualHosts(
     for (let rank = 0; rank < 4; rank++) {
       assert.match(stdout, new RegExp(`^\\[rank ${rank}\\] ${name} transport ${want}$`, 'm'), detail);
       assert.match(stdout, new RegExp(`^\\[rank ${rank}\\] ${ok(rank)}$`, 'm'), detail);
+      if (also) assert.match(stdout, new RegExp(`^\\[rank ${rank}\\] ${also(rank)}`, 'm'), detail);
     }
   });
 }
@@ -57,3 +59,12 @@ function onVirtualHosts(
 onVirtualHosts('normal mode', 'normal-check.ts', 'normal-check', (r) => `normal all ok rank ${r}`);
 onVirtualHosts('low-latency mode', 'll-check.ts', 'll-check', (r) => `ll all ok rank ${r}`);
 onVirtualHosts('low-latency mode', 'll-check.ts', 'll-check', (r) => `ll all ok rank ${r}`, 'nvshmem');
+// The device's count of tokens put to the other host equals one per (token, destination host).
+onVirtualHosts(
+  'normal mode',
+  'normal-check.ts',
+  'normal-check',
+  (r) => `normal all ok rank ${r}`,
+  'nvshmem',
+  () => 'normal ok: cross-host traffic [1-9]\\d* tokens \\(\\d+ B\\), once per destination host',
+);

@@ -23,6 +23,7 @@ import type {
   Tensor,
 } from '../types.ts';
 import { releaseEvents } from './event.ts';
+import { HierNormalPath } from './hier-normal.ts';
 import { createLowLatencyMode, type LowLatencyMode } from './ll-mode.ts';
 import { NcclNormalPath } from './nccl-normal.ts';
 import { NormalPath } from './normal.ts';
@@ -64,14 +65,9 @@ class GpuBackend implements EpBackend {
     const rt = GpuRuntime.create(context);
     const transport = chooseTransport(context.options.transport, await probeTransportFacts(rt));
     const mode = context.options.mode;
-    if (transport.transport === 'nvshmem' && mode !== 'low-latency') {
-      throw new TsepError(
-        'TSEP_UNSUPPORTED',
-        "The normal mode over transport 'nvshmem' (per-host deduplication between hosts) is not built yet: " +
-          "create this buffer with mode 'low-latency', and use transport 'nccl' for the normal mode across hosts.",
-      );
-    }
-    const normalImpl = transport.transport === 'nccl' ? NcclNormalPath : NormalPath;
+    const normalImpl = { nccl: NcclNormalPath, nvshmem: HierNormalPath, nvlink: NormalPath }[
+      transport.transport
+    ];
     const normal = mode === 'low-latency' ? undefined : await normalImpl.create(rt);
     const lowLatency =
       mode === 'normal' ? undefined : await createLowLatencyMode(rt, transport.transport, context.owner);

@@ -11,6 +11,11 @@ const KERNEL_NAMES: Record<number, string> = {
   4: 'normal barrier',
   5: 'normal combine send',
   6: 'normal combine reduce',
+  7: 'cross-host count exchange',
+  8: 'cross-host dispatch receive',
+  9: 'cross-host barrier',
+  10: 'cross-host combine (host partials)',
+  11: 'cross-host combine reduce',
 };
 
 /** Device wait bound in nanoseconds: TSEP_TIMEOUT_S (default 10 s). */

@@ -31,6 +31,7 @@ import { checkNormalShape, type GpuDispatchHandle } from './normal.ts';
 import {
   CallQueue,
   type DispatchInputs,
+  describeShape,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
@@ -42,6 +43,7 @@ import {
   type NormalKernels,
   NormalModules,
   normalSms,
+  payloadShape,
 } from './normal-kernels.ts';
 import { CTRL_ABORT, ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -73,25 +75,6 @@ const prefix = (v: readonly number[]): number[] => {
   }
   return out;
 };
-
-/** The parts of a dispatch's arguments that decide which transfers it makes, as one int32. */
-function payloadShape(inp: DispatchInputs): number {
-  return (
-    (inp.elt === 1 ? 1 : 0) |
-    (inp.scaleWords << 1) | // < 1024
-    ((inp.scales?.dtype === 'i32' ? 1 : 0) << 11) |
-    (inp.K << 12) | // ≤ 32
-    ((inp.topk?.dtype === 'i64' ? 1 : 0) << 18) |
-    ((inp.weights ? 1 : 0) << 19)
-  );
-}
-
-function describeShape(v: number): string {
-  const sw = (v >> 1) & 0x3ff;
-  const scales = sw ? `${sw} ${(v >> 11) & 1 ? 'UE8M0' : 'f32'} scale words` : 'no scales';
-  const ids = `top-k ${(v >> 12) & 0x3f}${(v >> 18) & 1 ? ' (i64)' : ''}`;
-  return `${v & 1 ? 'fp8' : 'bf16'} x, ${scales}, ${ids}, ${(v >> 19) & 1 ? 'weights' : 'no weights'}`;
-}
 
 export class NcclNormalPath {
   private readonly rt: GpuRuntime;

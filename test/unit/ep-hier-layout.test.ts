@@ -1,0 +1,75 @@
+// The buffer layout of the normal mode across hosts (src/ep/gpu/hier-layout.ts), which kernels/hier.cu
+// takes as -D defines: regions in order without overlap, aligned, big enough for their largest content,
+// and a record that holds any payload the buffer accepts.
+
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { hierDefines, hierLayout } from '../../src/ep/gpu/hier-layout.ts';
+
+const shapes = [
+  { numRanks: 4, ranksPerHost: 2, hidden: 7168, maxTokensPerRank: 4096, numTopk: 8, numExperts: 256 },
+  { numRanks: 2, ranksPerHost: 1, hidden: 2560, maxTokensPerRank: 127, numTopk: 6, numExperts: 64 },
+  { numRanks: 16, ranksPerHost: 8, hidden: 4096, maxTokensPerRank: 1, numTopk: 1, numExperts: 16 },
+  { numRanks: 32, ranksPerHost: 8, hidden: 16, maxTokensPerRank: 3, numTopk: 32, numExperts: 1024 },
+];
+
+describe('hierarchical normal-mode layout', () => {
+  for (const s of shapes) {
+    it(`${s.numRanks} ranks in hosts of ${s.ranksPerHost}, H=${s.hidden}, T=${s.maxTokensPerRank}, K=${s.numTopk}`, () => {
+      const l = hierLayout(s);
+      const R = s.numRanks;
+      const NH = R / s.ranksPerHost;
+      const H = s.hidden;
+      const T = s.maxTokensPerRank;
+      const K = s.numTopk;
+      assert.equal(l.hosts, NH);
+      assert.equal(l.countWords, R + NH + s.numExperts + 1);
+      // The record: a bf16 row, f32 scales, i64 ids, weights, the source index, P positions, in order.
+      assert.ok(l.recordScales >= 2 * H);
+      assert.ok(l.recordTopk >= l.recordScales + 4 * Math.ceil(H / 128) && l.recordTopk % 8 === 0);
+      assert.ok(l.recordWeights >= l.recordTopk + 8 * K);
+      assert.ok(l.recordSrc >= l.recordWeights + 4 * K);
+      assert.equal(l.recordPos, l.recordSrc + 4);
+      assert.ok(l.recordBytes >= l.recordPos + 4 * s.ranksPerHost && l.recordBytes % 16 === 0);
+      // Regions: control block, count row, matrix, inboxes, outboxes, combine rows and weights, partials.
+      const regions: [string, number, number][] = [
+        ['control', 0, 4096],
+        ['count row', l.offCounts, 4 * l.countWords],
+        ['count matrix', l.offMatrix, 4 * R * l.countWords],
+        ['inbox', l.offInbox, NH * l.slotBytes],
+        ['outbox', l.offOutbox, NH * l.slotBytes],
+        ['combine rows', l.offCombineRows, R * T * 2 * H],
+        ['combine weights', l.offCombineWeights, R * T * 4 * K],
+        ['partials', l.offPartials, NH * T * l.partialRowBytes],
+        ['partials in', l.offPartialsIn, NH * T * l.partialRowBytes],
+      ];
+      for (let i = 1; i < regions.length; i++) {
+        const [name, at] = regions[i]!;
+        const [prev, prevAt, prevBytes] = regions[i - 1]!;
+        assert.ok(
+          at >= prevAt + prevBytes,
+          `${name} at ${at} overlaps ${prev} [${prevAt}, ${prevAt + prevBytes})`,
+        );
+        assert.equal(at % 16, 0, `${name} is 16-byte aligned`);
+      }
+      const [, lastAt, lastBytes] = regions[regions.length - 1]!;
+      assert.ok(l.totalBytes >= lastAt + lastBytes);
+      assert.ok(l.slotBytes >= T * l.recordBytes);
+      assert.ok(l.partialRowBytes >= 4 * H + 4 * K && l.partialRowBytes % 16 === 0);
+      // Every define the kernels read, from the layout.
+      const d = hierDefines(l);
+      assert.equal(d.HIER_R, R);
+      assert.equal(d.HIER_P, s.ranksPerHost);
+      assert.equal(d.HIER_OFF_CIN, l.offPartialsIn);
+      assert.equal(d.HIER_REC, l.recordBytes);
+      assert.equal(Object.values(d).filter((v) => !Number.isSafeInteger(v)).length, 0);
+    });
+  }
+
+  it('refuses hosts that do not divide the ranks, more than 32 ranks or more than 8 per host', () => {
+    const base = shapes[0]!;
+    assert.throws(() => hierLayout({ ...base, ranksPerHost: 3 }), RangeError);
+    assert.throws(() => hierLayout({ ...base, numRanks: 64, ranksPerHost: 8 }), RangeError);
+    assert.throws(() => hierLayout({ ...base, numRanks: 16, ranksPerHost: 16 }), RangeError);
+  });
+});
