@@ -136,7 +136,7 @@ const f64 = (b: Uint8Array) => new Float64Array(new Uint8Array(b).buffer);
 async function crossHostReport() {
   const path = (buffer as unknown as { impl: { normal?: unknown } }).impl.normal;
   if (!(path instanceof HierNormalPath)) return undefined;
-  const got = path.crossHostTraffic();
+  const got = await path.crossHostTraffic();
   const P = buffer.options.ranksPerHost;
   const EL = E / R;
   let perRank = 0;

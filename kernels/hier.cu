@@ -226,12 +226,13 @@ extern "C" __global__ void hier_send(u8 *base, int me, const int *__restrict__ m
 // records sit in the inbox slot of s's host at its proxy on this host (rank my_host * P + s % P; s itself
 // when on this host), read over NVLink through `peers` (the host's buffers by local index). A record goes
 // to row row_off[s] + pos[my local index]. Then this rank's own inbox records' (source token, positions)
-// are kept for the combine. `mat`: the count matrix (the buffer's, or a cached handle's copy).
+// are kept for the combine. `mat`: the count matrix (the buffer's, or a cached handle's copy). Optional:
+// the received row count and the rank prefix matrix (when the host did not compute them).
 extern "C" __global__ void __launch_bounds__(256) hier_recv(
     u8 *base, const u64 *__restrict__ peers, int me, const int *__restrict__ mat, Rec rec, int local_experts,
     u8 *__restrict__ out_x, u8 *__restrict__ out_scales, u8 *__restrict__ out_topk, float *__restrict__ out_w,
-    int *__restrict__ out_src, int *__restrict__ recv_count, int *__restrict__ keep, ErrorRecord *err,
-    u64 timeout_ns) {
+    int *__restrict__ out_src, int *__restrict__ recv_count, int *__restrict__ keep, int *__restrict__ rank_prefix,
+    ErrorRecord *err, u64 timeout_ns) {
   const Fail f{err, reinterpret_cast<int *>(base + HC_ABORT)};
   __shared__ int row_off[R], rec_pre[R + 1], keep_pre[NH + 1];
   __shared__ const u8 *slot[R];
@@ -253,6 +254,12 @@ extern "C" __global__ void __launch_bounds__(256) hier_recv(
     keep_pre[NH] = kept;
     if (blockIdx.x == 0 && recv_count != nullptr) *recv_count = rows;
   }
+  // Without a host read of the counts (worst-case-tokens mode): [i][j] = sum over s <= i of what s sends j.
+  if (blockIdx.x == 0 && rank_prefix != nullptr)
+    for (int j = threadIdx.x; j < R; j += blockDim.x) {
+      int acc = 0;
+      for (int i = 0; i < R; i++) rank_prefix[i * R + j] = acc += mat[i * HIER_CW + j];
+    }
   bool ok = !aborted(f);
   const u64 e = next_epoch(base, HC_DEPOCH);
   if (ok && threadIdx.x < R) {

@@ -45,8 +45,8 @@ export interface EpBufferOptions {
    * GPU backend: 'nvlink' (peer stores between the GPUs of one host), 'nccl' (NCCL collectives, any
    * topology, both modes) or 'auto' (default: NVLink when every rank is on one host and every pair of their
    * GPUs has peer access, else NCCL), or 'nvshmem' (NVLink between the GPUs of a host, NVSHMEM between
-   * hosts, each token crossing once per destination host; both modes, not yet the worst-case-tokens
-   * dispatch; docs/multi-host.md). The CPU backend ignores it.
+   * hosts, each token crossing once per destination host; both modes; docs/multi-host.md). The CPU
+   * backend ignores it.
    */
   transport?: TransportKind;
   /**

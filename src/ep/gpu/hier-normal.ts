@@ -12,13 +12,14 @@
 //             adds bias and the hosts' partials (ascending host), one bf16 rounding → barrier.
 // The combine's float32 sums group the ranks by host, so a combined value may differ from the single-host
 // order by the rounding of that regrouping (at most one bf16 ulp after the final rounding; weights by a
-// float32 rounding). Cached dispatch reuses the handle's positions and count matrix (no host wait). The
-// worst-case-tokens mode is not built over this transport yet (refused with TSEP_UNSUPPORTED).
+// float32 rounding). Cached dispatch reuses the handle's positions and count matrix (no host wait), and the
+// worst-case-tokens mode never waits on the host (outputs of the worst-case size, counts from the device):
+// both are capturable in a CUDA graph.
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import { DeviceBuffer, HostBuffer } from '../../device/memory.ts';
 import type { Kernel } from '../../device/module.ts';
-import { TsepError, ValidationError } from '../../errors.ts';
+import { ValidationError } from '../../errors.ts';
 import { readKernelSource } from '../../jit/sources.ts';
 import type {
   CombineRequest,
@@ -41,6 +42,7 @@ import {
   launchLayout,
   loadLayoutKernels,
   normalSms,
+  padDispatchOutputs,
   payloadShape,
 } from './normal-kernels.ts';
 import { joinNvshmem, loadEngineModule, NvshmemSymmetric } from './nvshmem-engine.ts';
@@ -152,6 +154,7 @@ export class HierNormalPath {
         'ptr',
         'ptr',
         'ptr',
+        'ptr',
         ...fail,
       ]),
       barrier: mod.kernel('hier_barrier', ['ptr', 'ptr', 'i32', 'i32', ...fail]),
@@ -184,11 +187,21 @@ export class HierNormalPath {
     return launchLayout(this.rt, this.layoutKernels, topkIdx);
   }
 
-  /** Tokens and bytes this rank has put to other hosts so far (dispatch records); reads device memory. */
-  crossHostTraffic(): { tokens: number; bytes: number } {
-    const v = new BigUint64Array(2);
-    this.mem.local.copyToHost(v, HIER_CTRL.rdmaTokens);
-    return { tokens: Number(v[0]), bytes: Number(v[1]) };
+  /**
+   * Tokens and bytes this rank has put to other hosts so far (dispatch records), after the calls queued
+   * so far. Read in the buffer's stream order into pinned memory: a synchronous copy runs on the legacy
+   * stream, which also waits for NVSHMEM's own streams (one such read hung on 2 of 4 ranks sharing a GPU).
+   */
+  crossHostTraffic(): Promise<{ tokens: number; bytes: number }> {
+    return this.queue.run(async () => {
+      const v = new BigUint64Array(this.hostMatrix.arrayBuffer, 0, 2);
+      this.mem.local.copyToHostAsync(v, this.rt.stream, HIER_CTRL.rdmaTokens);
+      await this.rt.record().cuda.synchronize({
+        timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000,
+        what: `the cross-host traffic counters (rank ${this.rt.group.rank})`,
+      });
+      return { tokens: Number(v[0]), bytes: Number(v[1]) };
+    });
   }
 
   /** Every wait is bounded on the device: nothing to abort. */
@@ -260,13 +273,6 @@ export class HierNormalPath {
     const stream = rt.stream;
     const fresh = req.kind === 'fresh';
     const worst = fresh ? req.worstCaseTokens : req.handle.worstCaseTokens;
-    if (worst > 0) {
-      throw new TsepError(
-        'TSEP_UNSUPPORTED',
-        "worstCaseTokens over transport 'nvshmem' is not built yet: use exact-size dispatch (worstCaseTokens 0) " +
-          "or transport 'nccl'.",
-      );
-    }
     const inp = dispatchInputs(rt, req);
     this.check();
     rt.after(req.previousEvent);
@@ -331,10 +337,21 @@ export class HierNormalPath {
     let rankPrefix: DeviceTensor | undefined;
     let recvCount: DeviceTensor | undefined;
     let keep: DeviceTensor;
+    const local = me % L.ranksPerHost;
+    const myHost = Math.floor(me / L.ranksPerHost);
     if (handle) {
       rows = handle.numRecvRows;
       perExpert = [...handle.numRecvTokensPerExpert];
       keep = handle.keep;
+    } else if (worst > 0) {
+      // No host wait: the receive kernel counts the rows and the rank prefixes from the device's matrix.
+      rows = worst;
+      perExpert = [];
+      keep = DeviceTensor.emptyOn('i32', [NH * L.maxTokensPerRank, 1 + L.ranksPerHost], stream);
+      rankPrefix = DeviceTensor.emptyOn('i32', [R, R], stream);
+      recvCount = DeviceTensor.emptyOn('i32', [1], stream);
+      matrix = DeviceTensor.emptyOn('i32', [R, L.countWords], stream);
+      DeviceBuffer.copyAsync(matrix.ptr, matrixPtr, 4 * R * L.countWords, stream);
     } else {
       const m = await this.readMatrix();
       const shape = payloadShape(inp);
@@ -353,8 +370,6 @@ export class HierNormalPath {
         const c = m.reduce((acc, row) => acc + row[R + NH + me * EL + e]!, 0);
         return Math.ceil(c / alignment) * alignment;
       });
-      const local = me % L.ranksPerHost;
-      const myHost = Math.floor(me / L.ranksPerHost);
       let records = 0;
       for (let h = 0; h < NH; h++) records += m[h * L.ranksPerHost + local]![R + myHost]!;
       keep = DeviceTensor.emptyOn('i32', [Math.max(1, records), 1 + L.ranksPerHost], stream);
@@ -372,6 +387,7 @@ export class HierNormalPath {
       DeviceBuffer.copyAsync(matrix.ptr, matrixPtr, 4 * R * L.countWords, stream);
     }
     const out = dispatchOutputs(inp, rows, rt.options.hidden, stream, fresh);
+    if (worst > 0) padDispatchOutputs(out, stream);
     this.k.recv.launch({ grid: this.grid(Math.max(rows, 1), 8), block: 256, stream }, [
       this.base,
       this.hostPeers,
@@ -386,6 +402,7 @@ export class HierNormalPath {
       out.recvSrcIdx?.ptr ?? 0n,
       recvCount?.ptr ?? 0n,
       keep.ptr,
+      worst > 0 && !handle ? rankPrefix!.ptr : 0n,
       ...this.failArgs,
     ]);
     this.k.barrier.launch({ grid: 1, block: 32, stream }, [
@@ -404,7 +421,7 @@ export class HierNormalPath {
         owner: rt.owner,
         numTokens: inp.T,
         numRecvRows: rows,
-        worstCaseTokens: 0,
+        worstCaseTokens: worst,
         expertAlignment: req0.expertAlignment,
         numRecvTokensPerExpert: perExpert,
         isTokenInRank,
@@ -474,7 +491,8 @@ export class HierNormalPath {
     const me = rt.group.rank;
     this.check();
     rt.after(req.previousEvent);
-    const rows = h.numRecvRows;
+    // A worst-case handle's rows past the received ones are not read: at most R·T_max rows are real.
+    const rows = Math.min(h.numRecvRows, L.numRanks * L.maxTokensPerRank);
     DeviceBuffer.copyAsync(this.base + BigInt(L.offCombineRows), x.ptr, rows * 2 * H, stream);
     if (weights)
       DeviceBuffer.copyAsync(this.base + BigInt(L.offCombineWeights), weights.ptr, rows * 4 * K, stream);

@@ -138,11 +138,14 @@ export class NvshmemSymmetric {
     return new NvshmemSymmetric(group, local, peerTable, signal);
   }
 
-  /** Collective: waits for this GPU's work and every rank, then frees the symmetric allocation everywhere. */
+  /**
+   * Collective: waits for every rank, then frees the symmetric allocation everywhere. The caller first
+   * waits for its own work that uses the buffer (its streams); no device-wide wait here, which would also
+   * wait for NVSHMEM's internal streams.
+   */
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
-    this.local.device.synchronize();
     await this.group.barrier();
     this.local.device.makeCurrent();
     nvshmemFree(this.local.ptr);
