@@ -101,6 +101,33 @@ __device__ __forceinline__ u32 ld_volatile_u32(const u32 *p) {
 __device__ __forceinline__ void fence_sc_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
+// ---------------------------------------------------------------- block scan
+
+// Block-wide exclusive prefix of `flag` over threads in order (blockDim.x a multiple of 32, at most 1024);
+// returns this thread's offset and sets `total`. Every thread calls it. Uses `scratch`, one int of shared
+// memory per warp.
+__device__ __forceinline__ int block_exclusive_scan(bool flag, int *scratch, int &total) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const u32 ballot = __ballot_sync(0xffffffffu, flag);
+  const int before = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) scratch[warp] = __popc(ballot);
+  __syncthreads();
+  if (warp == 0) {
+    int v = lane < warps ? scratch[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, v, o);
+      if (lane >= o) v += n;
+    }
+    if (lane < warps) scratch[lane] = v;  // inclusive
+  }
+  __syncthreads();
+  const int off = (warp ? scratch[warp - 1] : 0) + before;
+  total = scratch[warps - 1];
+  __syncthreads();  // scratch is reused by the next call
+  return off;
+}
+
 // Nanosecond clock shared by all SMs, for bounded waits.
 __device__ __forceinline__ u64 globaltimer_ns() {
   u64 t;

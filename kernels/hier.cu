@@ -81,29 +81,6 @@ struct Rec {
   int row_bytes, sw, k, idx_bytes;
 };
 
-// Block-wide exclusive scan of one flag per thread (blockDim.x a multiple of 32, at most 1024).
-__device__ __forceinline__ int block_scan(bool flag, int *warp_sums, int &total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
-  if (lane == 0) warp_sums[warp] = __popc(ballot);
-  __syncthreads();
-  if (warp == 0) {
-    int v = lane < warps ? warp_sums[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, v, o);
-      if (lane >= o) v += n;
-    }
-    if (lane < warps) warp_sums[lane] = v;  // inclusive
-  }
-  __syncthreads();
-  total = warp_sums[warps - 1];
-  const int before = warp == 0 ? 0 : warp_sums[warp - 1];
-  __syncthreads();
-  return before + in_warp;
-}
-
 // ------------------------------------------------------------------------------------------ dispatch
 
 // Positions and counts. Block c < R numbers this rank's tokens for rank c (send_pos [T][R]); block R + h
@@ -129,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(1024) hier_route(const u8 *__restri
       }
     }
     int total;
-    const int pos = block_scan(flag, warp_sums, total);
+    const int pos = block_exclusive_scan(flag, warp_sums, total);
     if (t < T) {
       if (c < R) send_pos[(size_t)t * R + c] = flag ? offset + pos : -1;
       else host_pos[(size_t)t * NH + (c - R)] = flag ? offset + pos : -1;

@@ -145,30 +145,6 @@ __device__ __forceinline__ void put_chunk(u8 *msg, const SendChunk &c, const Fp8
   }
 }
 
-// Block-wide exclusive prefix of `flag` over threads in order; returns this thread's offset and sets
-// `total`. Uses `scratch` (LL_WARPS words of shared memory).
-__device__ __forceinline__ int block_exclusive_scan(bool flag, int *scratch, int &total) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const u32 ballot = __ballot_sync(LL_FULL, flag);
-  const int before = __popc(ballot & ((1u << lane) - 1u));
-  if (lane == 0) scratch[warp] = __popc(ballot);
-  __syncthreads();
-  if (warp == 0) {
-    int v = lane < LL_WARPS ? scratch[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(LL_FULL, v, o);
-      if (lane >= o) v += n;
-    }
-    if (lane < LL_WARPS) scratch[lane] = v;  // inclusive
-  }
-  __syncthreads();
-  const int off = (warp ? scratch[warp - 1] : 0) + before;
-  total = scratch[LL_WARPS - 1];
-  __syncthreads();  // scratch is reused by the next call
-  return off;
-}
-
 // Dispatch receive for local expert e of rank `rank`, part `part` of `parts` blocks sharing it: every part
 // derives the same deterministic row order, then the parts split the copying. `src` says where the
 // received data sits: `src.route(s)` is source s's routing table [LL_TMAX][LL_KMAX], `src.msg(s, t)` its
@@ -194,7 +170,7 @@ __device__ __forceinline__ void dispatch_recv_expert(const Src &src, int rank, i
       for (int k = 0; k < LL_KMAX; k++) km |= (row[k] == expert ? 1u : 0u) << k;
     }
     int chunk_total;
-    const int pos = total + block_exclusive_scan(km != 0u, s_scan, chunk_total);
+    const int pos = total + tsep::block_exclusive_scan(km != 0u, s_scan, chunk_total);
     if (km != 0u) {
       s_list[pos] = ((u32)s << 16) | (u32)t;
       s_kmask[pos] = km;

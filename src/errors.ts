@@ -28,12 +28,21 @@ export class TsepError extends Error {
 export class LibraryNotFoundError extends TsepError {
   readonly library: string;
   readonly searched: readonly string[];
-  constructor(library: string, searched: readonly string[], envVar: string, reasons: readonly string[] = []) {
-    const tried = searched.map((p, i) => `  - ${p}${reasons[i] ? ` (${reasons[i]})` : ''}`).join('\n');
+  /** `envVar` names a file, or with `envNames: 'folder'` an install folder. */
+  constructor(
+    library: string,
+    searched: readonly string[],
+    envVar: string,
+    reasons: readonly string[] = [],
+    envNames: 'file' | 'folder' = 'file',
+  ) {
+    const tried = searched.length
+      ? searched.map((p, i) => `  - ${p}${reasons[i] ? ` (${reasons[i]})` : ''}`).join('\n')
+      : '  (no candidate location exists here)';
     super(
       'TSEP_LIBRARY_NOT_FOUND',
       `Could not load ${library}. Searched:\n${tried}\n` +
-        `Install it, or set ${envVar} to the full path of the library file.`,
+        `Install it, or set ${envVar} to the full path of the ${envNames === 'file' ? 'library file' : 'install folder'}.`,
     );
     this.name = 'LibraryNotFoundError';
     this.library = library;

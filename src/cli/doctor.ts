@@ -1,5 +1,5 @@
-// `tsep doctor`: what tsep finds on this machine (Node, koffi, driver, NVRTC, NCCL, GPUs, peer access)
-// and what it will use. Exits 0 on a machine without a GPU: that is a valid setup (the CPU backend).
+// `tsep doctor`: what tsep finds on this machine (Node, koffi, driver, NVRTC, NCCL, NVSHMEM, GPUs, peer
+// access) and what it will use. Exits 0 on a machine without a GPU: that is a valid setup (the CPU backend).
 
 import type { Command } from 'commander';
 import { Device } from '../device/context.ts';
@@ -10,6 +10,7 @@ import { driverPath } from '../native/cuda.ts';
 import { koffiVersion } from '../native/loader.ts';
 import { ncclPath, ncclVersion } from '../native/nccl.ts';
 import { nvrtcPath, nvrtcVersion } from '../native/nvrtc.ts';
+import { findNvshmem, nvshmemVersion } from '../native/nvshmem.ts';
 
 interface Probe<T> {
   ok: boolean;
@@ -31,6 +32,8 @@ export interface DoctorReport {
   driver: Probe<{ path: string; version: string }>;
   nvrtc: Probe<{ path: string; version: string }>;
   nccl: Probe<{ path: string; version: string }>;
+  /** The NVSHMEM install transport 'nvshmem' would use (multi-host). */
+  nvshmem: Probe<{ path: string; version: string }>;
   gpus: { ordinal: number; name: string; sms: number; cc: string; arch: string; memoryGiB: number }[];
   peerAccess: boolean[][];
   cacheDir: string;
@@ -69,6 +72,12 @@ export function collectDoctorReport(): DoctorReport {
     driver,
     nvrtc: probe(() => ({ path: nvrtcPath(), version: nvrtcVersion().join('.') })),
     nccl: probe(() => ({ path: ncclPath(), version: ncclVersion().join('.') })),
+    nvshmem: probe(() => {
+      const home = findNvshmem().home;
+      // Loading the host library needs the CUDA driver; without one the install is still reported.
+      const v = probe(() => nvshmemVersion().join('.'));
+      return { path: home, version: v.ok ? v.value! : 'found (not loadable here)' };
+    }),
     gpus,
     peerAccess,
     cacheDir: cacheDir(),
@@ -94,7 +103,7 @@ function line(name: string, p: Probe<{ path: string; version: string }>): string
 
 export function formatDoctorReport(r: DoctorReport): string {
   let s = `node     ${r.node}\nkoffi    ${r.koffi}\n`;
-  s += line('driver', r.driver) + line('nvrtc', r.nvrtc) + line('nccl', r.nccl);
+  s += line('driver', r.driver) + line('nvrtc', r.nvrtc) + line('nccl', r.nccl) + line('nvshmem', r.nvshmem);
   if (r.gpus.length === 0) {
     s +=
       'gpus     none: no CUDA driver or no visible GPU (looked for libcuda.so.1 as listed above and CUDA_VISIBLE_DEVICES)\n';
@@ -121,7 +130,7 @@ export function formatDoctorReport(r: DoctorReport): string {
 export function registerDoctor(program: Command): void {
   program
     .command('doctor')
-    .description('report Node, koffi, CUDA driver, NVRTC, NCCL, GPUs and the peer-access matrix')
+    .description('report Node, koffi, CUDA driver, NVRTC, NCCL, NVSHMEM, GPUs and the peer-access matrix')
     .option('--json', 'print the report as JSON')
     .action((opts: { json?: boolean }) => {
       const report = collectDoctorReport();

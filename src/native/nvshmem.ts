@@ -70,6 +70,7 @@ export function findNvshmem(env: NodeJS.ProcessEnv = process.env): NvshmemInstal
     homes,
     NVSHMEM_HOME_ENV,
     reasons,
+    'folder',
   );
 }
 

@@ -2,10 +2,10 @@
 // and the link target. The device run itself is bench/tools/nvshmem-spike.ts on the GPU machine.
 
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import { LibraryNotFoundError, ValidationError } from '../../src/errors.ts';
 import { cudaIncludeDirs, nvshmemCompileOptions } from '../../src/jit/link.ts';
 import { jitTarget } from '../../src/native/cuda.ts';
@@ -18,8 +18,20 @@ import {
   nvshmemHomeCandidates,
 } from '../../src/native/nvshmem.ts';
 
+const scratch: string[] = [];
+after(() => {
+  for (const d of scratch) rmSync(d, { recursive: true, force: true });
+});
+
+/** A temporary folder, removed when the file's tests end. */
+function tempDir(prefix: string): string {
+  const d = mkdtempSync(join(tmpdir(), prefix));
+  scratch.push(d);
+  return d;
+}
+
 function fakeInstall(): string {
-  const home = mkdtempSync(join(tmpdir(), 'tsep-nvshmem-'));
+  const home = tempDir('tsep-nvshmem-');
   mkdirSync(join(home, 'lib'));
   mkdirSync(join(home, 'include'));
   for (const f of ['lib/libnvshmem_host.so.3', 'lib/libnvshmem_device.a', 'include/nvshmem.h'])
@@ -43,7 +55,7 @@ test('a complete install is found with every path tsep needs', () => {
 });
 
 test('a missing or partial install raises LibraryNotFoundError naming what is missing and the env var', () => {
-  const empty = mkdtempSync(join(tmpdir(), 'tsep-nvshmem-'));
+  const empty = tempDir('tsep-nvshmem-');
   assert.throws(
     () => findNvshmem({ TSEP_NVSHMEM_HOME: empty }),
     (e: unknown) =>
@@ -101,7 +113,7 @@ test('NVSHMEM kernels compile as relocatable code with the NVSHMEM and CUDA head
 });
 
 test('the CUDA include dirs come from CUDA_HOME, with cccl/ when the toolkit has it', () => {
-  const root = mkdtempSync(join(tmpdir(), 'tsep-cuda-'));
+  const root = tempDir('tsep-cuda-');
   mkdirSync(join(root, 'include', 'cccl'), { recursive: true });
   writeFileSync(join(root, 'include', 'cuda_runtime.h'), '');
   assert.deepEqual(cudaIncludeDirs({ CUDA_HOME: root }), [
