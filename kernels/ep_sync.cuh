@@ -65,6 +65,27 @@ __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, c
   }
 }
 
+// Waits until the 32-bit sequence number in *p has reached `target`, wrap-safely ((int)(v - target) >= 0,
+// so numbers may pass 2^32); a u64 word compares its low 32 bits. Returns false (after reporting) as
+// wait_geq does.
+template <typename T>
+__device__ __forceinline__ bool wait_seq(const T *p, u32 target, u64 timeout_ns, const Fail &f, int rank, int kernel,
+                                         int phase, int peer) {
+  u64 start = 0;
+  for (int spins = 0;; ++spins) {
+    const u32 v = (u32)ld_acquire(p);
+    if ((int)(v - target) >= 0) return true;
+    if ((spins & 1023) == 0) {
+      const u64 now = globaltimer_ns();
+      if (start == 0) start = now;
+      else if (now - start > timeout_ns || aborted(f)) {
+        report_timeout(f, rank, kernel, phase, peer, (long long)target, (long long)v);
+        return false;
+      }
+    }
+  }
+}
+
 // Waits until the top `bits` bits (≤ 32) of the tagged word *p equal the low `bits` bits of `tag` (a
 // call's sequence number) and returns the word; false after reporting, as wait_geq.
 __device__ __forceinline__ bool wait_tag(const u64 *p, u32 tag, int bits, u64 *word, u64 timeout_ns, const Fail &f,

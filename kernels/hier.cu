@@ -7,7 +7,8 @@
 // -D HIER_R ranks, HIER_P ranks per host (hosts NH = R / P; rank = host * P + local index). Every offset
 // into the symmetric buffer comes from src/ep/gpu/hier-layout.ts as a -D define (HIER_OFF_*, HIER_*).
 // A call's sequence numbers live in the buffer (so graph replays stay correct): each kernel of a call
-// uses the stored value + 1, and the call's last kernel (hier_barrier) stores it.
+// uses the stored value + 1, and the call's last kernel (hier_barrier) stores it. They are 32-bit and
+// compared wrap-safely (wait_seq), so they may pass 2^32.
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -134,7 +135,7 @@ extern "C" __global__ void hier_counts(u8 *base, int me, ErrorRecord *err, u64 t
                               reinterpret_cast<uint64_t *>(sig + me), e, NVSHMEM_SIGNAL_SET, r);
   nvshmem_quiet();
   for (int s = threadIdx.x; s < R; s += blockDim.x)
-    if (!wait_geq(sig + s, e, timeout_ns, f, me, HK_COUNTS, 0, s)) return;
+    if (!wait_seq(sig + s, (u32)e, timeout_ns, f, me, HK_COUNTS, 0, s)) return;
 }
 
 // Packs each token once per destination host into that host's slot at the token's host position: the
@@ -242,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_recv(
   if (ok && threadIdx.x < R) {
     const int s = threadIdx.x;
     const u64 *sig = reinterpret_cast<const u64 *>(peers[s % P] + HC_SIG_D) + host_of(s);
-    ok = wait_geq(sig, e, timeout_ns, f, me, HK_RECV, 0, s);
+    ok = wait_seq(sig, (u32)e, timeout_ns, f, me, HK_RECV, 0, s);
   }
   if (!__syncthreads_and(ok)) return;
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -299,7 +300,7 @@ extern "C" __global__ void hier_barrier(u8 *base, const u64 *__restrict__ peers,
   }
   bool ok = true;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
-    ok = ok && wait_geq(reinterpret_cast<const int *>(base + HC_BAR) + r, (int)round, timeout_ns, f, me, HK_BARRIER, 0, r);
+    ok = ok && wait_seq(reinterpret_cast<const int *>(base + HC_BAR) + r, round, timeout_ns, f, me, HK_BARRIER, 0, r);
   if (!__syncthreads_and(ok)) return;
   if (threadIdx.x == 0) {
     *ctrl_u32(base, HC_ROUND) = round;
@@ -348,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_partial(u8 *base, const u
   bool ok = !aborted(f);
   const u64 e = next_epoch(base, HC_CEPOCH);
   if (ok && threadIdx.x < P)
-    ok = wait_geq(reinterpret_cast<const u64 *>(peers[threadIdx.x] + HC_SIG_X), e, timeout_ns, f, me, HK_PARTIAL, 0,
+    ok = wait_seq(reinterpret_cast<const u64 *>(peers[threadIdx.x] + HC_SIG_X), (u32)e, timeout_ns, f, me, HK_PARTIAL, 0,
                   my_host * P + threadIdx.x);
   if (!__syncthreads_and(ok)) return;
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -431,7 +432,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_reduce(u8 *base, int me, 
   bool ok = !aborted(f);
   const u64 e = next_epoch(base, HC_CEPOCH);
   if (ok && threadIdx.x < NH)
-    ok = wait_geq(ctrl_u64(base, HC_SIG_C) + threadIdx.x, e, timeout_ns, f, me, HK_REDUCE, 0, threadIdx.x * P + me % P);
+    ok = wait_seq(ctrl_u64(base, HC_SIG_C) + threadIdx.x, (u32)e, timeout_ns, f, me, HK_REDUCE, 0, threadIdx.x * P + me % P);
   if (!__syncthreads_and(ok)) return;
   const int vecs = hidden / 8;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < T * vecs; i += gridDim.x * blockDim.x) {

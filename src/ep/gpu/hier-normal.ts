@@ -189,8 +189,8 @@ export class HierNormalPath {
 
   /**
    * Tokens and bytes this rank has put to other hosts so far (dispatch records), after the calls queued
-   * so far. Read in the buffer's stream order into pinned memory: a synchronous copy runs on the legacy
-   * stream, which also waits for NVSHMEM's own streams (one such read hung on 2 of 4 ranks sharing a GPU).
+   * so far: read in the buffer's stream order into pinned memory, with a bounded wait. (A synchronous
+   * read hung on 2 of 4 ranks sharing a GPU once, cause not found; this one raises instead of hanging.)
    */
   crossHostTraffic(): Promise<{ tokens: number; bytes: number }> {
     return this.queue.run(async () => {

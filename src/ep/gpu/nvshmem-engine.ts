@@ -139,9 +139,9 @@ export class NvshmemSymmetric {
   }
 
   /**
-   * Collective: waits for every rank, then frees the symmetric allocation everywhere. The caller first
-   * waits for its own work that uses the buffer (its streams); no device-wide wait here, which would also
-   * wait for NVSHMEM's internal streams.
+   * Collective: waits for every rank (a bounded barrier), then frees the symmetric allocation everywhere
+   * (nvshmem_free is itself collective and unbounded: the barrier first makes sure every rank is there).
+   * The caller first waits for its own work that uses the buffer (its streams).
    */
   async destroy(): Promise<void> {
     if (this.destroyed) return;
