@@ -7,6 +7,8 @@
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
 #   scripts/device.sh run -- scripts/gpu-suite.sh soak         soak (10,000 iterations, alternating modes)
 #   scripts/device.sh run -- scripts/gpu-suite.sh sanitize     compute-sanitizer memcheck and racecheck, 2 ranks
+#   scripts/device.sh run -- scripts/gpu-suite.sh shared       one-GPU machine: the multi-rank tests with ranks
+#                                                               sharing the GPU (TSEP_TEST_SHARE_GPUS=1; NCCL skips)
 # Each step has its own time limit, so one slow step cannot eat the others' time; every step's summary
 # lines are printed, the whole log is in $OUT/<step>.log. Record the numbers in bench/RESULTS.md.
 set -uo pipefail
@@ -62,8 +64,17 @@ case "${1:-}" in
   sanitize)
     step sanitize 400 scripts/sanitize.sh 2
     ;;
+  shared)
+    # Stage limits from the one-GPU runs of 2026-11-28 (fourth session): about 20, 50, 50 and 80 s.
+    export TSEP_TEST_SHARE_GPUS=1
+    step failure 90 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts
+    step low-latency 120 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
+    step normal 120 node --test --test-concurrency=1 --test-reporter=spec --test-name-pattern="2 ranks" \
+      test/gpu/normal.test.ts
+    step virtual-hosts 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
+    ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests2|tests3|benches|soak|sanitize" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests2|tests3|benches|soak|sanitize|shared" >&2
     exit 2
     ;;
 esac
