@@ -4,7 +4,11 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { hierDefines, hierLayout } from '../../src/ep/gpu/hier-layout.ts';
+import { Rng } from '../../src/cpu/random.ts';
+import { alignUp, rankPrefixMatrix } from '../../src/cpu/ref-dispatch.ts';
+import { referenceLayout } from '../../src/cpu/ref-layout.ts';
+import { countsFromMatrix, hierDefines, hierLayout } from '../../src/ep/gpu/hier-layout.ts';
+import { randomRouting, routingTensor } from './helpers/inputs.ts';
 
 const shapes = [
   { numRanks: 4, ranksPerHost: 2, hidden: 7168, maxTokensPerRank: 4096, numTopk: 8, numExperts: 256 },
@@ -71,5 +75,67 @@ describe('hierarchical normal-mode layout', () => {
     assert.throws(() => hierLayout({ ...base, ranksPerHost: 3 }), RangeError);
     assert.throws(() => hierLayout({ ...base, numRanks: 64, ranksPerHost: 8 }), RangeError);
     assert.throws(() => hierLayout({ ...base, numRanks: 16, ranksPerHost: 16 }), RangeError);
+  });
+});
+
+describe('the host reading of the count matrix', () => {
+  it('gives the reference rows, aligned per-expert counts, rank prefix matrix and proxy records', () => {
+    const rng = new Rng(11);
+    for (const [R, P, E, K, alignment] of [
+      [4, 2, 32, 4, 1],
+      [8, 4, 64, 8, 4],
+      [6, 3, 12, 2, 2],
+      [2, 1, 8, 1, 1],
+    ] as const) {
+      const NH = R / P;
+      const EL = E / R;
+      const layouts = Array.from({ length: R }, () => {
+        const T = Math.floor(rng.float() * 60);
+        const ids = randomRouting(rng, T, K, E, { dropRate: 0.2 });
+        return referenceLayout(routingTensor('i32', T, K, ids), E, R);
+      });
+      // Each rank's count row as hier_route writes it: per rank, per host, per expert, shape word.
+      const matrix = layouts.map((l) => {
+        const map = l.isTokenInRank.data;
+        const T = l.isTokenInRank.shape[0]!;
+        const perHost = Array.from({ length: NH }, (_, h) => {
+          let n = 0;
+          for (let t = 0; t < T; t++) {
+            let any = false;
+            for (let j = 0; j < P; j++) any ||= map[t * R + h * P + j] !== 0;
+            if (any) n++;
+          }
+          return n;
+        });
+        return Int32Array.from([...l.numTokensPerRank.data, ...perHost, ...l.numTokensPerExpert.data, 7]);
+      });
+      const prefix = rankPrefixMatrix(layouts.map((l) => l.isTokenInRank)).data;
+      for (let me = 0; me < R; me++) {
+        const c = countsFromMatrix(
+          { numRanks: R, ranksPerHost: P, hosts: NH, numExperts: E },
+          matrix,
+          me,
+          alignment,
+        );
+        assert.equal(
+          c.rows,
+          layouts.reduce((a, l) => a + l.numTokensPerRank.data[me]!, 0),
+        );
+        assert.deepEqual(
+          c.perExpert,
+          Array.from({ length: EL }, (_, e) =>
+            alignUp(
+              layouts.reduce((a, l) => a + l.numTokensPerExpert.data[me * EL + e]!, 0),
+              alignment,
+            ),
+          ),
+        );
+        assert.deepEqual(c.rankPrefix, Array.from(prefix));
+        const host = Math.floor(me / P);
+        let proxied = 0;
+        for (let h = 0; h < NH; h++) proxied += matrix[h * P + (me % P)]![R + host]!;
+        assert.equal(c.proxyRecords, proxied);
+      }
+    }
   });
 });

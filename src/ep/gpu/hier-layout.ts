@@ -125,3 +125,44 @@ export function hierDefines(l: HierLayout): Record<string, number> {
     HIER_REC_POS: l.recordPos,
   };
 }
+
+/** What a rank derives from the dispatch's count matrix (rows: every rank's count row). */
+export interface MatrixCounts {
+  /** Rows this rank receives. */
+  rows: number;
+  /** Received rows per local expert, each rounded up to `alignment`. */
+  perExpert: number[];
+  /** [R·R] row-major: [i][j] = Σ_{s ≤ i} rows rank s sends rank j (the rank prefix matrix). */
+  rankPrefix: number[];
+  /** Records this rank holds as proxy (the sources with its local index, for its host). */
+  proxyRecords: number;
+}
+
+/** The host's reading of a count matrix `m` for rank `me` (see hierLayout for the row's fields). */
+export function countsFromMatrix(
+  l: Pick<HierLayout, 'numRanks' | 'ranksPerHost' | 'hosts' | 'numExperts'>,
+  m: readonly ArrayLike<number>[],
+  me: number,
+  alignment: number,
+): MatrixCounts {
+  const R = l.numRanks;
+  const NH = l.hosts;
+  const P = l.ranksPerHost;
+  const EL = l.numExperts / R;
+  const rows = m.reduce((acc, row) => acc + row[me]!, 0);
+  const perExpert = Array.from({ length: EL }, (_, e) => {
+    const c = m.reduce((acc, row) => acc + row[R + NH + me * EL + e]!, 0);
+    return Math.ceil(c / alignment) * alignment;
+  });
+  const rankPrefix: number[] = [];
+  const running = new Array<number>(R).fill(0);
+  for (let i = 0; i < R; i++) {
+    for (let j = 0; j < R; j++) {
+      running[j]! += m[i]![j]!;
+      rankPrefix.push(running[j]!);
+    }
+  }
+  let proxyRecords = 0;
+  for (let h = 0; h < NH; h++) proxyRecords += m[h * P + (me % P)]![R + Math.floor(me / P)]!;
+  return { rows, perExpert, rankPrefix, proxyRecords };
+}

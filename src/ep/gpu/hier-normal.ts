@@ -30,7 +30,7 @@ import type {
   Tensor,
 } from '../types.ts';
 import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
-import { HIER_CTRL, type HierLayout, hierDefines, hierLayout } from './hier-layout.ts';
+import { countsFromMatrix, HIER_CTRL, type HierLayout, hierDefines, hierLayout } from './hier-layout.ts';
 import type { GpuDispatchHandle } from './normal.ts';
 import {
   CallQueue,
@@ -337,8 +337,6 @@ export class HierNormalPath {
     let rankPrefix: DeviceTensor | undefined;
     let recvCount: DeviceTensor | undefined;
     let keep: DeviceTensor;
-    const local = me % L.ranksPerHost;
-    const myHost = Math.floor(me / L.ranksPerHost);
     if (handle) {
       rows = handle.numRecvRows;
       perExpert = [...handle.numRecvTokensPerExpert];
@@ -363,25 +361,11 @@ export class HierNormalPath {
           'the same payload type, scales, top-k width, index type and weights on every rank',
         );
       }
-      rows = m.reduce((acc, row) => acc + row[me]!, 0);
-      const EL = L.numExperts / R;
-      const alignment = (req as { expertAlignment: number }).expertAlignment;
-      perExpert = Array.from({ length: EL }, (_, e) => {
-        const c = m.reduce((acc, row) => acc + row[R + NH + me * EL + e]!, 0);
-        return Math.ceil(c / alignment) * alignment;
-      });
-      let records = 0;
-      for (let h = 0; h < NH; h++) records += m[h * L.ranksPerHost + local]![R + myHost]!;
-      keep = DeviceTensor.emptyOn('i32', [Math.max(1, records), 1 + L.ranksPerHost], stream);
-      rankPrefix = this.upload(
-        [R, R],
-        Array.from({ length: R * R }, (_, q) => {
-          const [i, j] = [Math.floor(q / R), q % R];
-          let acc = 0;
-          for (let s = 0; s <= i; s++) acc += m[s]![j]!;
-          return acc;
-        }),
-      );
+      const c = countsFromMatrix(L, m, me, (req as { expertAlignment: number }).expertAlignment);
+      rows = c.rows;
+      perExpert = c.perExpert;
+      keep = DeviceTensor.emptyOn('i32', [Math.max(1, c.proxyRecords), 1 + L.ranksPerHost], stream);
+      rankPrefix = this.upload([R, R], c.rankPrefix);
       recvCount = DeviceTensor.emptyOn('i32', [1], stream);
       matrix = DeviceTensor.emptyOn('i32', [R, L.countWords], stream);
       DeviceBuffer.copyAsync(matrix.ptr, matrixPtr, 4 * R * L.countWords, stream);
