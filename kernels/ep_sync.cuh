@@ -45,24 +45,39 @@ __device__ __forceinline__ void report_timeout(const Fail &f, int rank, int kern
 __device__ __forceinline__ u64 ld_acquire(const u64 *p) { return ld_acquire_sys_u64(p); }
 __device__ __forceinline__ int ld_acquire(const int *p) { return ld_acquire_sys(p); }
 
+// The bounded spin every wait below shares: acquire-loads *p until `reached(v)` (then stores v in `*seen`
+// if given); every mask + 1 spins it checks the clock and this rank's abort word, and on expiry reports
+// `expected` and `shown(v)` and returns false.
+template <typename T, typename Reached, typename Shown>
+__device__ __forceinline__ bool spin_until(const T *p, Reached reached, Shown shown, long long expected, int mask,
+                                           u64 timeout_ns, const Fail &f, int rank, int kernel, int phase, int peer,
+                                           T *seen = nullptr) {
+  u64 start = 0;
+  for (int spins = 0;; ++spins) {
+    const T v = ld_acquire(p);
+    if (reached(v)) {
+      if (seen) *seen = v;
+      return true;
+    }
+    if ((spins & mask) == 0) {
+      const u64 now = globaltimer_ns();
+      if (start == 0) start = now;
+      else if (now - start > timeout_ns || aborted(f)) {
+        report_timeout(f, rank, kernel, phase, peer, expected, shown(v));
+        return false;
+      }
+    }
+  }
+}
+
 // Waits until *p >= target. Returns false (after reporting) if `timeout_ns` passes first, or if another
 // wait of this kernel already gave up.
 template <typename T>
 __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, const Fail &f, int rank, int kernel,
                                          int phase, int peer) {
-  u64 start = 0;
-  for (int spins = 0;; ++spins) {
-    const T v = ld_acquire(p);
-    if (v >= target) return true;
-    if ((spins & 1023) == 0) {
-      const u64 now = globaltimer_ns();
-      if (start == 0) start = now;
-      else if (now - start > timeout_ns || aborted(f)) {
-        report_timeout(f, rank, kernel, phase, peer, (long long)target, (long long)v);
-        return false;
-      }
-    }
-  }
+  return spin_until(
+      p, [=](T v) { return v >= target; }, [](T v) { return (long long)v; }, (long long)target, 1023, timeout_ns, f,
+      rank, kernel, phase, peer);
 }
 
 // Waits until the 32-bit sequence number in *p has reached `target`, wrap-safely ((int)(v - target) >= 0,
@@ -71,19 +86,9 @@ __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, c
 template <typename T>
 __device__ __forceinline__ bool wait_seq(const T *p, u32 target, u64 timeout_ns, const Fail &f, int rank, int kernel,
                                          int phase, int peer) {
-  u64 start = 0;
-  for (int spins = 0;; ++spins) {
-    const u32 v = (u32)ld_acquire(p);
-    if ((int)(v - target) >= 0) return true;
-    if ((spins & 1023) == 0) {
-      const u64 now = globaltimer_ns();
-      if (start == 0) start = now;
-      else if (now - start > timeout_ns || aborted(f)) {
-        report_timeout(f, rank, kernel, phase, peer, (long long)target, (long long)v);
-        return false;
-      }
-    }
-  }
+  return spin_until(
+      p, [=](T v) { return (int)((u32)v - target) >= 0; }, [](T v) { return (long long)(u32)v; },
+      (long long)target, 1023, timeout_ns, f, rank, kernel, phase, peer);
 }
 
 // Waits until the top `bits` bits (≤ 32) of the tagged word *p equal the low `bits` bits of `tag` (a
@@ -91,22 +96,10 @@ __device__ __forceinline__ bool wait_seq(const T *p, u32 target, u64 timeout_ns,
 __device__ __forceinline__ bool wait_tag(const u64 *p, u32 tag, int bits, u64 *word, u64 timeout_ns, const Fail &f,
                                          int rank, int kernel, int phase, int peer) {
   const u32 mask = bits >= 32 ? 0xffffffffu : (1u << bits) - 1;
-  u64 start = 0;
-  for (int spins = 0;; ++spins) {
-    const u64 v = ld_acquire(p);
-    if ((u32)(v >> (64 - bits)) == (tag & mask)) {
-      *word = v;
-      return true;
-    }
-    if ((spins & 255) == 0) {
-      const u64 now = globaltimer_ns();
-      if (start == 0) start = now;
-      else if (now - start > timeout_ns || aborted(f)) {
-        report_timeout(f, rank, kernel, phase, peer, (long long)(tag & mask), (long long)(v >> (64 - bits)));
-        return false;
-      }
-    }
-  }
+  return spin_until(
+      p, [=](u64 v) { return (u32)(v >> (64 - bits)) == (tag & mask); },
+      [=](u64 v) { return (long long)(v >> (64 - bits)); }, (long long)(tag & mask), 255, timeout_ns, f, rank, kernel,
+      phase, peer, word);
 }
 
 // Barrier of `num_ranks` ranks. `slots` is this rank's array of num_ranks ints that peers write their
