@@ -1,13 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/errors.ts';
 import { cacheKey, cachePath, readCached, writeCached } from '../../src/jit/cache.ts';
 import { archFor } from '../../src/jit/compile.ts';
 import { kernelsDir, readKernelSource } from '../../src/jit/sources.ts';
+import { tempDir } from './helpers/temp.ts';
 
 const base = {
   source: 'k',
@@ -39,7 +39,7 @@ test('the cache key changes with every input that changes the cubin', () => {
 });
 
 test('the disk cache stores and returns cubins; missing keys return undefined', () => {
-  process.env.TSEP_CACHE_DIR = mkdtempSync(join(tmpdir(), 'tsep-cache-'));
+  process.env.TSEP_CACHE_DIR = tempDir('tsep-cache-');
   const key = cacheKey(base);
   assert.equal(readCached(key), undefined);
   const cubin = Uint8Array.from({ length: 1000 }, (_, i) => (i * 7) & 0xff);
@@ -53,7 +53,7 @@ test('the disk cache stores and returns cubins; missing keys return undefined', 
 });
 
 test('concurrent writers of one key never leave a torn file', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'tsep-cache-'));
+  const dir = tempDir('tsep-cache-');
   const key = 'f'.repeat(64);
   const payload = 4 << 20;
   const script = `
@@ -89,7 +89,7 @@ test('concurrent writers of one key never leave a torn file', async () => {
 });
 
 test('kernel sources are read with their quoted includes, recursively', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'tsep-kernels-'));
+  const dir = tempDir('tsep-kernels-');
   mkdirSync(join(dir, 'sub'));
   writeFileSync(join(dir, 'main.cu'), '#include "a.cuh"\n#include <stdint.h>\nint main_k;');
   writeFileSync(join(dir, 'a.cuh'), '#pragma once\n#include "sub/b.cuh"\nint a;');

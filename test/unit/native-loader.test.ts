@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { LibraryNotFoundError } from '../../src/errors.ts';
 import { CUDA_DRIVER, candidatePaths, loadLibrary, NCCL, NVRTC } from '../../src/native/loader.ts';
+import { tempDir } from './helpers/temp.ts';
 
 test('an env override is the only candidate', () => {
   const paths = candidatePaths(NVRTC, { TSEP_NVRTC_LIB: '/opt/x/libnvrtc.so.13' });
@@ -23,7 +23,7 @@ test('search order: sonames, CUDA_HOME, /usr/local/cuda, system dirs', () => {
 });
 
 test('a library that cannot load raises LibraryNotFoundError listing every place searched', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'tsep-lib-'));
+  const dir = tempDir('tsep-lib-');
   const fake = join(dir, 'libfake.so');
   writeFileSync(fake, 'not an ELF file');
   const spec = {

@@ -2,10 +2,9 @@
 // and the link target. The device run itself is bench/tools/nvshmem-spike.ts on the GPU machine.
 
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { LibraryNotFoundError, ValidationError } from '../../src/errors.ts';
 import { cudaIncludeDirs, nvshmemCompileOptions } from '../../src/jit/link.ts';
 import { jitTarget } from '../../src/native/cuda.ts';
@@ -17,18 +16,7 @@ import {
   NVSHMEM_UNIQUE_ID_BYTES,
   nvshmemHomeCandidates,
 } from '../../src/native/nvshmem.ts';
-
-const scratch: string[] = [];
-after(() => {
-  for (const d of scratch) rmSync(d, { recursive: true, force: true });
-});
-
-/** A temporary folder, removed when the file's tests end. */
-function tempDir(prefix: string): string {
-  const d = mkdtempSync(join(tmpdir(), prefix));
-  scratch.push(d);
-  return d;
-}
+import { tempDir } from './helpers/temp.ts';
 
 function fakeInstall(): string {
   const home = tempDir('tsep-nvshmem-');
