@@ -73,8 +73,7 @@ const dev = stream.device;
 const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
 const up = (t: HostTensor) => DeviceTensor.fromHostStorage(t, dev);
 
-const routing = randomRouting(rng, T, K, E);
-const topk = up(routingTensor('i64', T, K, routing));
+const topk = up(routingTensor('i64', T, K, randomRouting(rng, T, K, E)));
 const weights = up(
   HostTensor.from(
     'f32',
@@ -138,13 +137,9 @@ async function crossHostReport() {
   if (!(path instanceof HierNormalPath)) return undefined;
   const got = await path.crossHostTraffic();
   const P = buffer.options.ranksPerHost;
-  const EL = E / R;
-  let perRank = 0;
-  for (let t = 0; t < T; t++) {
-    const ranks = new Set<number>();
-    for (let k = 0; k < K; k++) if (routing[t * K + k]! >= 0) ranks.add(Math.floor(routing[t * K + k]! / EL));
-    for (const r of ranks) if (Math.floor(r / P) !== Math.floor(rank / P)) perRank++;
-  }
+  // One message per destination rank: this rank's tokens for each rank on another host (the layout's counts).
+  const perDest = (layout.numTokensPerRank as DeviceTensor).toHost().data as Int32Array;
+  const perRank = perDest.reduce((a, n, r) => a + (Math.floor(r / P) === Math.floor(rank / P) ? 0 : n), 0);
   return {
     ranksPerHost: P,
     tokens: await meanAcrossRanks(got.tokens),
@@ -257,17 +252,7 @@ if (buffer.transport!.transport !== 'nccl' && opt['nccl-transport'] && opt.nccl)
 // last SM count; calls run one at a time with the ranks aligned, as above.
 const phaseRows: (string | number)[][] = [];
 if (process.env.TSEP_PROFILE === '1') {
-  const bfHandle = (await buffer.dispatch({ x: xBf16, topkIdx: topk, topkWeights: weights, layout })).handle;
-  const calls: [string, () => Promise<unknown>][] = [
-    ['dispatch fp8 (cached)', () => buffer.dispatch({ x: xFp8, scales, handle })],
-    ['dispatch bf16 (cached)', () => buffer.dispatch({ x: xBf16, handle: bfHandle })],
-    [
-      'dispatch fp8 (fresh)',
-      () => buffer.dispatch({ x: xFp8, scales, topkIdx: topk, topkWeights: weights, layout }),
-    ],
-    ['combine bf16', () => buffer.combine({ x: expertOut, handle })],
-  ];
-  for (const [op, fn] of calls) {
+  for (const [op, fn] of await callsOf(buffer)) {
     const per: Record<string, number[]> = {};
     for (let i = 0; i < iters; i++) {
       await stream.synchronize();

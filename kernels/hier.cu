@@ -45,7 +45,8 @@ constexpr int P = HIER_P;
 constexpr int NH = R / P;
 static_assert(R % P == 0 && R <= 32 && P <= 8, "ranks per host must divide the ranks (R <= 32, P <= 8)");
 
-// Control block (src/ep/gpu/hier-layout.ts HIER_CTRL).
+// Control block (src/ep/gpu/hier-layout.ts HIER_CTRL passes these; defaults for stand-alone builds).
+#ifndef HC_ABORT
 #define HC_ABORT 0
 #define HC_DEPOCH 4
 #define HC_CEPOCH 8
@@ -58,6 +59,7 @@ static_assert(R % P == 0 && R <= 32 && P <= 8, "ranks per host must divide the r
 #define HC_SIG_X 640
 #define HC_SIG_CNT 704
 #define HC_BAR 1024
+#endif
 
 // Kernel ids of the error record (src/ep/gpu/device-error.ts).
 #define HK_COUNTS 7
@@ -81,6 +83,17 @@ __device__ __forceinline__ u64 next_epoch(u8 *base, int off) { return (u64)ld_vo
 struct Rec {
   int row_bytes, sw, k, idx_bytes;
 };
+
+// The records this rank holds as proxy, by source host h (source rank h * P + local): pre[h] is where
+// host h's start among them, pre[NH] their count. One thread.
+__device__ __forceinline__ void proxy_prefix(const int *mat, int my_host, int local, int *pre) {
+  int kept = 0;
+  for (int h = 0; h < NH; h++) {
+    pre[h] = kept;
+    kept += mat[(h * P + local) * HIER_CW + R + my_host];
+  }
+  pre[NH] = kept;
+}
 
 // ------------------------------------------------------------------------------------------ dispatch
 
@@ -216,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_recv(
   __shared__ const u8 *slot[R];
   const int my_host = host_of(me), local = me % P;
   if (threadIdx.x == 0) {
-    int rows = 0, recs = 0, kept = 0;
+    int rows = 0, recs = 0;
     for (int s = 0; s < R; s++) {
       row_off[s] = rows;
       rec_pre[s] = recs;
@@ -225,11 +238,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_recv(
       slot[s] = reinterpret_cast<const u8 *>(peers[s % P]) + HIER_OFF_INBOX + (size_t)host_of(s) * HIER_SLOT;
     }
     rec_pre[R] = recs;
-    for (int h = 0; h < NH; h++) {
-      keep_pre[h] = kept;
-      kept += mat[(h * P + local) * HIER_CW + R + my_host];
-    }
-    keep_pre[NH] = kept;
+    proxy_prefix(mat, my_host, local, keep_pre);
     if (blockIdx.x == 0 && recv_count != nullptr) *recv_count = rows;
   }
   // Without a host read of the counts (worst-case-tokens mode): [i][j] = sum over s <= i of what s sends j.
@@ -338,14 +347,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_partial(u8 *base, const u
       rows += mat[s * HIER_CW + dest];
     }
   }
-  if (threadIdx.x == 0) {
-    int kept = 0;
-    for (int h = 0; h < NH; h++) {
-      keep_pre[h] = kept;
-      kept += mat[(h * P + local) * HIER_CW + R + my_host];
-    }
-    keep_pre[NH] = kept;
-  }
+  if (threadIdx.x == 0) proxy_prefix(mat, my_host, local, keep_pre);
   bool ok = !aborted(f);
   const u64 e = next_epoch(base, HC_CEPOCH);
   if (ok && threadIdx.x < P)

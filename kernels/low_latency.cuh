@@ -187,16 +187,15 @@ __device__ __forceinline__ void publish_u64(u64 *p, u64 v, int d, int rank) {
 }
 
 #if LL_ENGINE
-// The warp's `bytes` at `p` in this rank's buffer, to the same place in rank d's (every lane calls it,
-// after the stores it copies; non-blocking: complete() before anything that announces them).
-__device__ __forceinline__ void put_warp(const void *p, size_t bytes, int d) {
-  __syncwarp();
-  nvshmemx_putmem_nbi_warp(const_cast<void *>(p), p, bytes, d);
-}
-// `bytes` from `src` (this rank's staging) to `dst` (a symmetric address) in rank d's buffer.
+// `bytes` from `src` (this rank's staging) to `dst` (a symmetric address) in rank d's buffer (every lane
+// calls it, after the stores it copies; non-blocking: complete_puts() before anything that announces them).
 __device__ __forceinline__ void put_warp_to(void *dst, const void *src, size_t bytes, int d) {
   __syncwarp();
   nvshmemx_putmem_nbi_warp(dst, src, bytes, d);
+}
+// The warp's `bytes` at `p` in this rank's buffer, to the same place in rank d's.
+__device__ __forceinline__ void put_warp(const void *p, size_t bytes, int d) {
+  put_warp_to(const_cast<void *>(p), p, bytes, d);
 }
 #endif
 

@@ -50,14 +50,15 @@ for f in bench/tools/*.cu; do
   "$NVCC" -O3 -arch=sm_90a -std=c++17 -I kernels -o "$out/tool" "$f"
   echo "check:kernels: ok $f (program)"
 done
-# NVSHMEM's headers (for the sources below): TSEP_NVSHMEM_HOME, NVSHMEM_HOME, or the nvidia-nvshmem-cu*
-# wheel's folder.
+# NVSHMEM's headers (for the sources below), from the folders the library itself searches, in its order
+# (src/native/nvshmem.ts nvshmemHomeCandidates: TSEP_NVSHMEM_HOME alone, else NVSHMEM_HOME, the wheel's).
 nvshmem=""
-for d in "${TSEP_NVSHMEM_HOME:-}" "${NVSHMEM_HOME:-}" "${VIRTUAL_ENV:-/nonexistent}"/lib/python3*/site-packages/nvidia/nvshmem \
-  /opt/*/.venv/lib/python3*/site-packages/nvidia/nvshmem "$HOME"/.local/lib/python3*/site-packages/nvidia/nvshmem \
-  /usr/local/lib/python3*/dist-packages/nvidia/nvshmem /usr/lib/python3/dist-packages/nvidia/nvshmem; do
+candidates=$(node --input-type=module -e \
+  'const m = await import(process.argv[1]); console.log(m.nvshmemHomeCandidates().join("\n"));' \
+  "$PWD/src/native/nvshmem.ts" 2>/dev/null || true)
+while IFS= read -r d; do
   if [ -n "$d" ] && [ -f "$d/include/nvshmem.h" ]; then nvshmem="$d"; break; fi
-done
+done <<<"$candidates"
 # No install, but the nvidia-nvshmem-cu13 wheel on disk (a pinned file, as on this project's machines):
 # its headers and device library are enough to compile and link, so unpack them into the scratch folder.
 if [ -z "$nvshmem" ]; then

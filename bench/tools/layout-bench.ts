@@ -12,10 +12,10 @@ import { Rng } from '../../src/cpu/random.ts';
 import { referenceLayout } from '../../src/cpu/ref-layout.ts';
 import { DeviceTensor } from '../../src/device/device-tensor.ts';
 import { DeviceBuffer } from '../../src/device/memory.ts';
-import type { HostTensor } from '../../src/device/tensor.ts';
 import { initProcessGroup } from '../../src/dist/init.ts';
 import { EpBuffer } from '../../src/ep/buffer.ts';
 import type { DispatchLayout } from '../../src/ep/types.ts';
+import { host as hostOf, sameTensor } from '../../test/gpu/fixtures/ep-compare.ts';
 import { type RoutingShape, randomRouting, routingTensor } from '../../test/unit/helpers/inputs.ts';
 import { summarize, timeEvents } from '../stats.ts';
 
@@ -54,14 +54,6 @@ const sets: [string, RoutingShape][] = [
   ['hot expert', { hotExpert: 3 }],
 ];
 
-function same(name: string, got: DeviceTensor, want: HostTensor): void {
-  const a = got.toHost().bytes();
-  const b = want.bytes();
-  if (a.length !== b.length || a.some((v, i) => v !== b[i])) {
-    throw new Error(`layout bench rank ${rank}: ${name} differs from the CPU reference`);
-  }
-}
-
 for (let turn = 0; turn < R; turn++) {
   await group.barrier();
   if (turn !== rank) continue;
@@ -70,26 +62,37 @@ for (let turn = 0; turn < R; turn++) {
       const host = routingTensor(dtype, T, K, randomRouting(rng, T, K, E, shape));
       const topk = DeviceTensor.fromHostStorage(host, stream.device);
       let last: DispatchLayout | undefined;
+      // The previous call's outputs are freed outside the timed interval (stream-ordered frees).
+      const release = () => {
+        for (const t of Object.values(last ?? {})) (t as DeviceTensor).dispose();
+        last = undefined;
+      };
       const ms = await timeEvents(
         stream,
         iters,
-        () => {
-          for (const t of Object.values(last ?? {})) (t as DeviceTensor).dispose();
+        (_, warmup) => {
+          if (warmup) release(); // timed calls release in beforeEach
           last = buffer.getDispatchLayout(topk, E);
         },
-        { beforeEach: () => flush.fill(rank & 0xff, stream) },
+        {
+          beforeEach: () => {
+            release();
+            flush.fill(rank & 0xff, stream);
+          },
+        },
       );
       await stream.synchronize();
       const want = referenceLayout(host, E, R);
-      same('numTokensPerRank', last!.numTokensPerRank as DeviceTensor, want.numTokensPerRank);
-      same('numTokensPerExpert', last!.numTokensPerExpert as DeviceTensor, want.numTokensPerExpert);
-      same('isTokenInRank', last!.isTokenInRank as DeviceTensor, want.isTokenInRank);
+      const where = `layout bench rank ${rank} ${label} ${dtype}`;
+      sameTensor(`${where} numTokensPerRank`, hostOf(last!.numTokensPerRank), want.numTokensPerRank);
+      sameTensor(`${where} numTokensPerExpert`, hostOf(last!.numTokensPerExpert), want.numTokensPerExpert);
+      sameTensor(`${where} isTokenInRank`, hostOf(last!.isTokenInRank), want.isTokenInRank);
       const s = summarize(ms.map((v) => v * 1000));
       process.stdout.write(
         `layout rank ${rank} R=${R} T=${T} K=${K} E=${E} ${label} ${dtype}: median ${s.median.toFixed(1)} us ` +
           `(p10 ${s.p10.toFixed(1)}, p90 ${s.p90.toFixed(1)}), equal to the CPU reference\n`,
       );
-      for (const t of Object.values(last!)) (t as DeviceTensor).dispose();
+      release();
       topk.dispose();
     }
   }

@@ -13,7 +13,7 @@ constexpr int MAXG = 8;
 struct Peers { char *p[MAXG]; };
 
 template <int U>
-__global__ void push(const int4 *__restrict__ src, Peers dst, int G, int me, int N, int RB, int dedicated) {
+__global__ void push(const int4 *__restrict__ src, Peers dst, int G, int me, int N, int RB) {
   const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
   const int W = gridDim.x * wpb, w = blockIdx.x * wpb + (threadIdx.x >> 5);
   const int vecs = RB / 16;
@@ -175,7 +175,6 @@ int main(int argc, char **argv) {
   };
   printf("G=%d RB=%d N=%d bytes/GPU=%.1f MB\n", G, RB, N, bytes / 1e6);
   const size_t moff = bytes * G;
-  const double fanRemote = 3.0 * bytes * 2 / 3;  // fan 3 from i%G: of 3 destinations, on average 3*(G-1)/G remote
   for (int sms : {16, 24, 48}) {
     for (int fan : {1, 3}) for (int meta : {0, 1}) {
       float ms = timeit([&](int g) { push_fan<4><<<sms, 512, 0, st[g]>>>((const int4 *)srcb[g], dp, G, g, N, RB, fan, meta, moff); });
@@ -184,12 +183,11 @@ int main(int argc, char **argv) {
       fflush(stdout);
     }
   }
-  (void)fanRemote;
   if (argc > 2) return 0;
   for (int sms : {8, 16, 24, 32, 48, 132}) {
     for (int thr : {256, 512, 1024}) {
-      report("push U4", sms, thr, 4, timeit([&](int g) { push<4><<<sms, thr, 0, st[g]>>>((const int4 *)srcb[g], dp, G, g, N, RB, 0); }));
-      report("push U8", sms, thr, 8, timeit([&](int g) { push<8><<<sms, thr, 0, st[g]>>>((const int4 *)srcb[g], dp, G, g, N, RB, 0); }));
+      report("push U4", sms, thr, 4, timeit([&](int g) { push<4><<<sms, thr, 0, st[g]>>>((const int4 *)srcb[g], dp, G, g, N, RB); }));
+      report("push U8", sms, thr, 8, timeit([&](int g) { push<8><<<sms, thr, 0, st[g]>>>((const int4 *)srcb[g], dp, G, g, N, RB); }));
       report("pull U4", sms, thr, 4, timeit([&](int g) { pull<4><<<sms, thr, 0, st[g]>>>(sp, (int4 *)dstb[g], G, g, N, RB); }));
       report("pull U8", sms, thr, 8, timeit([&](int g) { pull<8><<<sms, thr, 0, st[g]>>>(sp, (int4 *)dstb[g], G, g, N, RB); }));
     }

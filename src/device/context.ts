@@ -2,7 +2,7 @@
 // runtime does), so memory and modules are shared with any other library in the process.
 
 import { DisposedError, TsepError, ValidationError } from '../errors.ts';
-import { cu, DEVICE_ATTR, driverVersion, ensureInit } from '../native/cuda.ts';
+import { cString, cu, DEVICE_ATTR, driverVersion, ensureInit } from '../native/cuda.ts';
 
 export interface DeviceInfo {
   ordinal: number;
@@ -19,11 +19,6 @@ function attr(dev: number, a: number): number {
   const v = new Int32Array(1);
   cu('cuDeviceGetAttribute', v, a, dev);
   return v[0]!;
-}
-
-function cString(buf: Uint8Array): string {
-  const end = buf.indexOf(0);
-  return Buffer.from(buf.subarray(0, end < 0 ? buf.length : end)).toString('utf8');
 }
 
 const devices = new Map<number, Device>();

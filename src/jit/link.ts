@@ -24,7 +24,7 @@ import { TsepError } from '../errors.ts';
 import { driverVersion, linkDeviceCode } from '../native/cuda.ts';
 import { cudaRoots } from '../native/loader.ts';
 import { nvrtcCompile, nvrtcVersion } from '../native/nvrtc.ts';
-import { findNvshmem, type NvshmemInstall, nvshmemCumoduleInit } from '../native/nvshmem.ts';
+import { type NvshmemInstall, nvshmemCumoduleInit, nvshmemInstall } from '../native/nvshmem.ts';
 import { cacheKey, readCached, writeCached } from './cache.ts';
 import { archFor, type Define, defineOptions } from './compile.ts';
 
@@ -204,7 +204,8 @@ export interface NvshmemModule {
  */
 export async function loadNvshmemModule(device: Device, src: NvshmemKernelSource): Promise<NvshmemModule> {
   const t0 = performance.now();
-  const install = findNvshmem();
+  // The install whose host library is loaded: device library and headers must come from the same one.
+  const install = nvshmemInstall();
   const arch = archFor(device.info.computeCapability);
   const options = nvshmemCompileOptions(arch, install, cudaIncludeDirs(), src.defines);
   const lib = statSync(install.deviceLibrary);

@@ -153,6 +153,12 @@ export function check(call: string, status: number): void {
   throw new CudaError(call, status, name, text, HINTS[status]);
 }
 
+/** The text of a NUL-terminated C string in `buf` (all of it if there is no NUL). */
+export function cString(buf: Uint8Array): string {
+  const end = buf.indexOf(0);
+  return Buffer.from(buf.subarray(0, end < 0 ? buf.length : end)).toString('utf8');
+}
+
 /** Calls a driver function and checks its status. */
 export function cu(name: Name, ...args: unknown[]): void {
   check(name, raw(name)(...args) as number);
@@ -284,13 +290,7 @@ export function linkDeviceCode(
   // The log buffers must stay valid for the life of the link state; the driver writes them up to complete.
   const info = allocNative(LINK_LOG_BYTES);
   const error = allocNative(LINK_LOG_BYTES);
-  const text = (b: { view: ArrayBuffer }): string => {
-    const bytes = new Uint8Array(b.view);
-    const end = bytes.indexOf(0);
-    return Buffer.from(bytes.subarray(0, end < 0 ? bytes.length : end))
-      .toString('utf8')
-      .trim();
-  };
+  const text = (b: { view: ArrayBuffer }): string => cString(new Uint8Array(b.view)).trim();
   const options = Int32Array.from([
     JIT.INFO_LOG,
     JIT.INFO_LOG_SIZE,

@@ -150,7 +150,6 @@ function api(): Record<string, Raw> {
     ),
     hostlibInitAttr: l.func('int nvshmemx_hostlib_init_attr(unsigned int flags, uint8_t *attr)'),
     hostlibFinalize: l.func('void nvshmemx_hostlib_finalize()'),
-    initStatus: l.func('int nvshmemx_init_status()'),
     myPe: l.func('int nvshmem_my_pe()'),
     nPes: l.func('int nvshmem_n_pes()'),
     malloc: l.func('uint64_t nvshmem_malloc(size_t size)'),
@@ -252,11 +251,6 @@ export function nvshmemInit(rank: number, nranks: number, id: Uint8Array): void 
   } finally {
     koffi.free(idMem);
   }
-}
-
-/** 0 not initialized, 1 bootstrapped, 2 initialized (nvshmemx_init_status). */
-export function nvshmemInitStatus(): number {
-  return api().initStatus() as number;
 }
 
 export function nvshmemMyPe(): number {

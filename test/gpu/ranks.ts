@@ -6,10 +6,9 @@
 // results are checked the same way, timings mean nothing, and NCCL refuses two ranks on one GPU, so its
 // cases skip (`skipFor(ranks, { nccl: true })`).
 
-import { type AddressInfo, createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { Device } from '../../src/device/context.ts';
-import { type LaunchRun, startLaunch } from '../unit/helpers/launch.ts';
+import { freePort, type LaunchRun, startLaunch } from '../unit/helpers/launch.ts';
 import { gpuSkip } from './gpu.ts';
 
 export const visibleGpus = gpuSkip ? 0 : Device.count();
@@ -88,17 +87,6 @@ export async function launchVirtualHosts(
     ]);
   });
   return Promise.all(runs);
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** Output as TAP comment lines, so node:test prints it under the test. */

@@ -2,25 +2,21 @@
 // Every test also checks that no rank (nor its wrapper) outlives the launcher.
 
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, test } from 'node:test';
+import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { type LaunchRun, type StartedLaunch, startLaunch as startLaunchProcess } from './helpers/launch.ts';
+import {
+  freePort,
+  type LaunchRun,
+  type StartedLaunch,
+  startLaunch as startLaunchProcess,
+} from './helpers/launch.ts';
+import { tempDir } from './helpers/temp.ts';
 
 const NODE = process.execPath;
 const fixture = (name: string): string => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-
-const pidDirs: string[] = [];
-
-function tempDir(): string {
-  const dir = mkdtempSync(join(tmpdir(), 'tsep-launch-'));
-  pidDirs.push(dir);
-  return dir;
-}
 
 function startLaunch(launchArgs: string[], command: string[]): StartedLaunch {
   return startLaunchProcess(launchArgs, command, 30);
@@ -77,12 +73,8 @@ async function assertAllGone(pids: Pids[], withinMs: number): Promise<void> {
   }
 }
 
-afterEach(() => {
-  for (const dir of pidDirs.splice(0)) rmSync(dir, { recursive: true, force: true });
-});
-
 test('4 ranks: store operations and collectives give every rank the right values', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const seed = Math.floor(Math.random() * 2 ** 31);
   const run = await launchFixture(['-n', '4'], 'dist-collectives.ts', [dir, String(seed)]);
   assert.equal(run.code, 0, `seed ${seed}\n${run.stderr}`);
@@ -97,7 +89,7 @@ test('4 ranks: store operations and collectives give every rank the right values
 });
 
 test('2 nodes of 2 ranks: global ranks, world size and the store on node 0', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const port = await freePort();
   const seed = Math.floor(Math.random() * 2 ** 31);
   const common = ['-n', '2', '--nnodes', '2', '--master-addr', '127.0.0.1', '--master-port', String(port)];
@@ -115,7 +107,7 @@ test('2 nodes of 2 ranks: global ranks, world size and the store on node 0', asy
 });
 
 test('a rank exiting with code 3 stops the job within 5 s and is named with its stderr', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const run = await launchFixture(['-n', '4'], 'dist-fail.ts', [dir, 'exit3']);
   assert.equal(run.code, 3);
   assert.ok(run.ms < 5000, `took ${run.ms} ms`);
@@ -126,7 +118,7 @@ test('a rank exiting with code 3 stops the job within 5 s and is named with its 
 });
 
 test('a rank killed by a signal fails the job with 128 + signal number', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const run = await launchFixture(['-n', '4'], 'dist-fail.ts', [dir, 'sigkill']);
   assert.equal(run.code, 128 + 9);
   assert.match(run.stderr, /first failure was rank 1 \(local rank 1\), which was killed by SIGKILL/);
@@ -134,7 +126,7 @@ test('a rank killed by a signal fails the job with 128 + signal number', async (
 });
 
 test('a rank that never reaches a barrier makes the others raise RendezvousError naming it', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const run = await launchFixture(['-n', '4'], 'dist-missing.ts', [dir]);
   assert.equal(run.code, 0, run.stderr);
   for (let r = 0; r < 3; r++) {
@@ -151,7 +143,7 @@ test('a rank that never reaches a barrier makes the others raise RendezvousError
 });
 
 test('--timeout stops every rank and exits 124 with a message', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const run = await launchFixture(['-n', '4', '--timeout', '1'], 'dist-hang.ts', [dir]);
   assert.equal(run.code, 124);
   assert.match(run.stderr, /timed out after 1 s \(--timeout\); stopping all ranks/);
@@ -160,7 +152,7 @@ test('--timeout stops every rank and exits 124 with a message', async () => {
 });
 
 test('ranks that ignore SIGTERM are SIGKILLed after the grace period', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const run = await launchFixture(['-n', '2', '--timeout', '0.5'], 'dist-hang.ts', [dir, 'ignore-term']);
   assert.equal(run.code, 124);
   assert.ok(run.ms >= 3400 && run.ms < 7000, `took ${run.ms} ms`);
@@ -168,7 +160,7 @@ test('ranks that ignore SIGTERM are SIGKILLed after the grace period', async () 
 });
 
 test('SIGINT to the launcher reaches every rank once', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const launch = startLaunch(['-n', '4'], [NODE, fixture('dist-hang.ts'), dir, 'sigint']);
   const pids = await waitForPidFiles(dir, 4);
   launch.kill('SIGINT');
@@ -181,7 +173,7 @@ test('SIGINT to the launcher reaches every rank once', async () => {
 });
 
 test('a SIGKILLed launcher leaves no rank behind, even ranks that ignore SIGTERM', async () => {
-  const dir = tempDir();
+  const dir = tempDir('tsep-launch-');
   const launch = startLaunch(['-n', '4'], [NODE, fixture('dist-hang.ts'), dir, 'ignore-term']);
   const pids = await waitForPidFiles(dir, 4);
   launch.kill('SIGKILL');
@@ -204,14 +196,3 @@ test('bad flags are rejected before anything starts', async () => {
   assert.notEqual(multi.code, 0);
   assert.match(multi.stderr, /Invalid master-addr/);
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}

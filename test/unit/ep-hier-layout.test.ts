@@ -8,7 +8,7 @@ import { Rng } from '../../src/cpu/random.ts';
 import { alignUp, rankPrefixMatrix } from '../../src/cpu/ref-dispatch.ts';
 import { referenceLayout } from '../../src/cpu/ref-layout.ts';
 import { countsFromMatrix, hierDefines, hierLayout } from '../../src/ep/gpu/hier-layout.ts';
-import { randomRouting, routingTensor } from './helpers/inputs.ts';
+import { randomRouting, routingTensor, tokensPerHost } from './helpers/inputs.ts';
 
 const shapes = [
   { numRanks: 4, ranksPerHost: 2, hidden: 7168, maxTokensPerRank: 4096, numTopk: 8, numExperts: 256 },
@@ -95,20 +95,10 @@ describe('the host reading of the count matrix', () => {
         return referenceLayout(routingTensor('i32', T, K, ids), E, R);
       });
       // Each rank's count row as hier_route writes it: per rank, per host, per expert, shape word.
-      const matrix = layouts.map((l) => {
-        const map = l.isTokenInRank.data;
-        const T = l.isTokenInRank.shape[0]!;
-        const perHost = Array.from({ length: NH }, (_, h) => {
-          let n = 0;
-          for (let t = 0; t < T; t++) {
-            let any = false;
-            for (let j = 0; j < P; j++) any ||= map[t * R + h * P + j] !== 0;
-            if (any) n++;
-          }
-          return n;
-        });
-        return Int32Array.from([...l.numTokensPerRank.data, ...perHost, ...l.numTokensPerExpert.data, 7]);
-      });
+      const perHost = layouts.map((l) => tokensPerHost(l.isTokenInRank, P));
+      const matrix = layouts.map((l, s) =>
+        Int32Array.from([...l.numTokensPerRank.data, ...perHost[s]!, ...l.numTokensPerExpert.data, 7]),
+      );
       const prefix = rankPrefixMatrix(layouts.map((l) => l.isTokenInRank)).data;
       for (let me = 0; me < R; me++) {
         const c = countsFromMatrix(
@@ -131,9 +121,13 @@ describe('the host reading of the count matrix', () => {
           ),
         );
         assert.deepEqual(c.rankPrefix, Array.from(prefix));
+        // From the routing, not the matrix: the sources with this rank's local index, their tokens for
+        // this rank's host.
         const host = Math.floor(me / P);
         let proxied = 0;
-        for (let h = 0; h < NH; h++) proxied += matrix[h * P + (me % P)]![R + host]!;
+        for (let s = 0; s < R; s++) {
+          if (s % P === me % P) proxied += tokensPerHost(layouts[s]!.isTokenInRank, P)[host]!;
+        }
         assert.equal(c.proxyRecords, proxied);
       }
     }

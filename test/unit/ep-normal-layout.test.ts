@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { chunkCounts, smShares } from '../../src/ep/gpu/normal-kernels.ts';
+import { checkSamePayload, chunkCounts, readCountRows, smShares } from '../../src/ep/gpu/normal-kernels.ts';
 import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
 import { intSetting } from '../../src/ep/gpu/settings.ts';
 import { ValidationError } from '../../src/errors.ts';
@@ -98,11 +98,30 @@ test('buffer areas are ordered, 256-byte aligned and large enough; no chunk word
 });
 
 test('integer settings from the environment: default, bounds, refusal by name', () => {
-  delete process.env.TSEP_TEST_KNOB;
-  assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 7);
-  process.env.TSEP_TEST_KNOB = '9';
-  assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 9);
-  process.env.TSEP_TEST_KNOB = '10';
-  assert.throws(() => intSetting('TSEP_TEST_KNOB', 7, 1, 9), ValidationError);
-  delete process.env.TSEP_TEST_KNOB;
+  withSettings(['TSEP_TEST_KNOB'], () => {
+    assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 7);
+    process.env.TSEP_TEST_KNOB = '9';
+    assert.equal(intSetting('TSEP_TEST_KNOB', 7, 1, 9), 9);
+    process.env.TSEP_TEST_KNOB = '10';
+    assert.throws(() => intSetting('TSEP_TEST_KNOB', 7, 1, 9), ValidationError);
+  });
+});
+
+test('gathered count rows: rows per source, rank prefix matrix, aligned per-expert counts, payload agreement', () => {
+  // 3 ranks, 2 experts each: per-rank counts in columns 0..2, per-expert from column 3, shape word last.
+  const rows = [
+    [1, 2, 3, /* experts */ 1, 0, 2, 0, 3, 0, /* shape */ 5],
+    [4, 0, 1, 2, 2, 0, 0, 1, 0, 5],
+    [0, 5, 2, 0, 0, 4, 1, 2, 0, 5],
+  ];
+  const r = readCountRows(rows, 1, 2, 3, 4);
+  assert.deepEqual(r.recv, [2, 0, 5]);
+  assert.deepEqual(r.rankPrefix, [1, 2, 3, 5, 2, 4, 5, 7, 6]);
+  // Rank 1's experts are global 2 and 3: 2+0+4 = 6 -> 8, 0+0+1 = 1 -> 4.
+  assert.deepEqual(r.perExpert, [8, 4]);
+  checkSamePayload(rows, 9, 5, 1);
+  assert.throws(
+    () => checkSamePayload([rows[0]!, [...rows[1]!.slice(0, 9), 7], rows[2]!], 9, 5, 0),
+    (e: unknown) => e instanceof ValidationError && /on rank 0 but .* on rank 1/.test(e.message),
+  );
 });

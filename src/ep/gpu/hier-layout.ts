@@ -15,6 +15,8 @@
 // the f32 case), top-k ids (room for i64), weights, the source token index, and the token's position among
 // the source's tokens for each of the destination host's P ranks.
 
+import { readCountRows } from './normal-kernels.ts';
+
 const align = (n: number, a: number): number => Math.ceil(n / a) * a;
 
 export interface HierShape {
@@ -49,8 +51,24 @@ export interface HierLayout extends HierShape {
   totalBytes: number;
 }
 
-/** Control words (kernels/hier.cu HC_*), by byte offset. */
-export const HIER_CTRL = { abort: 0, rdmaTokens: 64, rdmaBytes: 72 } as const;
+/** The control block (kernels/hier.cu HC_*): byte offsets of its words, and its size. */
+export const HIER_CTRL = {
+  abort: 0,
+  dispatchEpoch: 4,
+  combineEpoch: 8,
+  round: 12,
+  arrive: 16,
+  rdmaTokens: 64,
+  rdmaBytes: 72,
+  /** u64 [NH] each: dispatch records arrived, combine partials arrived; then this rank's rows ready. */
+  signalDispatch: 128,
+  signalCombine: 384,
+  signalRows: 640,
+  /** u64 [R]: count rows arrived; then i32 [R] barrier words. */
+  signalCounts: 704,
+  barrier: 1024,
+  bytes: 4096,
+} as const;
 
 export function hierLayout(s: HierShape): HierLayout {
   const { numRanks: R, ranksPerHost: P, hidden: H, maxTokensPerRank: T, numTopk: K, numExperts: E } = s;
@@ -67,7 +85,7 @@ export function hierLayout(s: HierShape): HierLayout {
   const recordBytes = align(recordPos + 4 * P, 16);
   const slotBytes = align(T * recordBytes, 256);
   const partialRowBytes = align(4 * H + 4 * K, 16);
-  const offCounts = 4096;
+  const offCounts = HIER_CTRL.bytes;
   const offMatrix = align(offCounts + 4 * countWords, 256);
   const offInbox = align(offMatrix + 4 * R * countWords, 4096);
   const offOutbox = offInbox + NH * slotBytes;
@@ -123,6 +141,18 @@ export function hierDefines(l: HierLayout): Record<string, number> {
     HIER_REC_W: l.recordWeights,
     HIER_REC_SRC: l.recordSrc,
     HIER_REC_POS: l.recordPos,
+    HC_ABORT: HIER_CTRL.abort,
+    HC_DEPOCH: HIER_CTRL.dispatchEpoch,
+    HC_CEPOCH: HIER_CTRL.combineEpoch,
+    HC_ROUND: HIER_CTRL.round,
+    HC_ARRIVE: HIER_CTRL.arrive,
+    HC_RDMA_TOKENS: HIER_CTRL.rdmaTokens,
+    HC_RDMA_BYTES: HIER_CTRL.rdmaBytes,
+    HC_SIG_D: HIER_CTRL.signalDispatch,
+    HC_SIG_C: HIER_CTRL.signalCombine,
+    HC_SIG_X: HIER_CTRL.signalRows,
+    HC_SIG_CNT: HIER_CTRL.signalCounts,
+    HC_BAR: HIER_CTRL.barrier,
   };
 }
 
@@ -148,20 +178,8 @@ export function countsFromMatrix(
   const R = l.numRanks;
   const NH = l.hosts;
   const P = l.ranksPerHost;
-  const EL = l.numExperts / R;
-  const rows = m.reduce((acc, row) => acc + row[me]!, 0);
-  const perExpert = Array.from({ length: EL }, (_, e) => {
-    const c = m.reduce((acc, row) => acc + row[R + NH + me * EL + e]!, 0);
-    return Math.ceil(c / alignment) * alignment;
-  });
-  const rankPrefix: number[] = [];
-  const running = new Array<number>(R).fill(0);
-  for (let i = 0; i < R; i++) {
-    for (let j = 0; j < R; j++) {
-      running[j]! += m[i]![j]!;
-      rankPrefix.push(running[j]!);
-    }
-  }
+  const { recv, rankPrefix, perExpert } = readCountRows(m, me, l.numExperts / R, R + NH, alignment);
+  const rows = recv.reduce((a, b) => a + b, 0);
   let proxyRecords = 0;
   for (let h = 0; h < NH; h++) proxyRecords += m[h * P + (me % P)]![R + Math.floor(me / P)]!;
   return { rows, perExpert, rankPrefix, proxyRecords };

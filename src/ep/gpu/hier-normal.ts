@@ -34,8 +34,8 @@ import { countsFromMatrix, HIER_CTRL, type HierLayout, hierDefines, hierLayout }
 import type { GpuDispatchHandle } from './normal.ts';
 import {
   CallQueue,
+  checkSamePayload,
   type DispatchInputs,
-  describeShape,
   dispatchInputs,
   dispatchOutputs,
   type LayoutKernels,
@@ -44,13 +44,11 @@ import {
   normalSms,
   padDispatchOutputs,
   payloadShape,
+  uploadI32,
 } from './normal-kernels.ts';
 import { joinNvshmem, loadEngineModule, NvshmemSymmetric } from './nvshmem-engine.ts';
 import type { GpuRuntime } from './runtime.ts';
 
-/** Control words of the call sequence numbers (kernels/hier.cu HC_DEPOCH, HC_CEPOCH). */
-const EPOCH_DISPATCH = 4;
-const EPOCH_COMBINE = 8;
 /** The error record's place in the buffer's host-mapped page. */
 const ERROR_AT = 0;
 
@@ -86,6 +84,12 @@ export class HierNormalPath {
   private readonly timeoutNs = deviceTimeoutNs();
   /** Pinned copy of the count matrix, read by the host for exact-size outputs. */
   private readonly hostMatrix: HostBuffer;
+  /** This rank's symmetric buffer (its address is the symmetric address every kernel computes from). */
+  private readonly base: bigint;
+  /** The host's P entries of the peer table (direct addresses of the host's buffers, by local index). */
+  private readonly hostPeers: bigint;
+  /** The kernels' last two arguments: the error record and the wait bound. */
+  private readonly failArgs: [bigint, bigint];
   numSms = normalSms();
 
   private constructor(
@@ -101,6 +105,9 @@ export class HierNormalPath {
     this.k = k;
     this.layoutKernels = layoutKernels;
     this.hostMatrix = HostBuffer.alloc(4 * L.numRanks * L.countWords, rt.device);
+    this.base = mem.local.ptr;
+    this.hostPeers = mem.peerTable.ptr + BigInt(8 * (rt.group.rank - (rt.group.rank % L.ranksPerHost)));
+    this.failArgs = [mem.signal.devicePtr + BigInt(ERROR_AT), this.timeoutNs];
   }
 
   /** Collective: joins NVSHMEM, compiles the kernels and allocates the symmetric buffer. */
@@ -215,9 +222,9 @@ export class HierNormalPath {
     return this.queue.run(async () => {
       await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
       await this.rt.group.barrier();
+      this.mem.local.fill(0, this.rt.stream, 0, HIER_CTRL.bytes);
+      await this.rt.stream.synchronize();
       clearDeviceError(this.mem.signal, ERROR_AT);
-      this.mem.local.fill(0, undefined, 0, 4096);
-      this.rt.device.synchronize();
       await this.rt.group.barrier();
     });
   }
@@ -242,20 +249,6 @@ export class HierNormalPath {
 
   private readonly check = (): void => throwIfDeviceError(this.mem.signal, ERROR_AT);
 
-  private get base(): bigint {
-    return this.mem.local.ptr;
-  }
-
-  /** The host's P entries of the peer table (direct addresses of the host's buffers, by local index). */
-  private get hostPeers(): bigint {
-    const first = this.rt.group.rank - (this.rt.group.rank % this.L.ranksPerHost);
-    return this.mem.peerTable.ptr + BigInt(8 * first);
-  }
-
-  private get failArgs(): [bigint, bigint] {
-    return [this.mem.signal.devicePtr + BigInt(ERROR_AT), this.timeoutNs];
-  }
-
   private recArgs(inp: DispatchInputs): number[] {
     return [this.rt.options.hidden * inp.elt, inp.scaleWords, inp.K, inp.topk?.dtype === 'i64' ? 8 : 4];
   }
@@ -274,12 +267,14 @@ export class HierNormalPath {
     const fresh = req.kind === 'fresh';
     const worst = fresh ? req.worstCaseTokens : req.handle.worstCaseTokens;
     const inp = dispatchInputs(rt, req);
+    const shape = payloadShape(inp);
+    const alignment = fresh ? req.expertAlignment : req.handle.expertAlignment;
     this.check();
     rt.after(req.previousEvent);
     let handle: HierDispatchHandle | undefined;
     let sendPos: DeviceTensor;
     let hostPos: DeviceTensor;
-    let isTokenInRank: DeviceTensor;
+    let isTokenInRank: DeviceTensor | undefined; // a fresh dispatch's, for its handle
     let matrixPtr: bigint;
     let myCounts: bigint;
     if (fresh) {
@@ -294,7 +289,7 @@ export class HierNormalPath {
         hostPos.ptr,
         perExpert.ptr,
         L.numExperts,
-        payloadShape(inp),
+        shape,
         this.base,
       ]);
       this.k.counts.launch({ grid: 1, block: 32, stream }, [this.base, me, ...this.failArgs]);
@@ -309,7 +304,6 @@ export class HierNormalPath {
           "a handle from this buffer's NVSHMEM transport",
         );
       }
-      isTokenInRank = rt.onDevice('handle.isTokenInRank', handle.isTokenInRank);
       sendPos = handle.sendPos;
       hostPos = handle.hostPos;
       matrixPtr = handle.matrix.ptr;
@@ -347,25 +341,17 @@ export class HierNormalPath {
       perExpert = [];
       keep = DeviceTensor.emptyOn('i32', [NH * L.maxTokensPerRank, 1 + L.ranksPerHost], stream);
       rankPrefix = DeviceTensor.emptyOn('i32', [R, R], stream);
-      recvCount = DeviceTensor.emptyOn('i32', [1], stream);
-      matrix = DeviceTensor.emptyOn('i32', [R, L.countWords], stream);
-      DeviceBuffer.copyAsync(matrix.ptr, matrixPtr, 4 * R * L.countWords, stream);
     } else {
       const m = await this.readMatrix();
-      const shape = payloadShape(inp);
-      const other = m.findIndex((row) => row[L.countWords - 1] !== shape);
-      if (other >= 0) {
-        throw new ValidationError(
-          'dispatch arguments',
-          `${describeShape(shape)} on rank ${me} but ${describeShape(m[other]![L.countWords - 1]!)} on rank ${other}`,
-          'the same payload type, scales, top-k width, index type and weights on every rank',
-        );
-      }
-      const c = countsFromMatrix(L, m, me, (req as { expertAlignment: number }).expertAlignment);
+      checkSamePayload(m, L.countWords - 1, shape, me);
+      const c = countsFromMatrix(L, m, me, alignment);
       rows = c.rows;
       perExpert = c.perExpert;
       keep = DeviceTensor.emptyOn('i32', [Math.max(1, c.proxyRecords), 1 + L.ranksPerHost], stream);
-      rankPrefix = this.upload([R, R], c.rankPrefix);
+      rankPrefix = uploadI32(rt, [R, R], c.rankPrefix);
+    }
+    if (!handle) {
+      // The call's count matrix, for the receive and for a later cached dispatch or combine.
       recvCount = DeviceTensor.emptyOn('i32', [1], stream);
       matrix = DeviceTensor.emptyOn('i32', [R, L.countWords], stream);
       DeviceBuffer.copyAsync(matrix.ptr, matrixPtr, 4 * R * L.countWords, stream);
@@ -393,12 +379,11 @@ export class HierNormalPath {
       this.base,
       this.hostPeers,
       me,
-      EPOCH_DISPATCH,
+      HIER_CTRL.dispatchEpoch,
       ...this.failArgs,
     ]);
     if (!handle) {
       const own = [sendPos, hostPos, matrix!, rankPrefix!, recvCount!, keep, out.recvSrcIdx!];
-      const req0 = req as { expertAlignment: number };
       handle = {
         kind: 'dispatch',
         transport: 'nvshmem',
@@ -406,9 +391,9 @@ export class HierNormalPath {
         numTokens: inp.T,
         numRecvRows: rows,
         worstCaseTokens: worst,
-        expertAlignment: req0.expertAlignment,
+        expertAlignment: alignment,
         numRecvTokensPerExpert: perExpert,
-        isTokenInRank,
+        isTokenInRank: isTokenInRank!,
         rankPrefixMatrix: rankPrefix!,
         recvSrcIdx: out.recvSrcIdx!,
         sendPos,
@@ -446,12 +431,6 @@ export class HierNormalPath {
     return Array.from({ length: L.numRanks }, (_, s) =>
       pinned.slice(s * L.countWords, (s + 1) * L.countWords),
     );
-  }
-
-  private upload(shape: number[], values: readonly number[]): DeviceTensor {
-    const t = DeviceTensor.emptyOn('i32', shape, this.rt.stream);
-    t.owner!.copyFromHostAsync(Int32Array.from(values), this.rt.stream);
-    return t;
   }
 
   private async runCombine(req: CombineRequest): Promise<CombineResult> {
@@ -510,7 +489,7 @@ export class HierNormalPath {
       this.base,
       this.hostPeers,
       me,
-      EPOCH_COMBINE,
+      HIER_CTRL.combineEpoch,
       ...this.failArgs,
     ]);
     return {

@@ -210,8 +210,13 @@ export function llCombineInputs(
   const weights = rt.onDevice('topkWeights', req.topkWeights);
   const [T, K] = topk.shape as [number, number];
   checkTokens(shape, T, K);
-  const want = [shape.localExperts, shape.numRanks * shape.maxTokensPerRank, shape.hidden];
-  if (x.shape.join() !== want.join()) {
+  const [e, rows, h] = x.shape;
+  if (
+    x.shape.length !== 3 ||
+    e !== shape.localExperts ||
+    rows !== shape.numRanks * shape.maxTokensPerRank ||
+    h !== shape.hidden
+  ) {
     throw new ValidationError('x', `shape [${x.shape.join(', ')}]`, 'the dispatch layout [E_l, R·T_max, H]');
   }
   return { x, topk, weights, T, K, flags: topk.dtype === 'i64' ? LL_FLAG.idx64 : 0, handle };

@@ -34,7 +34,7 @@ import {
   llDispatchResult,
   llSharedBytes,
 } from './ll-call.ts';
-import { LL_RECORD, type LlLayout, llDefines, llLayout } from './ll-layout.ts';
+import { LL_RECORD, type LlLayout, llDefines, llLayout, llMaxRanks } from './ll-layout.ts';
 import { LlOutputs } from './ll-outputs.ts';
 import { joinNvshmem, loadEngineModule, NvshmemSymmetric } from './nvshmem-engine.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -146,7 +146,7 @@ export class LowLatencyPath {
         `The GPU low-latency mode over NVLink runs inside one host; this group has ${group.size} ranks, ${group.localSize} on this host (transport 'nvshmem' or 'nccl' spans hosts).`,
       );
     }
-    const most = acrossHosts ? 16 : 8;
+    const most = llMaxRanks(acrossHosts);
     if (group.size > most || group.size < 1) {
       throw new ValidationError(
         'group size',

@@ -30,8 +30,8 @@ import type { GpuEvent } from './event.ts';
 import { checkNormalShape, type GpuDispatchHandle } from './normal.ts';
 import {
   CallQueue,
+  checkSamePayload,
   type DispatchInputs,
-  describeShape,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
@@ -44,6 +44,8 @@ import {
   NormalModules,
   normalSms,
   payloadShape,
+  readCountRows,
+  uploadI32,
 } from './normal-kernels.ts';
 import { CTRL_ABORT, ERROR_RECORD, type NormalAreas, normalAreas, SIGNAL_BYTES } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -280,37 +282,19 @@ export class NcclNormalPath {
           this.comm.abort();
           throw e;
         }
-        const row = (src: number) => pinned.subarray(src * (R + E + 1), (src + 1) * (R + E + 1));
-        const other = Array.from({ length: R }, (_, s) => s).find((s) => row(s)[R + E] !== shape);
-        if (other !== undefined) {
-          throw new ValidationError(
-            'dispatch arguments',
-            `${describeShape(shape)} on rank ${me} but ${describeShape(row(other)[R + E]!)} on rank ${other}`,
-            'the same payload type, scales, top-k width, index type and weights on every rank',
-          );
-        }
-        counts = {
-          send: Array.from(row(me).subarray(0, R)),
-          recv: Array.from({ length: R }, (_, s) => row(s)[me]!),
-        };
-        // [i][j] = Σ_{i' ≤ i} tokens rank i' sends to rank j: every rank's counts came with the all-gather.
-        const rankPrefix = Array.from({ length: R * R }, (_, k) => {
-          const [i, j] = [Math.floor(k / R), k % R];
-          let acc = 0;
-          for (let src = 0; src <= i; src++) acc += row(src)[j]!;
-          return acc;
-        });
-        perExpert = Array.from({ length: EL }, (_, e) => {
-          let c = 0;
-          for (let src = 0; src < R; src++) c += row(src)[R + me * EL + e]!;
-          return Math.ceil(c / alignment) * alignment;
-        });
+        const rows = Array.from({ length: R }, (_, s) =>
+          pinned.subarray(s * (R + E + 1), (s + 1) * (R + E + 1)),
+        );
+        checkSamePayload(rows, R + E, shape, me);
+        const read = readCountRows(rows, me, EL, R, alignment);
+        counts = { send: Array.from(rows[me]!.subarray(0, R)), recv: read.recv };
+        perExpert = read.perExpert;
         // Uploaded before the exchange is enqueued, so the (possibly staged) host copies never wait behind
         // a transfer that needs the peers.
         created = {
-          rankPrefix: this.upload('i32', [R, R], rankPrefix),
-          recvCount: this.upload('i32', [1], [counts.recv.reduce((x, y) => x + y, 0)]),
-          sendOffsets: this.upload('i32', [R], prefix(counts.send)),
+          rankPrefix: uploadI32(rt, [R, R], read.rankPrefix),
+          recvCount: uploadI32(rt, [1], [counts.recv.reduce((x, y) => x + y, 0)]),
+          sendOffsets: uploadI32(rt, [R], prefix(counts.send)),
         };
       }
     } else {
@@ -490,12 +474,6 @@ export class NcclNormalPath {
       }
     }
     this.comm.exchange(transfers, this.rt.stream);
-  }
-
-  private upload(dtype: 'i32', shape: number[], values: readonly number[]): DeviceTensor {
-    const t = DeviceTensor.emptyOn(dtype, shape, this.rt.stream);
-    t.owner!.copyFromHostAsync(Int32Array.from(values), this.rt.stream);
-    return t;
   }
 
   combine(req: CombineRequest): Promise<CombineResult> {

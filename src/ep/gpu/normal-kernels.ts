@@ -7,6 +7,7 @@ import type { DType } from '../../device/dtypes.ts';
 import { DeviceBuffer } from '../../device/memory.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import type { Stream } from '../../device/stream.ts';
+import { ValidationError } from '../../errors.ts';
 import type { DispatchLayout, DispatchRequest, Tensor } from '../types.ts';
 import type { ChunkCounts, NormalAreas } from './normal-layout.ts';
 import type { GpuRuntime } from './runtime.ts';
@@ -141,6 +142,58 @@ export function describeShape(v: number): string {
   const scales = sw ? `${sw} ${(v >> 11) & 1 ? 'UE8M0' : 'f32'} scale words` : 'no scales';
   const ids = `top-k ${(v >> 12) & 0x3f}${(v >> 18) & 1 ? ' (i64)' : ''}`;
   return `${v & 1 ? 'fp8' : 'bf16'} x, ${scales}, ${ids}, ${(v >> 19) & 1 ? 'weights' : 'no weights'}`;
+}
+
+/** Throws ValidationError unless every rank's payload-shape word (column `col` of its count row) is `shape`. */
+export function checkSamePayload(
+  rows: readonly ArrayLike<number>[],
+  col: number,
+  shape: number,
+  me: number,
+): void {
+  const other = rows.findIndex((row) => row[col] !== shape);
+  if (other < 0) return;
+  throw new ValidationError(
+    'dispatch arguments',
+    `${describeShape(shape)} on rank ${me} but ${describeShape(rows[other]![col]!)} on rank ${other}`,
+    'the same payload type, scales, top-k width, index type and weights on every rank',
+  );
+}
+
+/**
+ * What every rank's count row (indexed by source rank; per-rank counts in columns 0..R-1, per-expert counts
+ * from column `expertCol`) tells rank `me`: the rows from each source, the rank prefix matrix ([i][j] =
+ * Σ_{s ≤ i} rows s sends j, row-major) and the received rows per local expert rounded up to `alignment`.
+ */
+export function readCountRows(
+  rows: readonly ArrayLike<number>[],
+  me: number,
+  localExperts: number,
+  expertCol: number,
+  alignment: number,
+): { recv: number[]; rankPrefix: number[]; perExpert: number[] } {
+  const R = rows.length;
+  const recv = rows.map((row) => row[me]!);
+  const rankPrefix: number[] = [];
+  const running = new Array<number>(R).fill(0);
+  for (const row of rows) {
+    for (let j = 0; j < R; j++) {
+      running[j]! += row[j]!;
+      rankPrefix.push(running[j]!);
+    }
+  }
+  const perExpert = Array.from({ length: localExperts }, (_, e) => {
+    const c = rows.reduce((acc, row) => acc + row[expertCol + me * localExperts + e]!, 0);
+    return Math.ceil(c / alignment) * alignment;
+  });
+  return { recv, rankPrefix, perExpert };
+}
+
+/** An i32 device tensor of `values`, allocated and filled in `rt`'s stream order. */
+export function uploadI32(rt: GpuRuntime, shape: number[], values: readonly number[]): DeviceTensor {
+  const t = DeviceTensor.emptyOn('i32', shape, rt.stream);
+  t.owner!.copyFromHostAsync(Int32Array.from(values), rt.stream);
+  return t;
 }
 
 export function dispatchInputs(rt: GpuRuntime, req: DispatchRequest): DispatchInputs {

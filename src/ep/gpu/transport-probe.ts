@@ -1,11 +1,11 @@
 // The facts behind the transport choice, gathered collectively: how the ranks sit on hosts (the buffer's
 // `ranksPerHost`, so a machine may be split into virtual hosts), whether every pair of a host's ranks' GPUs
-// has peer access, and whether every rank finds NVSHMEM. Ranks may see different GPUs
+// has peer access, and (for transport 'nvshmem') whether every rank finds NVSHMEM. Ranks may see different GPUs
 // (CUDA_VISIBLE_DEVICES per rank), so GPUs are matched by PCI bus id; a peer GPU this rank cannot see
 // counts as no access.
 
 import { Device } from '../../device/context.ts';
-import { findNvshmem } from '../../native/nvshmem.ts';
+import { nvshmemInstall } from '../../native/nvshmem.ts';
 import type { TransportFacts } from '../transport.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -23,11 +23,14 @@ export async function probeTransportFacts(rt: GpuRuntime): Promise<TransportFact
     const ordinal = visible.indexOf(bus);
     ok &&= ordinal >= 0 && rt.device.canAccessPeer(ordinal);
   }
-  let nvshmem = true;
-  try {
-    findNvshmem();
-  } catch {
-    nvshmem = false;
+  // Only transport 'nvshmem' reads this fact; the options are the same on every rank.
+  let nvshmem = rt.options.transport === 'nvshmem';
+  if (nvshmem) {
+    try {
+      nvshmemInstall();
+    } catch {
+      nvshmem = false;
+    }
   }
   const votes = await g.allGather(Uint8Array.of((ok ? 1 : 0) | (nvshmem ? 2 : 0)));
   return {

@@ -89,3 +89,24 @@ export function randomFp8(
   for (let r = 0; r < rows; r++) for (let s = 0; s < S; s++) stored.data[s * rows + r] = q.scales[r * S + s]!;
   return { x, scales: stored.transpose(0, 1) };
 }
+
+/**
+ * For a [T, R] token-to-rank map, the tokens with any rank on each host (hosts of `ranksPerHost`
+ * consecutive ranks): what crosses to each host when every token goes once per destination host.
+ */
+export function tokensPerHost(isTokenInRank: HostTensor, ranksPerHost: number): number[] {
+  const [T, R] = isTokenInRank.shape as [number, number];
+  const map = isTokenInRank.contiguous().bytes();
+  return Array.from({ length: R / ranksPerHost }, (_, h) => {
+    let n = 0;
+    for (let t = 0; t < T; t++) {
+      for (let l = 0; l < ranksPerHost; l++) {
+        if (map[t * R + h * ranksPerHost + l] !== 0) {
+          n++;
+          break;
+        }
+      }
+    }
+    return n;
+  });
+}

@@ -2,6 +2,7 @@
 // and the multi-process GPU tests.
 
 import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 
 const MAIN = fileURLToPath(new URL('../../../src/cli/main.ts', import.meta.url));
@@ -52,4 +53,16 @@ export function startLaunch(
     );
   });
   return { pid: child.pid!, done, kill: (s) => child.kill(s) };
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago (for a launcher's --master-port). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
 }
