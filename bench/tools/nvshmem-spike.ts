@@ -18,7 +18,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Device } from '../../src/device/context.ts';
-import { DeviceBuffer } from '../../src/device/memory.ts';
+import { copyHostToDevice, DeviceBuffer } from '../../src/device/memory.ts';
 import { Event, Stream } from '../../src/device/stream.ts';
 import { initProcessGroup } from '../../src/dist/init.ts';
 import { loadNvshmemModule } from '../../src/jit/link.ts';
@@ -150,7 +150,7 @@ async function main(): Promise<void> {
   const stream = Stream.create(dev);
   const next = (rank + 1) % size;
   const prev = (rank + size - 1) % size;
-  cu('cuMemcpyHtoD_v2', src, sourceBytes(seed, rank, o.bytes), o.bytes);
+  copyHostToDevice(src, sourceBytes(seed, rank, o.bytes));
   const want = sourceBytes(seed, prev, o.bytes);
   cu('cuMemsetD8Async', sig, 0, 8, stream.handle);
   stream.synchronizeBlocking();

@@ -5,7 +5,7 @@ import { ValidationError } from '../errors.ts';
 import { cu } from '../native/cuda.ts';
 import { Device } from './context.ts';
 import { type DType, dtypeSize, elementView } from './dtypes.ts';
-import { DeviceBuffer } from './memory.ts';
+import { copyHostToDevice, DeviceBuffer, setBytes } from './memory.ts';
 import type { Stream } from './stream.ts';
 import {
   checkShape,
@@ -112,7 +112,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     if (this.byteLength === 0) return;
     this.deviceObject();
     (this.owner ?? this.keepAlive)?.settle(); // a pool tensor: after its stream's earlier work
-    cu('cuMemcpyHtoD_v2', this.ptr, host.contiguous().bytes().subarray(0, this.byteLength), this.byteLength);
+    copyHostToDevice(this.ptr, host.contiguous().bytes().subarray(0, this.byteLength));
   }
 
   get numel(): number {
@@ -149,12 +149,16 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     return new HostTensor(this.dtype, this.shape, data, this.strides).contiguous();
   }
 
-  /** Stream-ordered fill of the tensor's bytes (contiguous tensors only). */
+  /**
+   * Sets every byte of the tensor (contiguous tensors only): in `stream`'s order, or, without a stream,
+   * after a pool tensor's stream and done when the call returns.
+   */
   fillBytes(value: number, stream?: Stream): void {
     if (!this.isContiguous()) throw new ValidationError('tensor', describe(this), 'a contiguous tensor');
     if (this.byteLength === 0) return;
     this.deviceObject();
-    cu('cuMemsetD8Async', this.ptr, value & 0xff, this.byteLength, stream?.handle ?? 0n);
+    if (!stream) (this.owner ?? this.keepAlive)?.settle();
+    setBytes(this.ptr, value, this.byteLength, stream);
   }
 
   /** A view of the same memory with another shape (contiguous tensors only). */

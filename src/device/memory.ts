@@ -27,6 +27,27 @@ function hostBytes(src: ArrayBufferView): Uint8Array {
   return new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
 }
 
+/**
+ * Copies host bytes to device memory and returns when they are there. A plain cuMemcpyHtoD from pageable
+ * memory may return once the bytes are staged, before the DMA lands, and our streams are non-blocking, so
+ * a kernel launched next could read the old bytes (seen: a layout computed from stale ids). Copying on
+ * the legacy stream and waiting for that stream waits for the DMA itself.
+ */
+export function copyHostToDevice(dst: bigint, src: ArrayBufferView): void {
+  cu('cuMemcpyHtoDAsync_v2', dst, hostBytes(src), src.byteLength, 0n);
+  cu('cuStreamSynchronize', 0n);
+}
+
+/**
+ * Sets `bytes` bytes at `dst` to `value`: in `stream`'s order, or, without a stream, done when the call
+ * returns. CUDA's memsets run asynchronously even without a stream, and a kernel on one of our
+ * non-blocking streams is not ordered after them (seen: a dispatch read ids that a memset was to set).
+ */
+export function setBytes(dst: bigint, value: number, bytes: number, stream?: Stream): void {
+  cu('cuMemsetD8Async', dst, value & 0xff, bytes, stream?.handle ?? 0n);
+  if (!stream) cu('cuStreamSynchronize', 0n);
+}
+
 const pooled = new Set<number>();
 
 /**
@@ -184,11 +205,15 @@ export class DeviceBuffer {
     return this.p === 0n;
   }
 
-  /** Sets `bytes` bytes from `offset` to `value` (stream-ordered when a stream is given). */
+  /**
+   * Sets `bytes` bytes from `offset` to `value`: in `stream`'s order, or, without a stream, after this
+   * allocation's stream (see `settle`) and done when the call returns.
+   */
   fill(value: number, stream?: Stream, offset = 0, bytes = this.bytes - offset): void {
     checkRange('fill range', offset, bytes, this.bytes);
-    this.device.makeCurrent();
-    cu('cuMemsetD8Async', this.ptr + BigInt(offset), value & 0xff, bytes, stream?.handle ?? 0n);
+    if (stream) this.device.makeCurrent();
+    else this.settle();
+    setBytes(this.ptr + BigInt(offset), value, bytes, stream);
   }
 
   /** Stream-ordered fill of `count` 32-bit words from `offset` (bytes, 4-aligned) with `value`. */
@@ -206,7 +231,7 @@ export class DeviceBuffer {
     checkRange('copy destination', offset, src.byteLength, this.bytes);
     if (src.byteLength === 0) return;
     this.settle();
-    cu('cuMemcpyHtoD_v2', this.ptr + BigInt(offset), hostBytes(src), src.byteLength);
+    copyHostToDevice(this.ptr + BigInt(offset), src);
   }
 
   /** Copies bytes out into `dst`, synchronously, after the work queued so far on `stream`, if any. */

@@ -40,9 +40,7 @@ const DECLS = {
     'int cuMemHostGetDevicePointer_v2(uint64_t *pdptr, void *p, unsigned int flags)',
   cuMemsetD8Async: 'int cuMemsetD8Async(uint64_t dstDevice, uint8_t uc, size_t n, uint64_t stream)',
   cuMemsetD32Async: 'int cuMemsetD32Async(uint64_t dstDevice, unsigned int ui, size_t n, uint64_t stream)',
-  cuMemcpyHtoD_v2: 'int cuMemcpyHtoD_v2(uint64_t dst, const void *src, size_t bytes)',
   cuMemcpyDtoH_v2: 'int cuMemcpyDtoH_v2(void *dst, uint64_t src, size_t bytes)',
-  cuMemcpyDtoD_v2: 'int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes)',
   cuMemcpyHtoDAsync_v2:
     'int cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t bytes, uint64_t stream)',
   cuMemcpyDtoHAsync_v2: 'int cuMemcpyDtoHAsync_v2(void *dst, uint64_t src, size_t bytes, uint64_t stream)',

@@ -169,6 +169,42 @@ test('host copies of a pool tensor wait for its stream (toHost right after a lau
   for (const r of [x, stream, counter, never]) r.dispose();
 });
 
+test('copies and fills without a stream have landed when they return: a kernel on our stream sees them', {
+  skip: gpuSkip,
+}, async () => {
+  // Our streams are non-blocking, so nothing orders their kernels after work on the legacy stream: a copy
+  // or fill without a stream must be complete on return (a plain cuMemcpyHtoD from pageable memory is
+  // not: it may return before its DMA lands, which once fed a layout kernel stale ids).
+  const dev = Device.get(0);
+  const axpb = (await smoke()).kernel('tsep_axpb', ['ptr', 'ptr', 'f32', 'f32', 'i32']);
+  const stream = Stream.create(dev);
+  const legacy = Stream.default(dev);
+  const rand = seededRandom('legacy copies');
+  const n = 1 << 24; // 64 MiB: the DMA takes milliseconds
+  const x = DeviceTensor.empty('f32', [n]);
+  const y = DeviceTensor.empty('f32', [n]);
+  const check = async (want: (i: number) => number, what: string) => {
+    y.fillBytes(0xff, stream);
+    axpb.launch({ grid: 1024, block: 256, stream }, [x.ptr, y.ptr, 1, 0, n]);
+    await stream.synchronize();
+    const got = y.toHost().data;
+    for (let i = 0; i < n; i++)
+      if (got[i] !== want(i)) assert.fail(`${what}: [${i}] ${got[i]} != ${want(i)}`);
+  };
+  for (let round = 0; round < 3; round++) {
+    const host = randomF32(rand, n);
+    x.copyFromHost(host);
+    assert.equal(legacy.query(), true, `round ${round}: copyFromHost returned before its copy finished`);
+    await check((i) => host.data[i]!, `round ${round} copyFromHost`);
+    const byte = 0x3c + round;
+    x.fillBytes(byte);
+    assert.equal(legacy.query(), true, `round ${round}: fillBytes returned before its fill finished`);
+    const f = new Float32Array(new Uint8Array([byte, byte, byte, byte]).buffer)[0]!;
+    await check(() => f, `round ${round} fillBytes`);
+  }
+  for (const r of [x, y, stream]) r.dispose();
+});
+
 test('a running kernel’s host-mapped counter is seen before the kernel ends', { skip: gpuSkip }, async () => {
   const dev = Device.get(0);
   const k = (await smoke()).kernel('tsep_signal_and_wait', ['ptr', 'ptr', 'i32', 'u64']);

@@ -31,10 +31,14 @@ let joined: { rank: number; size: number } | undefined;
 const registered: Module[] = [];
 
 /**
- * At exit, NVSHMEM is finalized (every rank exits, so every PE takes part): its library left running while
- * the process tore down the CUDA context crashed with SIGSEGV after the work was done (2026-11-28).
+ * At a clean exit, NVSHMEM is finalized (every rank exits, so every PE takes part): its library left
+ * running while the process tore down the CUDA context crashed with SIGSEGV after the work was done
+ * (2026-11-28). Not after a failure: the finalize is collective, peers that are still working never join
+ * it, and Node runs exit handlers before it prints an uncaught error, so the rank hung with its error
+ * unsaid (2026-11-29).
  */
-function leaveAtExit(): void {
+function leaveAtExit(code: number): void {
+  if (code !== 0) return;
   try {
     for (const m of registered.splice(0)) nvshmemCumoduleFinalize(m.handle);
     nvshmemFinalize();
