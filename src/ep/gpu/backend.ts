@@ -63,7 +63,10 @@ class GpuBackend implements EpBackend {
 
   static async create(context: BackendContext): Promise<GpuBackend> {
     const rt = GpuRuntime.create(context);
-    const transport = chooseTransport(context.options.transport, await probeTransportFacts(rt));
+    const transport = chooseTransport(
+      context.options.transport,
+      await probeTransportFacts(rt, context.options.transport),
+    );
     const mode = context.options.mode;
     const normalImpl = { nccl: NcclNormalPath, nvshmem: HierNormalPath, nvlink: NormalPath }[
       transport.transport

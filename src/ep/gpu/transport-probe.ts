@@ -7,9 +7,11 @@
 import { Device } from '../../device/context.ts';
 import { nvshmemInstall } from '../../native/nvshmem.ts';
 import type { TransportFacts } from '../transport.ts';
+import type { TransportKind } from '../types.ts';
 import type { GpuRuntime } from './runtime.ts';
 
-export async function probeTransportFacts(rt: GpuRuntime): Promise<TransportFacts> {
+/** Collective. `requested`: the transport asked for (the same on every rank); NVSHMEM is looked for only for 'nvshmem'. */
+export async function probeTransportFacts(rt: GpuRuntime, requested: TransportKind): Promise<TransportFacts> {
   const g = rt.group;
   const mine = rt.device.info.pciBusId;
   const buses = (await g.allGather(new TextEncoder().encode(mine))).map((b) => new TextDecoder().decode(b));
@@ -23,8 +25,8 @@ export async function probeTransportFacts(rt: GpuRuntime): Promise<TransportFact
     const ordinal = visible.indexOf(bus);
     ok &&= ordinal >= 0 && rt.device.canAccessPeer(ordinal);
   }
-  // Only transport 'nvshmem' reads this fact; the options are the same on every rank.
-  let nvshmem = rt.options.transport === 'nvshmem';
+  // Only transport 'nvshmem' reads this fact.
+  let nvshmem = requested === 'nvshmem';
   if (nvshmem) {
     try {
       nvshmemInstall();
