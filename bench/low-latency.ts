@@ -3,7 +3,7 @@
 //
 //   node src/cli/main.ts launch -n 4 -- node bench/low-latency.ts [--tokens 128] [--hidden 7168]
 //       [--experts 288] [--topk 8] [--iters 200] [--warmup 20] [--sets 4] [--bf16]
-//       [--transport auto|nvlink|nccl|nvshmem] [--ranks-per-host N]
+//       [--transport auto|nvlink|nccl|nvshmem] [--ranks-per-host N] [--no-nccl]
 //
 // The transport is chosen as the GPU backend chooses it ('auto': NVLink on one host with peer access, else
 // NCCL) and named in the header and the JSON. The launch-shape sweep covers the knobs of the path in use;
@@ -17,6 +17,7 @@
 // Logical bandwidth counts as DeepEP's test_low_latency.py does: per valid (token, expert) selection,
 // dispatch moves H + H/128·4 + 16 bytes (FP8) or 2H + 16 (BF16) and combine 2H bytes.
 // Phase times (hook mode) are taken with every rank's send phase finished (a host barrier between).
+// --no-nccl skips the NCCL all-to-all rows (for ranks that share a GPU, which NCCL refuses).
 // Rank 0 prints the table and writes JSON (TSEP_BENCH_OUT, else $OUT/low-latency.json, else bench/out/).
 
 import { randomFillSync } from 'node:crypto';
@@ -53,7 +54,9 @@ const { values } = parseArgs({
     bf16: { type: 'boolean', default: false },
     transport: { type: 'string', default: 'auto' },
     'ranks-per-host': { type: 'string' },
+    nccl: { type: 'boolean', default: true },
   },
+  allowNegative: true,
   strict: true,
 });
 const T = Number(values.tokens);
@@ -463,7 +466,7 @@ const crossHost = {
 
 // ------------------------------------------------------------------------------------------- NCCL
 
-async function ncclMs(bytesPerRank: number): Promise<number[]> {
+async function ncclMs(comm: NcclCommunicator, bytesPerRank: number): Promise<number[]> {
   const count = Math.max(64, Math.floor(bytesPerRank / 2 / R / 64) * 64);
   const send = DeviceBuffer.alloc(count * 2 * R, dev);
   const recv = DeviceBuffer.alloc(count * 2 * R, dev);
@@ -482,9 +485,9 @@ async function ncclMs(bytesPerRank: number): Promise<number[]> {
   recv.dispose();
   return ms;
 }
-const comm = await NcclCommunicator.create(group, dev);
-const ncclDispatchMs = await ncclMs(dispatchLogical);
-const ncclCombineMs = await ncclMs(combineLogical);
+const comm = values.nccl ? await NcclCommunicator.create(group, dev) : undefined;
+const ncclDispatchMs = comm ? await ncclMs(comm, dispatchLogical) : undefined;
+const ncclCombineMs = comm ? await ncclMs(comm, combineLogical) : undefined;
 
 // ------------------------------------------------------------------------------------------ report
 
@@ -500,12 +503,16 @@ const rows = [
   ['dispatch recv (hook)', us(phaseSlowest.drecv), undefined],
   ['combine send (hook)', us(phaseSlowest.csend), undefined],
   ['combine recv (hook)', us(phaseSlowest.crecv), undefined],
-  ['NCCL a2a, dispatch bytes', us(ncclDispatchMs), dispatchLogical],
-  ['NCCL a2a, combine bytes', us(ncclCombineMs), combineLogical],
+  ...(ncclDispatchMs && ncclCombineMs
+    ? ([
+        ['NCCL a2a, dispatch bytes', us(ncclDispatchMs), dispatchLogical],
+        ['NCCL a2a, combine bytes', us(ncclCombineMs), combineLogical],
+      ] as const)
+    : []),
   ['dispatch, ungated', us(ungated.dispatch), dispatchLogical],
   ['combine, ungated', us(ungated.combine), combineLogical],
   ['dispatch+combine, ungated', us(ungated.both), dispatchLogical + combineLogical],
-] as const;
+] as const satisfies readonly (readonly [string, ReturnType<typeof us>, number | undefined])[];
 const hostMedians = [hostDispatchUs, hostHookDispatchUs, hostCombineUs, hostEventUs].map(
   (v) => summarize(v).median,
 );
@@ -541,8 +548,14 @@ if (me === 0) {
     ]),
   );
   const ratio = (a: number[], b: number[]) => summarize(a).median / summarize(b).median;
+  const ncclOverTsep =
+    ncclDispatchMs && ncclCombineMs
+      ? { dispatch: ratio(ncclDispatchMs, dispatchMs), combine: ratio(ncclCombineMs, combineMs) }
+      : undefined;
   process.stdout.write(
-    `NCCL all-to-all / tsep: dispatch ${ratio(ncclDispatchMs, dispatchMs).toFixed(2)}x, combine ${ratio(ncclCombineMs, combineMs).toFixed(2)}x\n` +
+    (ncclOverTsep
+      ? `NCCL all-to-all / tsep: dispatch ${ncclOverTsep.dispatch.toFixed(2)}x, combine ${ncclOverTsep.combine.toFixed(2)}x\n`
+      : 'NCCL all-to-all skipped (--no-nccl)\n') +
       `host overhead per call (API entry to return, GPU idle; median, max over ranks): dispatch ${hostMax[0]!.toFixed(1)} us, ` +
       `dispatch with hook ${hostMax[1]!.toFixed(1)} us, combine ${hostMax[2]!.toFixed(1)} us, of which one GpuEvent ${hostMax[3]!.toFixed(1)} us\n` +
       `bytes per rank: communication memory ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
@@ -595,7 +608,7 @@ if (me === 0) {
     timing:
       'CUDA events per iteration; each iteration after a device barrier of the ranks and a short spin (gated) unless marked ungated; per iteration the slowest rank; median (p10, p90) in us',
     results: Object.fromEntries(rows.map(([name, t, bytes]) => [name, { ...t, logicalBytes: bytes }])),
-    ncclOverTsep: { dispatch: ratio(ncclDispatchMs, dispatchMs), combine: ratio(ncclCombineMs, combineMs) },
+    ncclOverTsep: ncclOverTsep ?? null,
     hostOverheadUs: {
       dispatch: allHost.map((h) => h[0]),
       dispatchHook: allHost.map((h) => h[1]),
@@ -619,7 +632,7 @@ if (me === 0) {
 }
 
 await settle('the end');
-comm.destroy();
+comm?.destroy();
 await path.destroy();
 for (const s of sets) for (const t of [s.x, s.topk, s.weights]) t.dispose();
 y.dispose();
