@@ -65,7 +65,7 @@ case "${1:-}" in
     step sanitize 400 scripts/sanitize.sh 2
     ;;
   shared)
-    # Stage limits from the one-GPU runs of 2026-11-28 (fourth session): about 20, 50, 50 and 80 s.
+    # Stage limits from the one-GPU runs of 2026-11-28/29: about 25, 50, 55 and 105 s.
     export TSEP_TEST_SHARE_GPUS=1
     step failure 90 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts
     step low-latency 120 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
