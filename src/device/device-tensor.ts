@@ -136,7 +136,11 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     return Device.get(this.device.ordinal);
   }
 
-  /** Copies to a new host tensor with the same shape and strides layout packed row-major. */
+  /**
+   * Copies to a new host tensor with the same shape and strides layout packed row-major. A pool tensor
+   * (every EpBuffer output) is read after its stream's work; for memory you allocated, wait for the work
+   * that writes it first (e.g. `await result.event.wait()`): a synchronous copy joins no stream of ours.
+   */
   toHost(): HostTensor<D> {
     const extent = storageExtent(this.shape, this.strides);
     const host = new Uint8Array(extent * dtypeSize(this.dtype));
