@@ -17,7 +17,7 @@
 // Logical bandwidth counts as DeepEP's test_low_latency.py does: per valid (token, expert) selection,
 // dispatch moves H + H/128·4 + 16 bytes (FP8) or 2H + 16 (BF16) and combine 2H bytes.
 // Phase times (hook mode) are taken with every rank's send phase finished (a host barrier between).
-// --no-nccl skips the NCCL all-to-all rows (for ranks that share a GPU, which NCCL refuses).
+// --no-nccl skips the NCCL all-to-all rows; so does a job whose ranks share a GPU (NCCL refuses that).
 // Rank 0 prints the table and writes JSON (TSEP_BENCH_OUT, else $OUT/low-latency.json, else bench/out/).
 
 import { randomFillSync } from 'node:crypto';
@@ -91,7 +91,10 @@ const rt = GpuRuntime.create({ group, options, owner: { label: `bench rank ${me}
 const dev = rt.device;
 const stream = rt.stream;
 const requested = values.transport as TransportKind;
-const transport = chooseTransport(requested, await probeTransportFacts(rt, requested));
+const facts = await probeTransportFacts(rt, requested);
+const transport = chooseTransport(requested, facts);
+// NCCL refuses two ranks on one GPU: the baseline is skipped then, saying why.
+const ncclSkipped = !values.nccl ? '--no-nccl' : facts.sharedGpu;
 const t0 = performance.now();
 const path = await createLowLatencyMode(rt, transport.transport);
 const createMs = performance.now() - t0;
@@ -485,7 +488,7 @@ async function ncclMs(comm: NcclCommunicator, bytesPerRank: number): Promise<num
   recv.dispose();
   return ms;
 }
-const comm = values.nccl ? await NcclCommunicator.create(group, dev) : undefined;
+const comm = ncclSkipped === undefined ? await NcclCommunicator.create(group, dev) : undefined;
 const ncclDispatchMs = comm ? await ncclMs(comm, dispatchLogical) : undefined;
 const ncclCombineMs = comm ? await ncclMs(comm, combineLogical) : undefined;
 
@@ -555,7 +558,7 @@ if (me === 0) {
   process.stdout.write(
     (ncclOverTsep
       ? `NCCL all-to-all / tsep: dispatch ${ncclOverTsep.dispatch.toFixed(2)}x, combine ${ncclOverTsep.combine.toFixed(2)}x\n`
-      : 'NCCL all-to-all skipped (--no-nccl)\n') +
+      : `NCCL all-to-all skipped (${ncclSkipped})\n`) +
       `host overhead per call (API entry to return, GPU idle; median, max over ranks): dispatch ${hostMax[0]!.toFixed(1)} us, ` +
       `dispatch with hook ${hostMax[1]!.toFixed(1)} us, combine ${hostMax[2]!.toFixed(1)} us, of which one GpuEvent ${hostMax[3]!.toFixed(1)} us\n` +
       `bytes per rank: communication memory ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +

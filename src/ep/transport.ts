@@ -12,6 +12,21 @@ export interface TransportFacts {
   peerAccess: boolean;
   /** An NVSHMEM install was found on every rank (transport 'nvshmem'); absent means no. */
   nvshmem?: boolean;
+  /** Two ranks use one GPU (named: "ranks 0 and 2 share GPU … on host …"); absent when each has its own. */
+  sharedGpu?: string;
+}
+
+/** The first two ranks that run on the same GPU of the same host, described; undefined if none do. */
+export function sharedGpu(places: readonly { host: string; bus: string }[]): string | undefined {
+  const seen = new Map<string, number>();
+  for (let r = 0; r < places.length; r++) {
+    const { host, bus } = places[r]!;
+    const key = `${host}\n${bus}`;
+    const other = seen.get(key);
+    if (other !== undefined) return `ranks ${other} and ${r} share GPU ${bus} on host ${host}`;
+    seen.set(key, r);
+  }
+  return undefined;
 }
 
 export interface TransportChoice {
@@ -27,7 +42,7 @@ export function chooseTransport(requested: TransportKind, f: TransportFacts): Tr
     : !f.peerAccess
       ? 'not every pair of the GPUs has peer access'
       : undefined;
-  if (requested === 'nccl') return { transport: 'nccl', reason: "transport 'nccl' was requested" };
+  if (requested === 'nccl') return ncclOnOwnGpus(requested, f, "transport 'nccl' was requested");
   if (requested === 'nvshmem') {
     const problem = !f.nvshmem
       ? 'no NVSHMEM install was found on every rank (set TSEP_NVSHMEM_HOME, or pip install nvidia-nvshmem-cu13)'
@@ -59,5 +74,18 @@ export function chooseTransport(requested: TransportKind, f: TransportFacts): Tr
   }
   return why === undefined
     ? { transport: 'nvlink', reason: `all ${f.ranks} ranks are on one host and their GPUs have peer access` }
-    : { transport: 'nccl', reason: why };
+    : ncclOnOwnGpus(requested, f, why);
+}
+
+/** NCCL refuses two ranks on one GPU (its communicator fails to form): say so before it does. */
+function ncclOnOwnGpus(requested: TransportKind, f: TransportFacts, reason: string): TransportChoice {
+  if (f.sharedGpu !== undefined) {
+    throw new ValidationError(
+      'transport',
+      requested === 'nccl' ? "'nccl'" : `'${requested}', which chose NCCL because ${reason}`,
+      `one GPU per rank for NCCL, but ${f.sharedGpu}; run one rank per GPU` +
+        (f.ranks === f.localRanks && f.peerAccess ? ", or use 'nvlink'" : ''),
+    );
+  }
+  return { transport: 'nccl', reason };
 }

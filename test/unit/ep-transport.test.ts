@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { chooseTransport } from '../../src/ep/transport.ts';
+import { chooseTransport, sharedGpu } from '../../src/ep/transport.ts';
 import { ValidationError } from '../../src/errors.ts';
 
 const oneHostP2p = { ranks: 4, localRanks: 4, peerAccess: true };
@@ -57,5 +57,41 @@ describe('transport selection', () => {
     );
     // 'auto' keeps NCCL across hosts until the normal mode runs over NVSHMEM too.
     assert.equal(chooseTransport('auto', virtualHosts).transport, 'nccl');
+  });
+  it('finds two ranks on one GPU of one host (the same bus id on two hosts is two GPUs)', () => {
+    const places = [
+      { host: 'a', bus: '0000:19:00.0' },
+      { host: 'b', bus: '0000:19:00.0' },
+      { host: 'a', bus: '0000:3b:00.0' },
+      { host: 'a', bus: '0000:19:00.0' },
+    ];
+    assert.equal(sharedGpu(places), 'ranks 0 and 3 share GPU 0000:19:00.0 on host a');
+    assert.equal(sharedGpu(places.slice(0, 3)), undefined);
+    assert.equal(sharedGpu([]), undefined);
+  });
+
+  it('NCCL is refused, with the ranks named, where two ranks share a GPU; NVLink and NVSHMEM are not', () => {
+    const shared = 'ranks 0 and 1 share GPU 0000:19:00.0 on host a';
+    const isShared = (re: RegExp) => (e: unknown) =>
+      e instanceof ValidationError &&
+      e.argument === 'transport' &&
+      e.message.includes(shared) &&
+      re.test(e.message);
+    assert.throws(
+      () => chooseTransport('nccl', { ...oneHostP2p, sharedGpu: shared }),
+      isShared(/or use 'nvlink'/),
+    );
+    assert.throws(
+      () => chooseTransport('auto', { ...twoHosts, sharedGpu: shared }),
+      isShared(/'auto', which chose NCCL because the 8 ranks span several hosts/),
+    );
+    assert.throws(
+      () => chooseTransport('nccl', { ...twoHosts, sharedGpu: shared }),
+      (e: unknown) => e instanceof ValidationError && !/or use 'nvlink'/.test(e.message),
+    );
+    assert.equal(chooseTransport('auto', { ...oneHostP2p, sharedGpu: shared }).transport, 'nvlink');
+    assert.equal(chooseTransport('nvlink', { ...oneHostP2p, sharedGpu: shared }).transport, 'nvlink');
+    const vh = { ranks: 4, localRanks: 2, peerAccess: true, nvshmem: true, sharedGpu: shared };
+    assert.equal(chooseTransport('nvshmem', vh).transport, 'nvshmem');
   });
 });

@@ -1,12 +1,14 @@
 // The facts behind the transport choice, gathered collectively: how the ranks sit on hosts (the buffer's
 // `ranksPerHost`, so a machine may be split into virtual hosts), whether every pair of a host's ranks' GPUs
-// has peer access, and (for transport 'nvshmem') whether every rank finds NVSHMEM. Ranks may see different GPUs
+// has peer access, whether two ranks share a GPU (NCCL refuses that), and (for transport 'nvshmem') whether
+// every rank finds NVSHMEM. Ranks may see different GPUs
 // (CUDA_VISIBLE_DEVICES per rank), so GPUs are matched by PCI bus id; a peer GPU this rank cannot see
 // counts as no access.
 
+import { hostname } from 'node:os';
 import { Device } from '../../device/context.ts';
 import { nvshmemInstall } from '../../native/nvshmem.ts';
-import type { TransportFacts } from '../transport.ts';
+import { sharedGpu, type TransportFacts } from '../transport.ts';
 import type { TransportKind } from '../types.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -14,7 +16,11 @@ import type { GpuRuntime } from './runtime.ts';
 export async function probeTransportFacts(rt: GpuRuntime, requested: TransportKind): Promise<TransportFacts> {
   const g = rt.group;
   const mine = rt.device.info.pciBusId;
-  const buses = (await g.allGather(new TextEncoder().encode(mine))).map((b) => new TextDecoder().decode(b));
+  const places = (await g.allGather(new TextEncoder().encode(`${hostname()}\n${mine}`))).map((b) => {
+    const [host, bus] = new TextDecoder().decode(b).split('\n') as [string, string];
+    return { host, bus };
+  });
+  const buses = places.map((p) => p.bus);
   const visible = Device.pciBusIds();
   const perHost = rt.options.ranksPerHost;
   const first = g.rank - (g.rank % perHost);
@@ -34,11 +40,13 @@ export async function probeTransportFacts(rt: GpuRuntime, requested: TransportKi
       nvshmem = false;
     }
   }
+  const shared = sharedGpu(places);
   const votes = await g.allGather(Uint8Array.of((ok ? 1 : 0) | (nvshmem ? 2 : 0)));
   return {
     ranks: g.size,
     localRanks: perHost,
     peerAccess: votes.every((v) => (v[0]! & 1) === 1),
     nvshmem: votes.every((v) => (v[0]! & 2) === 2),
+    ...(shared !== undefined ? { sharedGpu: shared } : {}),
   };
 }
