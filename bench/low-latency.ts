@@ -612,6 +612,7 @@ if (me === 0) {
       'CUDA events per iteration; each iteration after a device barrier of the ranks and a short spin (gated) unless marked ungated; per iteration the slowest rank; median (p10, p90) in us',
     results: Object.fromEntries(rows.map(([name, t, bytes]) => [name, { ...t, logicalBytes: bytes }])),
     ncclOverTsep: ncclOverTsep ?? null,
+    ...(ncclSkipped !== undefined ? { ncclSkipped } : {}),
     hostOverheadUs: {
       dispatch: allHost.map((h) => h[0]),
       dispatchHook: allHost.map((h) => h[1]),

@@ -13,6 +13,8 @@ export interface DeviceInfo {
   l2CacheBytes: number;
   maxSharedMemoryPerBlockOptin: number;
   pciBusId: string;
+  /** The GPU's UUID (hex): the same GPU seen from any process or container has the same one. */
+  uuid: string;
 }
 
 function attr(dev: number, a: number): number {
@@ -44,6 +46,8 @@ export class Device {
     cu('cuDeviceTotalMem_v2', mem, ordinal);
     const bus = new Uint8Array(64);
     cu('cuDeviceGetPCIBusId', bus, bus.length, ordinal);
+    const uuid = new Uint8Array(16);
+    cu('cuDeviceGetUuid_v2', uuid, ordinal);
     this.info = {
       ordinal,
       name: cString(name),
@@ -56,6 +60,7 @@ export class Device {
       l2CacheBytes: attr(ordinal, DEVICE_ATTR.L2_CACHE_SIZE),
       maxSharedMemoryPerBlockOptin: attr(ordinal, DEVICE_ATTR.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
       pciBusId: cString(bus),
+      uuid: Buffer.from(uuid).toString('hex'),
     };
   }
 

@@ -138,8 +138,9 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
 
   /**
    * Copies to a new host tensor with the same shape and strides layout packed row-major. A pool tensor
-   * (every EpBuffer output) is read after its stream's work; for memory you allocated, wait for the work
-   * that writes it first (e.g. `await result.event.wait()`): a synchronous copy joins no stream of ours.
+   * (a layout or normal-mode output) is read after its stream's work; for any other tensor (low-latency
+   * outputs, memory you allocated) wait for the work that writes it first (e.g. `await result.event.wait()`):
+   * a synchronous copy joins no stream of ours.
    */
   toHost(): HostTensor<D> {
     const extent = storageExtent(this.shape, this.strides);

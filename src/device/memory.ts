@@ -247,9 +247,18 @@ export class DeviceBuffer {
    * stream. Synchronous copies run in no stream's order, so without the wait a copy could read the memory
    * before that stream's kernels wrote it (the stream is non-blocking), or write it while earlier work of
    * that stream still uses the memory for a freed allocation. Blocks the thread, as the copy itself does.
+   * While that stream is being captured into a graph there is nothing to wait for (waiting would end the
+   * capture): the caller must pass the stream so the copy or fill is captured too.
    */
   settle(): void {
     this.device.makeCurrent();
+    if (this.stream?.isCapturing()) {
+      throw new ValidationError(
+        'host copy or fill',
+        'one without a stream, of memory whose stream is being captured into a graph',
+        'the stream-ordered form on that stream (fill or fillBytes with the stream, copyFromHostAsync, copyToHostAsync)',
+      );
+    }
     this.stream?.synchronizeBlocking();
   }
 

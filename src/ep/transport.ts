@@ -1,7 +1,7 @@
 // Which transport the GPU backend uses. Pure decision logic (unit-tested); the facts come from the GPUs
 // and the group (ep/gpu/transport-probe.ts) and `tsep doctor` prints the same decision.
 
-import { ValidationError } from '../errors.ts';
+import { RendezvousError, ValidationError } from '../errors.ts';
 import type { ChosenTransport, TransportKind } from './types.ts';
 
 export interface TransportFacts {
@@ -16,15 +16,37 @@ export interface TransportFacts {
   sharedGpu?: string;
 }
 
-/** The first two ranks that run on the same GPU of the same host, described; undefined if none do. */
-export function sharedGpu(places: readonly { host: string; bus: string }[]): string | undefined {
+/** Where a rank runs: its GPU's UUID and PCI bus id, and its host's name (for messages). */
+export interface RankPlace {
+  gpu: string;
+  bus: string;
+  host: string;
+}
+
+/** One line each for the UUID and the bus id (neither holds a newline); the host name is the rest. */
+export function encodePlace(p: RankPlace): string {
+  return `${p.gpu}\n${p.bus}\n${p.host}`;
+}
+
+export function decodePlace(text: string): RankPlace {
+  const a = text.indexOf('\n');
+  const b = text.indexOf('\n', a + 1);
+  if (a < 0 || b < 0) {
+    throw new RendezvousError(
+      `A rank described its GPU as ${JSON.stringify(text)}, not "uuid\\nbus\\nhost": run the same tsep version on every rank.`,
+    );
+  }
+  return { gpu: text.slice(0, a), bus: text.slice(a + 1, b), host: text.slice(b + 1) };
+}
+
+/** The first two ranks that run on the same GPU (same UUID), described; undefined if none do. */
+export function sharedGpu(places: readonly RankPlace[]): string | undefined {
   const seen = new Map<string, number>();
   for (let r = 0; r < places.length; r++) {
-    const { host, bus } = places[r]!;
-    const key = `${host}\n${bus}`;
-    const other = seen.get(key);
+    const { gpu, bus, host } = places[r]!;
+    const other = seen.get(gpu);
     if (other !== undefined) return `ranks ${other} and ${r} share GPU ${bus} on host ${host}`;
-    seen.set(key, r);
+    seen.set(gpu, r);
   }
   return undefined;
 }
@@ -83,8 +105,10 @@ function ncclOnOwnGpus(requested: TransportKind, f: TransportFacts, reason: stri
     throw new ValidationError(
       'transport',
       requested === 'nccl' ? "'nccl'" : `'${requested}', which chose NCCL because ${reason}`,
-      `one GPU per rank for NCCL, but ${f.sharedGpu}; run one rank per GPU` +
-        (f.ranks === f.localRanks && f.peerAccess ? ", or use 'nvlink'" : ''),
+      `one GPU per rank for NCCL, but ${f.sharedGpu}; run one rank per GPU, or use ` +
+        (f.ranks === f.localRanks
+          ? "'nvlink'"
+          : "'nvshmem' (NVLink inside each host, NVSHMEM between hosts)"),
     );
   }
   return { transport: 'nccl', reason };

@@ -19,6 +19,7 @@ const DECLS = {
   cuDeviceGetAttribute: 'int cuDeviceGetAttribute(int *pi, int attrib, int dev)',
   cuDeviceTotalMem_v2: 'int cuDeviceTotalMem_v2(uint64_t *bytes, int dev)',
   cuDeviceGetPCIBusId: 'int cuDeviceGetPCIBusId(uint8_t *pciBusId, int len, int dev)',
+  cuDeviceGetUuid_v2: 'int cuDeviceGetUuid_v2(uint8_t *uuid, int dev)',
   cuDeviceCanAccessPeer: 'int cuDeviceCanAccessPeer(int *canAccessPeer, int dev, int peerDev)',
   cuDevicePrimaryCtxRetain: 'int cuDevicePrimaryCtxRetain(uint64_t *pctx, int dev)',
   cuDevicePrimaryCtxRelease_v2: 'int cuDevicePrimaryCtxRelease_v2(int dev)',

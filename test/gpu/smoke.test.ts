@@ -197,12 +197,29 @@ test('copies and fills without a stream have landed when they return: a kernel o
     assert.equal(legacy.query(), true, `round ${round}: copyFromHost returned before its copy finished`);
     await check((i) => host.data[i]!, `round ${round} copyFromHost`);
     const byte = 0x3c + round;
-    x.fillBytes(byte);
-    assert.equal(legacy.query(), true, `round ${round}: fillBytes returned before its fill finished`);
+    if (round % 2 === 0) x.fillBytes(byte);
+    else x.owner!.fill(byte); // DeviceBuffer.fill, the same promise
+    assert.equal(legacy.query(), true, `round ${round}: the fill returned before it finished`);
     const f = new Float32Array(new Uint8Array([byte, byte, byte, byte]).buffer)[0]!;
-    await check(() => f, `round ${round} fillBytes`);
+    await check(() => f, `round ${round} fill`);
   }
-  for (const r of [x, y, stream]) r.dispose();
+  // A pool tensor's stream that is being captured cannot be waited for: a fill without a stream is
+  // refused there, and the stream-ordered form is captured and replayed.
+  const pool = DeviceTensor.emptyOn('f32', [n], stream);
+  await stream.synchronize();
+  const g = await Graph.captureAsync(stream, async () => {
+    assert.throws(() => pool.fillBytes(0), ValidationError);
+    pool.fillBytes(0x40, stream);
+  });
+  pool.fillBytes(0);
+  g.launch(stream);
+  await stream.synchronize();
+  assert.ok(
+    pool.toHost().data.every((v) => v === 3.0039215087890625),
+    'the captured fill ran at replay (0x40404040 = 3.0039…)',
+  );
+  g.dispose();
+  for (const r of [pool, x, y, stream]) r.dispose();
 });
 
 test('a running kernel’s host-mapped counter is seen before the kernel ends', { skip: gpuSkip }, async () => {

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { chooseTransport, sharedGpu } from '../../src/ep/transport.ts';
-import { ValidationError } from '../../src/errors.ts';
+import { chooseTransport, decodePlace, encodePlace, sharedGpu } from '../../src/ep/transport.ts';
+import { RendezvousError, ValidationError } from '../../src/errors.ts';
 
 const oneHostP2p = { ranks: 4, localRanks: 4, peerAccess: true };
 const oneHostNoP2p = { ranks: 4, localRanks: 4, peerAccess: false };
@@ -58,16 +58,29 @@ describe('transport selection', () => {
     // 'auto' keeps NCCL across hosts until the normal mode runs over NVSHMEM too.
     assert.equal(chooseTransport('auto', virtualHosts).transport, 'nccl');
   });
-  it('finds two ranks on one GPU of one host (the same bus id on two hosts is two GPUs)', () => {
+  it('finds two ranks on one GPU by its UUID (the same bus id on two hosts is two GPUs)', () => {
     const places = [
-      { host: 'a', bus: '0000:19:00.0' },
-      { host: 'b', bus: '0000:19:00.0' },
-      { host: 'a', bus: '0000:3b:00.0' },
-      { host: 'a', bus: '0000:19:00.0' },
+      { gpu: 'u0', bus: '0000:19:00.0', host: 'a' },
+      { gpu: 'u1', bus: '0000:19:00.0', host: 'b' },
+      { gpu: 'u2', bus: '0000:3b:00.0', host: 'a' },
+      { gpu: 'u0', bus: '0000:19:00.0', host: 'a' },
     ];
     assert.equal(sharedGpu(places), 'ranks 0 and 3 share GPU 0000:19:00.0 on host a');
     assert.equal(sharedGpu(places.slice(0, 3)), undefined);
     assert.equal(sharedGpu([]), undefined);
+  });
+
+  it('a rank place round-trips through its text form, a host name with newlines included', () => {
+    for (const p of [
+      { gpu: '0123abcd', bus: '0000:19:00.0', host: 'node-7' },
+      { gpu: 'ff', bus: '0000:3b:00.0', host: 'odd\nname' },
+      { gpu: '', bus: '', host: '' },
+    ])
+      assert.deepEqual(decodePlace(encodePlace(p)), p);
+    assert.throws(
+      () => decodePlace('no separators'),
+      (e: unknown) => e instanceof RendezvousError && /same tsep version/.test(e.message),
+    );
   });
 
   it('NCCL is refused, with the ranks named, where two ranks share a GPU; NVLink and NVSHMEM are not', () => {
@@ -87,7 +100,7 @@ describe('transport selection', () => {
     );
     assert.throws(
       () => chooseTransport('nccl', { ...twoHosts, sharedGpu: shared }),
-      (e: unknown) => e instanceof ValidationError && !/or use 'nvlink'/.test(e.message),
+      isShared(/or use 'nvshmem'/),
     );
     assert.equal(chooseTransport('auto', { ...oneHostP2p, sharedGpu: shared }).transport, 'nvlink');
     assert.equal(chooseTransport('nvlink', { ...oneHostP2p, sharedGpu: shared }).transport, 'nvlink');

@@ -63,10 +63,16 @@ class GpuBackend implements EpBackend {
 
   static async create(context: BackendContext): Promise<GpuBackend> {
     const rt = GpuRuntime.create(context);
-    const transport = chooseTransport(
-      context.options.transport,
-      await probeTransportFacts(rt, context.options.transport),
-    );
+    let transport: TransportChoice;
+    try {
+      transport = chooseTransport(
+        context.options.transport,
+        await probeTransportFacts(rt, context.options.transport),
+      );
+    } catch (e) {
+      rt.stream.dispose(); // a refused transport is an ordinary, catchable error: leave nothing behind
+      throw e;
+    }
     const mode = context.options.mode;
     const normalImpl = { nccl: NcclNormalPath, nvshmem: HierNormalPath, nvlink: NormalPath }[
       transport.transport

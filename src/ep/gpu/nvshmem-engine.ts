@@ -4,11 +4,11 @@
 // uses for its own buffer. Peers on this rank's host are mapped directly (nvshmem_ptr) and reached with
 // plain stores over NVLink, as the single-host kernels do.
 
-import { hostname } from 'node:os';
 import type { Device } from '../../device/context.ts';
 import { DeviceBuffer, HostBuffer } from '../../device/memory.ts';
 import type { Module } from '../../device/module.ts';
 import type { Group } from '../../dist/group.ts';
+import { machineId } from '../../dist/machine.ts';
 import { TsepError } from '../../errors.ts';
 import { loadNvshmemModule, type NvshmemKernelSource } from '../../jit/link.ts';
 import {
@@ -65,7 +65,7 @@ export async function joinNvshmem(group: Group, device: Device, heapBytes: numbe
     }
     return;
   }
-  const names = await group.allGather(new TextEncoder().encode(hostname()));
+  const names = await group.allGather(new TextEncoder().encode(machineId()));
   const machine = new TextDecoder().decode(names[0]);
   if (names.every((n) => new TextDecoder().decode(n) === machine)) {
     process.env.NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME ??= 'lo';

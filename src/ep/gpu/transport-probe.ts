@@ -8,7 +8,7 @@
 import { hostname } from 'node:os';
 import { Device } from '../../device/context.ts';
 import { nvshmemInstall } from '../../native/nvshmem.ts';
-import { sharedGpu, type TransportFacts } from '../transport.ts';
+import { decodePlace, encodePlace, sharedGpu, type TransportFacts } from '../transport.ts';
 import type { TransportKind } from '../types.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -16,10 +16,10 @@ import type { GpuRuntime } from './runtime.ts';
 export async function probeTransportFacts(rt: GpuRuntime, requested: TransportKind): Promise<TransportFacts> {
   const g = rt.group;
   const mine = rt.device.info.pciBusId;
-  const places = (await g.allGather(new TextEncoder().encode(`${hostname()}\n${mine}`))).map((b) => {
-    const [host, bus] = new TextDecoder().decode(b).split('\n') as [string, string];
-    return { host, bus };
-  });
+  const place = encodePlace({ gpu: rt.device.info.uuid, bus: mine, host: hostname() });
+  const places = (await g.allGather(new TextEncoder().encode(place))).map((b) =>
+    decodePlace(new TextDecoder().decode(b)),
+  );
   const buses = places.map((p) => p.bus);
   const visible = Device.pciBusIds();
   const perHost = rt.options.ranksPerHost;
