@@ -13,6 +13,8 @@
 //
 // A dispatch block (one per source, `block` bytes, from src/ep/gpu/ll-nccl-layout.ts):
 //   [0, 4)                   i32 T: tokens of the call
+//   [4, 8)                   u32 call tag (src/ep/gpu/ll-nccl-layout.ts dispatchTag): the same on every
+//                            rank for one call, so a block left from another call is recognised
 //   [LLN_ROUTE, ...)         routing [LL_TMAX][LL_KMAX] i32: the token's expert ids, -1 past K (rows < T)
 //   [LLN_MSGS, ...)          LL_TMAX messages of `msg` bytes: the row (H fp8 or 2H bf16), then the FP8
 //                            scales (S f32 or W UE8M0 words) at +LL_H, as in the NVLink messages
@@ -35,12 +37,15 @@ using namespace ll;
 // the all-gather gives the whole block to every rank, and each receiver picks its experts' rows.
 extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_dispatch_pack(
     const u16 *__restrict__ x, const void *__restrict__ topk, int T, int K, int flags, u8 *__restrict__ block,
-    int msg) {
+    int msg, u32 tag) {
   const bool fp8 = flags & LL_FLAG_FP8, round = flags & LL_FLAG_ROUND, ue8m0 = flags & LL_FLAG_UE8M0;
   const bool idx64 = flags & LL_FLAG_IDX64;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = (LL_H + LL_CHUNK - 1) / LL_CHUNK;
-  if (blockIdx.x == 0 && threadIdx.x == 0) *reinterpret_cast<int *>(block) = T;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *reinterpret_cast<int *>(block) = T;
+    reinterpret_cast<u32 *>(block)[1] = tag;
+  }
   int *route = reinterpret_cast<int *>(block + LLN_ROUTE);
   for (int item = blockIdx.x * LL_WARPS + warp; item < T * chunks; item += gridDim.x * LL_WARPS) {
     const SendChunk c = load_send_chunk(item, x, topk, K, idx64);
@@ -67,19 +72,35 @@ struct GatheredSrc {
 };
 
 // Blocks (e, part) of E_l x parts, looping when the grid is smaller; outputs as the NVLink receive phase.
-// Dynamic shared memory: 2 * LL_RT words.
+// A source block whose tag is not this call's (a transfer that ended without it, or a rank that made
+// another call) counts as empty, and block 0 reports the first such source in `stale` (host-mapped i32:
+// flag, source, tag found), which the host turns into an error. Dynamic shared memory: 2 * LL_RT words.
 extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_nccl_dispatch_unpack(
     const u8 *__restrict__ gathered, u64 block, int msg, int rank, int flags, u8 *__restrict__ recv_x,
     void *__restrict__ recv_scales, int *__restrict__ recv_count, int *__restrict__ src_info,
-    long long *__restrict__ layout_range, u32 *__restrict__ kmask_out, int parts) {
+    long long *__restrict__ layout_range, u32 *__restrict__ kmask_out, int parts, u32 tag, int *stale) {
   __shared__ int s_tokens[LL_R];
+  __shared__ u32 s_tag[LL_R];
   __shared__ int s_count[LL_R];
   __shared__ int s_scan[LL_WARPS];
   extern __shared__ u32 s_dyn[];
   // Clamped: a block that never arrived (an aborted transfer) must not send the scan out of its rows.
-  for (int s = threadIdx.x; s < LL_R; s += LL_THREADS)
-    s_tokens[s] = min(max(*reinterpret_cast<const int *>(gathered + s * block), 0), LL_TMAX);
+  for (int s = threadIdx.x; s < LL_R; s += LL_THREADS) {
+    const u8 *b = gathered + s * block;
+    s_tag[s] = reinterpret_cast<const u32 *>(b)[1];
+    s_tokens[s] = s_tag[s] == tag ? min(max(*reinterpret_cast<const int *>(b), 0), LL_TMAX) : 0;
+  }
   __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (int s = 0; s < LL_R; s++) {
+      if (s_tag[s] == tag) continue;
+      stale[1] = s;  // the first such source
+      stale[2] = (int)s_tag[s];
+      __threadfence_system();
+      tsep::st_release_sys(stale, 1);
+      break;
+    }
+  }
   const GatheredSrc src{gathered, (size_t)block, msg};
   const bool fp8 = flags & LL_FLAG_FP8, ue8m0 = flags & LL_FLAG_UE8M0;
   for (int ep = blockIdx.x; ep < LL_EL * parts; ep += gridDim.x) {

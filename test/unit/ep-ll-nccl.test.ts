@@ -13,7 +13,7 @@ import {
   llBufferShape,
   llSharedBytes,
 } from '../../src/ep/gpu/ll-call.ts';
-import { llNcclDefines, llNcclLayout } from '../../src/ep/gpu/ll-nccl-layout.ts';
+import { dispatchTag, llNcclDefines, llNcclLayout } from '../../src/ep/gpu/ll-nccl-layout.ts';
 import { TsepError, ValidationError } from '../../src/errors.ts';
 
 const STANDARD = { numRanks: 4, localExperts: 72, hidden: 7168, maxTokensPerRank: 128, numTopk: 8 };
@@ -157,4 +157,21 @@ test('a receive hook runs once; its check runs first and can refuse it', () => {
       e instanceof TsepError && e.code === 'TSEP_UNSUPPORTED' && /already called/.test(e.message),
   );
   assert.equal(runs, 1);
+});
+
+test('dispatch tags: never 0, distinct for the calls a receive half can hold, and per reset', () => {
+  const seen = new Set<number>();
+  for (const epoch of [0, 1, 255])
+    for (let call = 0; call < 1000; call++) {
+      const t = dispatchTag(epoch, call);
+      assert.ok(t > 0 && t <= 0xffffffff && Number.isInteger(t), `tag ${t}`);
+      assert.equal(t >>> 24, epoch);
+      seen.add(t);
+    }
+  assert.equal(seen.size, 3000);
+  // Half i & 1 holds call i until call i + 2: consecutive calls of a half never share a tag, also when the
+  // 24-bit index wraps.
+  for (const call of [0, 0xfffffd, 0xfffffe, 0xffffff, 2 * 0xffffff - 1])
+    assert.notEqual(dispatchTag(3, call), dispatchTag(3, call + 2));
+  assert.equal(dispatchTag(256, 0), dispatchTag(0, 0)); // the epoch's 8 bits wrap
 });

@@ -3,7 +3,7 @@
 // device, so every block is sized for the worst case and carries its own counts. The kernels get the
 // offsets as -D defines from here (one place defines the layout); docs/low-latency.md gives the numbers.
 //
-//   dispatch block (one per rank, all-gathered): i32 T | routing [T_max][K_max] i32 | T_max messages
+//   dispatch block (one per rank, all-gathered): i32 T, u32 call tag | routing [T_max][K_max] i32 | T_max messages
 //     (a message: the row, H fp8 or 2H bf16 bytes, then the FP8 scales; its size depends on the payload)
 //   combine block (one per (expert rank, owner) pair, all-to-all): [T_max][K_max] bf16 rows of H channels
 //
@@ -17,7 +17,7 @@ import { type LlPayload, type LlShape, llShapeDefines } from './ll-layout.ts';
 const align = (n: number, a: number): number => Math.ceil(n / a) * a;
 
 export interface LlNcclLayout extends LlShape {
-  /** Offset of the routing table in a dispatch block (after the i32 token count). */
+  /** Offset of the routing table in a dispatch block (after the i32 token count and the u32 call tag). */
   routeOffset: number;
   /** Offset of the first message in a dispatch block. */
   msgOffset: number;
@@ -74,4 +74,13 @@ export function llNcclDefines(l: LlNcclLayout): Record<string, number> {
     LLN_ROUTE: l.routeOffset,
     LLN_MSGS: l.msgOffset,
   };
+}
+
+/**
+ * The tag a dispatch writes into its block and the unpack expects (the same on every rank for one call):
+ * the reset() count in the top 8 bits, the call's index since that reset + 1 in the low 24 (never 0,
+ * which a zeroed block holds).
+ */
+export function dispatchTag(epoch: number, call: number): number {
+  return (((epoch & 0xff) << 24) | ((call % 0xffffff) + 1)) >>> 0;
 }

@@ -8,13 +8,14 @@
 //   combine:  pack (each expert-side row into its owner's block at slot [token][k]), all-to-all of the
 //             blocks, reduce (the k-ordered weighted sum, reading each slot from its expert's rank).
 // Every transfer has a fixed size (ll-nccl-layout.ts) and carries its own counts, so nothing waits on the
-// host and every call is capturable in a CUDA graph. Calls are ordered by the stream alone: there are no
-// device-side signals or sequence numbers to keep, and NCCL kernels, not ours, do the waiting. A receive
+// host and every call is capturable in a CUDA graph. Calls are ordered by the stream alone and NCCL
+// kernels, not ours, do the waiting; a dispatch block carries its call's tag, so a block left from another
+// call (a transfer that ended without a peer's data) is reported instead of unpacked. A receive
 // hook enqueues the unpack (or reduce); its NCCL transfer was enqueued by the send phase and holds SMs
 // while the data is in flight, which is this transport's limit. Each call kind has two receive halves,
 // so a hook may run after the next call of its kind, as over NVLink.
 
-import { DeviceBuffer } from '../../device/memory.ts';
+import { DeviceBuffer, HostBuffer } from '../../device/memory.ts';
 import type { Kernel } from '../../device/module.ts';
 import { NcclCommunicator } from '../../dist/nccl-comm.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
@@ -41,9 +42,15 @@ import {
   llDispatchResult,
   llSharedBytes,
 } from './ll-call.ts';
-import { type LlNcclLayout, llNcclDefines, llNcclLayout } from './ll-nccl-layout.ts';
+import { dispatchTag, type LlNcclLayout, llNcclDefines, llNcclLayout } from './ll-nccl-layout.ts';
 import { LlOutputs } from './ll-outputs.ts';
 import type { GpuRuntime } from './runtime.ts';
+
+/** What every low-latency failure over NCCL tells the user to do. */
+const SAME_CALLS =
+  'Every rank must make the same low-latency calls in the same order, with the same payload options. The NCCL ' +
+  'communicator was aborted so this rank can go on; call reset() on every rank before the next call ' +
+  '(TSEP_TIMEOUT_S sets the bound).';
 
 /** Sources the receive scan can take: it clears one counter per source with one thread each. */
 const MAX_RANKS = LL_THREADS;
@@ -75,8 +82,14 @@ export class NcclLowLatencyPath {
   private readonly combineRecv: DeviceBuffer;
   /** One i32 that gate() all-reduces: a barrier of the ranks on their streams. */
   private readonly gateWord: DeviceBuffer;
+  /** Host-mapped i32 [flag, source, tag found]: a dispatch found a block of another call. */
+  private readonly stale: HostBuffer;
+  private readonly staleWords: Int32Array;
   private readonly timeoutMs: number;
-  /** Calls made of each kind: call i uses receive half i & 1, which call i + 2 overwrites. */
+  /**
+   * Calls made of each kind since the last reset() (which every rank makes, so the counts agree): call i
+   * uses receive half i & 1, which call i + 2 overwrites.
+   */
   private readonly calls = { dispatch: 0, combine: 0 };
   /** reset()s so far: a hook remembers the epoch of its call. */
   private epoch = 0;
@@ -106,6 +119,11 @@ export class NcclLowLatencyPath {
     this.combineRecv = DeviceBuffer.alloc(2 * layout.combineRecvHalfBytes, dev);
     this.gateWord = DeviceBuffer.alloc(4, dev);
     this.gateWord.fill(0);
+    this.stale = HostBuffer.alloc(12, dev);
+    this.staleWords = this.stale.int32();
+    // Tag 0 in this rank's block until its first dispatch, never a call's tag: what a peer gathers from it
+    // then (warm-up) is recognised as no call's block.
+    this.dispatchSend.fill(0);
     this.outputs = new LlOutputs(rt, layout, rt.options.fp8 ? 'fp8' : 'bf16');
   }
 
@@ -126,9 +144,19 @@ export class NcclLowLatencyPath {
     const layout = llNcclLayout(llBufferShape(group.size, options));
     const mod = await rt.kernels('ll_nccl.cu', llNcclDefines(layout));
     const kernels: NcclLlKernels = {
-      // x, topk, T, K, flags, block, msg
-      dispatchPack: mod.kernel('ll_nccl_dispatch_pack', ['ptr', 'ptr', 'i32', 'i32', 'i32', 'ptr', 'i32']),
-      // gathered, block, msg, rank, flags, recvX, recvScales, recvCount, srcInfo, layoutRange, kmask, parts
+      // x, topk, T, K, flags, block, msg, tag
+      dispatchPack: mod.kernel('ll_nccl_dispatch_pack', [
+        'ptr',
+        'ptr',
+        'i32',
+        'i32',
+        'i32',
+        'ptr',
+        'i32',
+        'u32',
+      ]),
+      // gathered, block, msg, rank, flags, recvX, recvScales, recvCount, srcInfo, layoutRange, kmask, parts,
+      // tag, stale
       dispatchUnpack: mod.kernel('ll_nccl_dispatch_unpack', [
         'ptr',
         'u64',
@@ -142,6 +170,8 @@ export class NcclLowLatencyPath {
         'ptr',
         'ptr',
         'i32',
+        'u32',
+        'ptr',
       ]),
       // x, srcInfo, layoutRange, kmask, blocks
       combinePack: mod.kernel('ll_nccl_combine_pack', ['ptr', 'ptr', 'ptr', 'ptr', 'ptr']),
@@ -181,6 +211,7 @@ export class NcclLowLatencyPath {
     const { x, topk, T, K, flags, kind } = llDispatchInputs(rt, L, req);
     const views = this.outputs.nextDispatch(kind, req.ue8m0);
     const call = this.calls.dispatch++;
+    const tag = dispatchTag(this.epoch, call);
     const gathered = this.dispatchRecv.ptr + BigInt((call & 1) * L.dispatchRecvHalfBytes);
     const block = L.blockBytes[kind];
     const msg = L.msgBytes[kind];
@@ -194,6 +225,7 @@ export class NcclLowLatencyPath {
       flags,
       this.dispatchSend.ptr,
       msg,
+      tag,
     ]);
     this.comm.allGather(this.dispatchSend.ptr, gathered, block, 'u8', stream);
     const unpack = (): void => {
@@ -212,6 +244,8 @@ export class NcclLowLatencyPath {
           views.range.ptr,
           views.kmask.ptr,
           parts,
+          tag,
+          this.stale.devicePtr,
         ],
       );
     };
@@ -296,11 +330,14 @@ export class NcclLowLatencyPath {
     if (this.destroyed) throw new DisposedError('NcclLowLatencyPath');
     this.abortTransfers();
     ++this.epoch; // hooks of calls made before the reset are refused: warmUp() overwrites their halves
+    // Every rank counts calls from here again, so the tags agree even if one rank skipped a call before.
+    this.calls.dispatch = this.calls.combine = 0;
     await this.rt.stream.synchronize({
       timeoutMs: this.timeoutMs + 5000,
       what: 'the low-latency calls of this rank after its NCCL communicator was aborted',
     });
     this.comm = await NcclCommunicator.create(this.rt.group, this.rt.device);
+    this.staleWords.fill(0);
     this.failure = undefined;
     await this.warmUp();
   }
@@ -330,6 +367,7 @@ export class NcclLowLatencyPath {
     this.comm.destroy();
     for (const b of [this.dispatchSend, this.dispatchRecv, this.combineSend, this.combineRecv, this.gateWord])
       b.dispose();
+    this.stale.dispose();
     this.outputs.dispose();
   }
 
@@ -364,24 +402,39 @@ export class NcclLowLatencyPath {
 
   private checkUsable(): void {
     if (this.destroyed) throw new DisposedError('NcclLowLatencyPath');
+    this.noteStale();
     if (this.failure !== undefined) throw new EpTimeoutError(this.failure);
   }
 
   private throwIfFailed(): void {
+    this.noteStale();
     if (this.failure !== undefined) throw new EpTimeoutError(this.failure);
     this.comm.checkAsyncError();
   }
 
+  /** A dispatch that unpacked another call's block from a rank (its transfer ended without it) fails. */
+  private noteStale(): void {
+    const v = this.staleWords;
+    if (v[0] === 0) return;
+    const { rank } = this.rt.group;
+    this.fail(
+      `Low-latency dispatch over NCCL on rank ${rank} received no block of this call from rank ${v[1]} (found ` +
+        `call tag ${v[2]! >>> 0}): its transfer ended without that rank's data. ${SAME_CALLS}`,
+    );
+  }
+
   /** Records the failure and aborts the communicator (its waiting transfers end); the error to throw. */
   private expire(waitedMs = this.timeoutMs): EpTimeoutError {
+    const { rank } = this.rt.group;
+    return this.fail(
+      `Low-latency call over NCCL on rank ${rank} did not complete within ${waitedMs / 1000} s. ` +
+        `A rank is missing, stuck or made a different call (NCCL cannot say which). ${SAME_CALLS}`,
+    );
+  }
+
+  private fail(message: string): EpTimeoutError {
     if (this.failure === undefined) {
-      const { rank } = this.rt.group;
-      this.failure =
-        `Low-latency call over NCCL on rank ${rank} did not complete within ${waitedMs / 1000} s. ` +
-        'A rank is missing, stuck or made a different call (NCCL cannot say which): every rank must make the ' +
-        'same low-latency calls in the same order, with the same payload options. The NCCL communicator was ' +
-        'aborted so this rank can go on; call reset() on every rank before the next call ' +
-        '(TSEP_TIMEOUT_S sets the bound).';
+      this.failure = message;
       this.comm.abort();
     }
     return new EpTimeoutError(this.failure);
