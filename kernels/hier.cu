@@ -9,9 +9,7 @@
 // A call's sequence numbers live in the buffer (so graph replays stay correct): each kernel of a call
 // uses the stored value + 1, and the call's last kernel (hier_barrier) stores it. They are 32-bit and
 // compared wrap-safely (wait_seq), so they may pass 2^32.
-#include <nvshmem.h>
-#include <nvshmemx.h>
-
+#include "engine.cuh"
 #include "ep_sync.cuh"
 
 #ifndef HIER_R
@@ -59,6 +57,7 @@ static_assert(R % P == 0 && R <= 32 && P <= 8, "ranks per host must divide the r
 #define HC_SIG_X 640
 #define HC_SIG_CNT 704
 #define HC_BAR 1024
+#define HC_SIG_R 2048
 #endif
 
 // Kernel ids of the error record (src/ep/gpu/device-error.ts).
@@ -147,8 +146,10 @@ extern "C" __global__ void hier_counts(u8 *base, int me, ErrorRecord *err, u64 t
     nvshmem_putmem_signal_nbi(mat + (size_t)me * HIER_CW, counts, HIER_CW * sizeof(int),
                               reinterpret_cast<uint64_t *>(sig + me), e, NVSHMEM_SIGNAL_SET, r);
   nvshmem_quiet();
-  for (int s = threadIdx.x; s < R; s += blockDim.x)
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
     if (!wait_seq(sig + s, (u32)e, timeout_ns, f, me, HK_COUNTS, 0, s)) return;
+    engine_acquire(sig + s, e);  // row s was put through NVSHMEM
+  }
 }
 
 // Packs each token once per destination host into that host's slot at the token's host position: the
@@ -249,9 +250,29 @@ extern "C" __global__ void __launch_bounds__(256) hier_recv(
     }
   bool ok = !aborted(f);
   const u64 e = next_epoch(base, HC_DEPOCH);
+  // As proxy (block 0): the signals of the other hosts' records in this rank's inbox are seen through
+  // NVSHMEM's consistency step (engine_acquire), then republished for the host's ranks, whose NVLink
+  // reads of the inbox are then ordered after the records (a network transport orders a put and its
+  // signal for the target PE only).
+  if (blockIdx.x == 0) {
+    if (ok && threadIdx.x < NH && threadIdx.x != my_host) {
+      const int h = threadIdx.x;
+      const u64 *sig = ctrl_u64(base, HC_SIG_D) + h;
+      ok = wait_seq(sig, (u32)e, timeout_ns, f, me, HK_RECV, 1, h * P + local);
+      if (ok) {
+        engine_acquire(sig, e);
+        __threadfence_system();
+        st_release_sys_u64(ctrl_u64(base, HC_SIG_R) + h, e);
+      }
+    }
+    if (!__syncthreads_and(ok)) return;
+  }
   if (ok && threadIdx.x < R) {
     const int s = threadIdx.x;
-    const u64 *sig = reinterpret_cast<const u64 *>(peers[s % P] + HC_SIG_D) + host_of(s);
+    // A source on this host signalled its own inbox slot over NVLink; another host's records are read
+    // once the proxy republished their signal.
+    const int word = host_of(s) == my_host ? HC_SIG_D : HC_SIG_R;
+    const u64 *sig = reinterpret_cast<const u64 *>(peers[s % P] + word) + host_of(s);
     ok = wait_seq(sig, (u32)e, timeout_ns, f, me, HK_RECV, 0, s);
   }
   if (!__syncthreads_and(ok)) return;
@@ -433,8 +454,11 @@ extern "C" __global__ void __launch_bounds__(256) hier_reduce(u8 *base, int me, 
   const Fail f{err, reinterpret_cast<int *>(base + HC_ABORT)};
   bool ok = !aborted(f);
   const u64 e = next_epoch(base, HC_CEPOCH);
-  if (ok && threadIdx.x < NH)
-    ok = wait_seq(ctrl_u64(base, HC_SIG_C) + threadIdx.x, (u32)e, timeout_ns, f, me, HK_REDUCE, 0, threadIdx.x * P + me % P);
+  if (ok && threadIdx.x < NH) {
+    const u64 *sig = ctrl_u64(base, HC_SIG_C) + threadIdx.x;
+    ok = wait_seq(sig, (u32)e, timeout_ns, f, me, HK_REDUCE, 0, threadIdx.x * P + me % P);
+    if (ok && threadIdx.x != host_of(me)) engine_acquire(sig, e);  // that host's partials came through NVSHMEM
+  }
   if (!__syncthreads_and(ok)) return;
   const int vecs = hidden / 8;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < T * vecs; i += gridDim.x * blockDim.x) {

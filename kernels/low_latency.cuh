@@ -15,8 +15,7 @@
 #define LL_ENGINE 0
 #endif
 #if LL_ENGINE
-#include <nvshmem.h>
-#include <nvshmemx.h>
+#include "engine.cuh"
 #ifndef LL_RPH
 #define LL_RPH 1
 #endif
@@ -120,10 +119,22 @@ __device__ __noinline__ void report_timeout(const Ctx &c, int phase, int peer, u
   }
 }
 
+// Whether rank d is on another host than `rank` (always false without LL_ENGINE).
+__device__ __forceinline__ bool remote(int d, int rank) {
+#if LL_ENGINE
+  return d / LL_RPH != rank / LL_RPH;
+#else
+  (void)d;
+  (void)rank;
+  return false;
+#endif
+}
+
 // Spins until *p has reached `target`: relaxed loads while waiting, then one acquire load of the value that
-// reached it (what the caller reads afterwards is ordered after the writer's release). Gives up, returning
-// false, when this rank has aborted or after the timeout (then it reports). A u64 word compares its low 32
-// bits.
+// reached it (what the caller reads afterwards is ordered after the writer's release; for a word a peer on
+// another host wrote, after NVSHMEM's consistency step too). Gives up, returning false, when this rank has
+// aborted or after the timeout (then it reports). A u64 word compares its low 32 bits. `p` is in this
+// rank's own buffer; `peer` is the rank that writes it.
 template <typename T>
 __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 target, int phase, int peer,
                                              T *seen_out = nullptr) {
@@ -145,19 +156,11 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
       }
     }
   }
+#if LL_ENGINE
+  if (remote(peer, c.rank)) tsep::engine_acquire(p, v);
+#endif
   if (seen_out) *seen_out = v;
   return true;
-}
-
-// Whether rank d is on another host than `rank` (always false without LL_ENGINE).
-__device__ __forceinline__ bool remote(int d, int rank) {
-#if LL_ENGINE
-  return d / LL_RPH != rank / LL_RPH;
-#else
-  (void)d;
-  (void)rank;
-  return false;
-#endif
 }
 
 // Publishes a word into rank d's buffer at `p` (computed from peers[d]) with release semantics: a store

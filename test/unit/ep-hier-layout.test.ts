@@ -7,7 +7,7 @@ import { describe, it } from 'node:test';
 import { Rng } from '../../src/cpu/random.ts';
 import { alignUp, rankPrefixMatrix } from '../../src/cpu/ref-dispatch.ts';
 import { referenceLayout } from '../../src/cpu/ref-layout.ts';
-import { countsFromMatrix, hierDefines, hierLayout } from '../../src/ep/gpu/hier-layout.ts';
+import { countsFromMatrix, HIER_CTRL, hierDefines, hierLayout } from '../../src/ep/gpu/hier-layout.ts';
 import { randomRouting, routingTensor, tokensPerHost } from './helpers/inputs.ts';
 
 const shapes = [
@@ -69,6 +69,46 @@ describe('hierarchical normal-mode layout', () => {
       assert.equal(Object.values(d).filter((v) => !Number.isSafeInteger(v)).length, 0);
     });
   }
+
+  it('control block words do not overlap at the largest shape (32 ranks, 32 hosts) and fit in it', () => {
+    const R = 32;
+    const NH = 32;
+    const words: [string, number, number][] = [
+      ['abort', HIER_CTRL.abort, 4],
+      ['dispatchEpoch', HIER_CTRL.dispatchEpoch, 4],
+      ['combineEpoch', HIER_CTRL.combineEpoch, 4],
+      ['round', HIER_CTRL.round, 4],
+      ['arrive', HIER_CTRL.arrive, 4],
+      ['rdmaTokens', HIER_CTRL.rdmaTokens, 8],
+      ['rdmaBytes', HIER_CTRL.rdmaBytes, 8],
+      ['signalDispatch', HIER_CTRL.signalDispatch, 8 * NH],
+      ['signalCombine', HIER_CTRL.signalCombine, 8 * NH],
+      ['signalRows', HIER_CTRL.signalRows, 8],
+      ['signalCounts', HIER_CTRL.signalCounts, 8 * R],
+      ['barrier', HIER_CTRL.barrier, 4 * R],
+      ['signalRepublish', HIER_CTRL.signalRepublish, 8 * NH],
+    ];
+    const sorted = [...words].sort((a, b) => a[1] - b[1]);
+    for (let i = 0; i < sorted.length; i++) {
+      const [name, at, bytes] = sorted[i]!;
+      assert.equal(at % Math.min(bytes, 8), 0, `${name} is aligned`);
+      const end = i + 1 < sorted.length ? sorted[i + 1]![1] : HIER_CTRL.bytes;
+      assert.ok(at + bytes <= end, `${name} [${at}, ${at + bytes}) runs into the next word at ${end}`);
+    }
+    // Every word reaches the kernels as a define.
+    const d = hierDefines(
+      hierLayout({
+        numRanks: 4,
+        ranksPerHost: 2,
+        hidden: 2048,
+        maxTokensPerRank: 64,
+        numTopk: 8,
+        numExperts: 16,
+      }),
+    );
+    assert.equal(d.HC_SIG_R, HIER_CTRL.signalRepublish);
+    assert.equal(d.HC_SIG_D, HIER_CTRL.signalDispatch);
+  });
 
   it('refuses hosts that do not divide the ranks, more than 32 ranks or more than 8 per host', () => {
     const base = shapes[0]!;

@@ -67,6 +67,8 @@ export const HIER_CTRL = {
   /** u64 [R]: count rows arrived; then i32 [R] barrier words. */
   signalCounts: 704,
   barrier: 1024,
+  /** u64 [NH]: this rank's inbox signals as proxy, republished for the host's ranks (hier_recv). */
+  signalRepublish: 2048,
   bytes: 4096,
 } as const;
 
@@ -153,6 +155,7 @@ export function hierDefines(l: HierLayout): Record<string, number> {
     HC_SIG_X: HIER_CTRL.signalRows,
     HC_SIG_CNT: HIER_CTRL.signalCounts,
     HC_BAR: HIER_CTRL.barrier,
+    HC_SIG_R: HIER_CTRL.signalRepublish,
   };
 }
 
