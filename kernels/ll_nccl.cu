@@ -13,21 +13,40 @@
 //
 // A dispatch block (one per source, `block` bytes, from src/ep/gpu/ll-nccl-layout.ts):
 //   [0, 4)                   i32 T: tokens of the call
-//   [4, 8)                   u32 call tag (src/ep/gpu/ll-nccl-layout.ts dispatchTag): the same on every
+//   [4, 8)                   u32 call tag (src/ep/gpu/ll-nccl-layout.ts callTag): the same on every
 //                            rank for one call, so a block left from another call is recognised
 //   [LLN_ROUTE, ...)         routing [LL_TMAX][LL_KMAX] i32: the token's expert ids, -1 past K (rows < T)
 //   [LLN_MSGS, ...)          LL_TMAX messages of `msg` bytes: the row (H fp8 or 2H bf16), then the FP8
 //                            scales (S f32 or W UE8M0 words) at +LL_H, as in the NVLink messages
-// A combine block (one per owner): [LL_TMAX][LL_KMAX] bf16 rows of LL_H channels.
+// A combine block (one per owner): u32 call tag, then [LL_TMAX][LL_KMAX] bf16 rows of LL_H channels from
+// LLN_CROWS. A receiving kernel that finds a block of another call (a transfer that ended without that
+// rank's data, or a rank that made another call) reports the first such rank in `stale` (host-mapped i32:
+// flag, rank, tag found, 0 dispatch / 1 combine), which the host turns into an error.
 #include "ll_core.cuh"
 
 #ifndef LLN_ROUTE
 // Defaults so the file compiles stand-alone; the library passes the layout's offsets.
 #define LLN_ROUTE 128
 #define LLN_MSGS 4224
+#define LLN_CROWS 128
 #endif
 
-#define LLN_CBLOCK ((size_t)LL_TMAX * LL_KMAX * 2 * LL_H)
+#define LLN_CBLOCK (LLN_CROWS + (size_t)LL_TMAX * LL_KMAX * 2 * LL_H)
+
+// Block 0, thread 0, after tags[r] of every rank r were read into shared memory: reports the first rank
+// whose block carries another call's tag.
+__device__ __forceinline__ void report_stale(const u32 *tags, u32 tag, int kind, int *stale) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  for (int r = 0; r < LL_R; r++) {
+    if (tags[r] == tag) continue;
+    stale[1] = r;
+    stale[2] = (int)tags[r];
+    stale[3] = kind;
+    __threadfence_system();
+    tsep::st_release_sys(stale, 1);
+    return;
+  }
+}
 
 using namespace ll;
 
@@ -72,9 +91,7 @@ struct GatheredSrc {
 };
 
 // Blocks (e, part) of E_l x parts, looping when the grid is smaller; outputs as the NVLink receive phase.
-// A source block whose tag is not this call's (a transfer that ended without it, or a rank that made
-// another call) counts as empty, and block 0 reports the first such source in `stale` (host-mapped i32:
-// flag, source, tag found), which the host turns into an error. Dynamic shared memory: 2 * LL_RT words.
+// A source block of another call counts as empty (and is reported). Dynamic shared memory: 2 * LL_RT words.
 extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_nccl_dispatch_unpack(
     const u8 *__restrict__ gathered, u64 block, int msg, int rank, int flags, u8 *__restrict__ recv_x,
     void *__restrict__ recv_scales, int *__restrict__ recv_count, int *__restrict__ src_info,
@@ -91,16 +108,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_nccl_dispatch_unp
     s_tokens[s] = s_tag[s] == tag ? min(max(*reinterpret_cast<const int *>(b), 0), LL_TMAX) : 0;
   }
   __syncthreads();
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    for (int s = 0; s < LL_R; s++) {
-      if (s_tag[s] == tag) continue;
-      stale[1] = s;  // the first such source
-      stale[2] = (int)s_tag[s];
-      __threadfence_system();
-      tsep::st_release_sys(stale, 1);
-      break;
-    }
-  }
+  report_stale(s_tag, tag, 0, stale);
   const GatheredSrc src{gathered, (size_t)block, msg};
   const bool fp8 = flags & LL_FLAG_FP8, ue8m0 = flags & LL_FLAG_UE8M0;
   for (int ep = blockIdx.x; ep < LL_EL * parts; ep += gridDim.x) {
@@ -115,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_nccl_dispatch_unp
 struct OwnerBlocksDst {
   u8 *base;
   __device__ __forceinline__ u8 *slot(int s, int t, int k) const {
-    return base + (size_t)s * LLN_CBLOCK + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
+    return base + (size_t)s * LLN_CBLOCK + LLN_CROWS + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
   }
   // NCCL moves the blocks afterwards.
   __device__ __forceinline__ void sent(int, int, int, const u8 *, size_t, size_t) const {}
@@ -124,7 +132,9 @@ struct OwnerBlocksDst {
 // Dynamic shared memory: (2 * LL_EL * LL_R + LL_EL + 1) words.
 extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_combine_pack(
     const u16 *__restrict__ x, const int *__restrict__ src_info, const long long *__restrict__ layout_range,
-    const u32 *__restrict__ kmask, u8 *__restrict__ blocks) {
+    const u32 *__restrict__ kmask, u8 *__restrict__ blocks, u32 tag) {
+  if (blockIdx.x == 0)
+    for (int s = threadIdx.x; s < LL_R; s += LL_THREADS) *reinterpret_cast<u32 *>(blocks + (size_t)s * LLN_CBLOCK) = tag;
   combine_send_items(OwnerBlocksDst{blocks}, x, src_info, layout_range, kmask);
 }
 
@@ -132,13 +142,19 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_combine_pack(
 struct ExpertRankSrc {
   const u8 *base;
   __device__ __forceinline__ const u8 *slot(int t, int k, int expert) const {
-    return base + (size_t)(expert / LL_EL) * LLN_CBLOCK + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
+    return base + (size_t)(expert / LL_EL) * LLN_CBLOCK + LLN_CROWS + ((size_t)t * LL_KMAX + k) * (2 * LL_H);
   }
 };
 
 extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_combine_reduce(
     const u8 *__restrict__ blocks, const void *__restrict__ topk, const float *__restrict__ weights,
-    u16 *__restrict__ out, int T, int K, int flags) {
+    u16 *__restrict__ out, int T, int K, int flags, u32 tag, int *stale) {
+  if (blockIdx.x == 0) {
+    __shared__ u32 s_tag[LL_R];
+    for (int r = threadIdx.x; r < LL_R; r += LL_THREADS) s_tag[r] = *reinterpret_cast<const u32 *>(blocks + (size_t)r * LLN_CBLOCK);
+    __syncthreads();
+    report_stale(s_tag, tag, 1, stale);  // the sums are then wrong, and the call fails
+  }
   combine_recv_items(ExpertRankSrc{blocks}, topk, weights, out, T, K, flags & LL_FLAG_IDX64);
 }
 

@@ -13,7 +13,7 @@ import {
   llBufferShape,
   llSharedBytes,
 } from '../../src/ep/gpu/ll-call.ts';
-import { dispatchTag, llNcclDefines, llNcclLayout } from '../../src/ep/gpu/ll-nccl-layout.ts';
+import { callTag, llNcclDefines, llNcclLayout } from '../../src/ep/gpu/ll-nccl-layout.ts';
 import { TsepError, ValidationError } from '../../src/errors.ts';
 
 const STANDARD = { numRanks: 4, localExperts: 72, hidden: 7168, maxTokensPerRank: 128, numTopk: 8 };
@@ -26,10 +26,11 @@ test('NCCL layout of the standard shape: the byte counts docs/low-latency.md giv
   assert.deepEqual(l.blockBytes, { fp8: 950_400, bf16: 1_839_232 });
   assert.equal(l.dispatchSendBytes, 1_839_232);
   assert.equal(l.dispatchRecvHalfBytes, 7_356_928);
-  assert.equal(l.combineBlockBytes, 14_680_064);
-  assert.equal(l.combineSendBytes, 58_720_256);
-  assert.equal(l.combineRecvHalfBytes, 58_720_256);
-  assert.equal(l.totalBytes, 192_713_856);
+  assert.equal(l.combineRowsOffset, 128);
+  assert.equal(l.combineBlockBytes, 14_680_192);
+  assert.equal(l.combineSendBytes, 58_720_768);
+  assert.equal(l.combineRecvHalfBytes, 58_720_768);
+  assert.equal(l.totalBytes, 192_715_392);
 });
 
 test('NCCL layout: aligned offsets, messages that hold a row and its scales, blocks that hold T_max of them', () => {
@@ -56,7 +57,11 @@ test('NCCL layout: aligned offsets, messages that hold a row and its scales, blo
       assert.ok(l.blockBytes[kind] <= l.dispatchSendBytes, `${where} ${kind}`);
     }
     assert.equal(l.dispatchRecvHalfBytes, R * l.dispatchSendBytes, where);
-    assert.equal(l.combineBlockBytes, T * K * 2 * H, where);
+    assert.equal(l.combineBlockBytes, l.combineRowsOffset + T * K * 2 * H, where);
+    assert.ok(
+      l.combineRowsOffset >= 4 && l.combineRowsOffset % 128 === 0,
+      `${where}: the tag fits before the rows`,
+    );
     assert.equal(
       l.totalBytes,
       l.dispatchSendBytes + 2 * l.dispatchRecvHalfBytes + R * l.combineBlockBytes * 3,
@@ -70,6 +75,7 @@ test('NCCL layout: aligned offsets, messages that hold a row and its scales, blo
       LL_KMAX: K,
       LLN_ROUTE: l.routeOffset,
       LLN_MSGS: l.msgOffset,
+      LLN_CROWS: l.combineRowsOffset,
     });
   }
 });
@@ -159,11 +165,11 @@ test('a receive hook runs once; its check runs first and can refuse it', () => {
   assert.equal(runs, 1);
 });
 
-test('dispatch tags: never 0, distinct for the calls a receive half can hold, and per reset', () => {
+test('call tags: never 0, distinct for the calls a receive half can hold, and per reset', () => {
   const seen = new Set<number>();
   for (const epoch of [0, 1, 255])
     for (let call = 0; call < 1000; call++) {
-      const t = dispatchTag(epoch, call);
+      const t = callTag(epoch, call);
       assert.ok(t > 0 && t <= 0xffffffff && Number.isInteger(t), `tag ${t}`);
       assert.equal(t >>> 24, epoch);
       seen.add(t);
@@ -172,6 +178,6 @@ test('dispatch tags: never 0, distinct for the calls a receive half can hold, an
   // Half i & 1 holds call i until call i + 2: consecutive calls of a half never share a tag, also when the
   // 24-bit index wraps.
   for (const call of [0, 0xfffffd, 0xfffffe, 0xffffff, 2 * 0xffffff - 1])
-    assert.notEqual(dispatchTag(3, call), dispatchTag(3, call + 2));
-  assert.equal(dispatchTag(256, 0), dispatchTag(0, 0)); // the epoch's 8 bits wrap
+    assert.notEqual(callTag(3, call), callTag(3, call + 2));
+  assert.equal(callTag(256, 0), callTag(0, 0)); // the epoch's 8 bits wrap
 });

@@ -5,7 +5,8 @@
 //
 //   dispatch block (one per rank, all-gathered): i32 T, u32 call tag | routing [T_max][K_max] i32 | T_max messages
 //     (a message: the row, H fp8 or 2H bf16 bytes, then the FP8 scales; its size depends on the payload)
-//   combine block (one per (expert rank, owner) pair, all-to-all): [T_max][K_max] bf16 rows of H channels
+//   combine block (one per (expert rank, owner) pair, all-to-all): u32 call tag | [T_max][K_max] bf16 rows
+//     of H channels from byte 128
 //
 // Every token may go to one rank and every top-k slot of it to experts of one rank, so a padded all-to-all
 // block of the dispatch would hold T_max messages for each destination: as many bytes as the whole block,
@@ -29,7 +30,9 @@ export interface LlNcclLayout extends LlShape {
   dispatchSendBytes: number;
   /** One half of the all-gather's destination: R blocks of the larger payload type. */
   dispatchRecvHalfBytes: number;
-  /** One combine block: T_max·K_max bf16 rows. */
+  /** Offset of the rows in a combine block (after the u32 call tag). */
+  combineRowsOffset: number;
+  /** One combine block: the tag, then T_max·K_max bf16 rows. */
   combineBlockBytes: number;
   /** R combine blocks: what one combine sends (one per owner), and one half of what it receives. */
   combineSendBytes: number;
@@ -49,7 +52,8 @@ export function llNcclLayout(shape: LlShape): LlNcclLayout {
   };
   const dispatchSendBytes = Math.max(blockBytes.fp8, blockBytes.bf16);
   const dispatchRecvHalfBytes = R * dispatchSendBytes;
-  const combineBlockBytes = T * K * 2 * H;
+  const combineRowsOffset = 128;
+  const combineBlockBytes = combineRowsOffset + T * K * 2 * H;
   const combineSendBytes = R * combineBlockBytes;
   const combineRecvHalfBytes = R * combineBlockBytes;
   return {
@@ -60,6 +64,7 @@ export function llNcclLayout(shape: LlShape): LlNcclLayout {
     blockBytes,
     dispatchSendBytes,
     dispatchRecvHalfBytes,
+    combineRowsOffset,
     combineBlockBytes,
     combineSendBytes,
     combineRecvHalfBytes,
@@ -73,14 +78,15 @@ export function llNcclDefines(l: LlNcclLayout): Record<string, number> {
     ...llShapeDefines(l),
     LLN_ROUTE: l.routeOffset,
     LLN_MSGS: l.msgOffset,
+    LLN_CROWS: l.combineRowsOffset,
   };
 }
 
 /**
- * The tag a dispatch writes into its block and the unpack expects (the same on every rank for one call):
- * the reset() count in the top 8 bits, the call's index since that reset + 1 in the low 24 (never 0,
- * which a zeroed block holds).
+ * The tag a call writes into its blocks and the receiving kernel expects (the same on every rank for one
+ * call): the reset() count in the top 8 bits, the call's index (of its kind) since that reset + 1 in the
+ * low 24 (never 0, which a zeroed block holds).
  */
-export function dispatchTag(epoch: number, call: number): number {
+export function callTag(epoch: number, call: number): number {
   return (((epoch & 0xff) << 24) | ((call % 0xffffff) + 1)) >>> 0;
 }

@@ -9,8 +9,8 @@
 //             blocks, reduce (the k-ordered weighted sum, reading each slot from its expert's rank).
 // Every transfer has a fixed size (ll-nccl-layout.ts) and carries its own counts, so nothing waits on the
 // host and every call is capturable in a CUDA graph. Calls are ordered by the stream alone and NCCL
-// kernels, not ours, do the waiting; a dispatch block carries its call's tag, so a block left from another
-// call (a transfer that ended without a peer's data) is reported instead of unpacked. A receive
+// kernels, not ours, do the waiting; every block carries its call's tag, so a block left from another call
+// (a transfer that ended without a peer's data) is reported, and the call fails, instead of passing. A receive
 // hook enqueues the unpack (or reduce); its NCCL transfer was enqueued by the send phase and holds SMs
 // while the data is in flight, which is this transport's limit. Each call kind has two receive halves,
 // so a hook may run after the next call of its kind, as over NVLink.
@@ -42,7 +42,7 @@ import {
   llDispatchResult,
   llSharedBytes,
 } from './ll-call.ts';
-import { dispatchTag, type LlNcclLayout, llNcclDefines, llNcclLayout } from './ll-nccl-layout.ts';
+import { callTag, type LlNcclLayout, llNcclDefines, llNcclLayout } from './ll-nccl-layout.ts';
 import { LlOutputs } from './ll-outputs.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -82,7 +82,7 @@ export class NcclLowLatencyPath {
   private readonly combineRecv: DeviceBuffer;
   /** One i32 that gate() all-reduces: a barrier of the ranks on their streams. */
   private readonly gateWord: DeviceBuffer;
-  /** Host-mapped i32 [flag, source, tag found]: a dispatch found a block of another call. */
+  /** Host-mapped i32 [flag, rank, tag found, 0 dispatch / 1 combine]: a call found a block of another call. */
   private readonly stale: HostBuffer;
   private readonly staleWords: Int32Array;
   private readonly timeoutMs: number;
@@ -119,11 +119,12 @@ export class NcclLowLatencyPath {
     this.combineRecv = DeviceBuffer.alloc(2 * layout.combineRecvHalfBytes, dev);
     this.gateWord = DeviceBuffer.alloc(4, dev);
     this.gateWord.fill(0);
-    this.stale = HostBuffer.alloc(12, dev);
+    this.stale = HostBuffer.alloc(16, dev);
     this.staleWords = this.stale.int32();
-    // Tag 0 in this rank's block until its first dispatch, never a call's tag: what a peer gathers from it
+    // Tag 0 in this rank's blocks until its first call, never a call's tag: what a peer receives from them
     // then (warm-up) is recognised as no call's block.
     this.dispatchSend.fill(0);
+    this.combineSend.fill(0);
     this.outputs = new LlOutputs(rt, layout, rt.options.fp8 ? 'fp8' : 'bf16');
   }
 
@@ -173,10 +174,20 @@ export class NcclLowLatencyPath {
         'u32',
         'ptr',
       ]),
-      // x, srcInfo, layoutRange, kmask, blocks
-      combinePack: mod.kernel('ll_nccl_combine_pack', ['ptr', 'ptr', 'ptr', 'ptr', 'ptr']),
-      // blocks, topk, weights, out, T, K, flags
-      combineReduce: mod.kernel('ll_nccl_combine_reduce', ['ptr', 'ptr', 'ptr', 'ptr', 'i32', 'i32', 'i32']),
+      // x, srcInfo, layoutRange, kmask, blocks, tag
+      combinePack: mod.kernel('ll_nccl_combine_pack', ['ptr', 'ptr', 'ptr', 'ptr', 'ptr', 'u32']),
+      // blocks, topk, weights, out, T, K, flags, tag, stale
+      combineReduce: mod.kernel('ll_nccl_combine_reduce', [
+        'ptr',
+        'ptr',
+        'ptr',
+        'ptr',
+        'i32',
+        'i32',
+        'i32',
+        'u32',
+        'ptr',
+      ]),
       spin: mod.kernel('ll_nccl_spin', ['u64']),
     };
     const comm = await NcclCommunicator.create(group, rt.device);
@@ -211,7 +222,7 @@ export class NcclLowLatencyPath {
     const { x, topk, T, K, flags, kind } = llDispatchInputs(rt, L, req);
     const views = this.outputs.nextDispatch(kind, req.ue8m0);
     const call = this.calls.dispatch++;
-    const tag = dispatchTag(this.epoch, call);
+    const tag = callTag(this.epoch, call);
     const gathered = this.dispatchRecv.ptr + BigInt((call & 1) * L.dispatchRecvHalfBytes);
     const block = L.blockBytes[kind];
     const msg = L.msgBytes[kind];
@@ -265,6 +276,7 @@ export class NcclLowLatencyPath {
     const { x, topk, weights, T, K, flags, handle } = llCombineInputs(rt, L, req, this);
     const out = this.outputs.nextCombine(T);
     const call = this.calls.combine++;
+    const tag = callTag(this.epoch, call);
     const blocks = this.combineRecv.ptr + BigInt((call & 1) * L.combineRecvHalfBytes);
     const g = this.tuning;
     const recvGrid = combineRecvGrid(g, T, L.hidden);
@@ -276,6 +288,7 @@ export class NcclLowLatencyPath {
         handle.packedRecvLayoutRange.ptr,
         handle.recvKMask.ptr,
         this.combineSend.ptr,
+        tag,
       ],
     );
     this.comm.allToAll(this.combineSend.ptr, blocks, L.combineBlockBytes, 'u8', stream);
@@ -288,6 +301,8 @@ export class NcclLowLatencyPath {
         T,
         K,
         flags,
+        tag,
+        this.stale.devicePtr,
       ]);
     };
     let hook: RecvHook | undefined;
@@ -412,14 +427,15 @@ export class NcclLowLatencyPath {
     this.comm.checkAsyncError();
   }
 
-  /** A dispatch that unpacked another call's block from a rank (its transfer ended without it) fails. */
+  /** A call that found another call's block from a rank (its transfer ended without it) fails. */
   private noteStale(): void {
     const v = this.staleWords;
     if (v[0] === 0) return;
     const { rank } = this.rt.group;
     this.fail(
-      `Low-latency dispatch over NCCL on rank ${rank} received no block of this call from rank ${v[1]} (found ` +
-        `call tag ${v[2]! >>> 0}): its transfer ended without that rank's data. ${SAME_CALLS}`,
+      `Low-latency ${v[3] === 1 ? 'combine' : 'dispatch'} over NCCL on rank ${rank} received no block of this ` +
+        `call from rank ${v[1]} (found call tag ${v[2]! >>> 0}): its transfer ended without that rank's data. ` +
+        SAME_CALLS,
     );
   }
 
