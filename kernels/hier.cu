@@ -148,7 +148,7 @@ extern "C" __global__ void hier_counts(u8 *base, int me, ErrorRecord *err, u64 t
   nvshmem_quiet();
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     if (!wait_seq(sig + s, (u32)e, timeout_ns, f, me, HK_COUNTS, 0, s)) return;
-    engine_acquire(sig + s, e);  // row s was put through NVSHMEM
+    engine_acquire(sig + s);  // row s was put through NVSHMEM
   }
 }
 
@@ -260,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_recv(
       const u64 *sig = ctrl_u64(base, HC_SIG_D) + h;
       ok = wait_seq(sig, (u32)e, timeout_ns, f, me, HK_RECV, 1, h * P + local);
       if (ok) {
-        engine_acquire(sig, e);
+        engine_acquire(sig);
         __threadfence_system();
         st_release_sys_u64(ctrl_u64(base, HC_SIG_R) + h, e);
       }
@@ -457,7 +457,7 @@ extern "C" __global__ void __launch_bounds__(256) hier_reduce(u8 *base, int me, 
   if (ok && threadIdx.x < NH) {
     const u64 *sig = ctrl_u64(base, HC_SIG_C) + threadIdx.x;
     ok = wait_seq(sig, (u32)e, timeout_ns, f, me, HK_REDUCE, 0, threadIdx.x * P + me % P);
-    if (ok && threadIdx.x != host_of(me)) engine_acquire(sig, e);  // that host's partials came through NVSHMEM
+    if (ok && threadIdx.x != host_of(me)) engine_acquire(sig);  // that host's partials came through NVSHMEM
   }
   if (!__syncthreads_and(ok)) return;
   const int vecs = hidden / 8;

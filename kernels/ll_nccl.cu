@@ -19,9 +19,10 @@
 //   [LLN_MSGS, ...)          LL_TMAX messages of `msg` bytes: the row (H fp8 or 2H bf16), then the FP8
 //                            scales (S f32 or W UE8M0 words) at +LL_H, as in the NVLink messages
 // A combine block (one per owner): u32 call tag, then [LL_TMAX][LL_KMAX] bf16 rows of LL_H channels from
-// LLN_CROWS. A receiving kernel that finds a block of another call (a transfer that ended without that
-// rank's data, or a rank that made another call) reports the first such rank in `stale` (host-mapped i32:
-// flag, rank, tag found, 0 dispatch / 1 combine), which the host turns into an error.
+// LLN_CROWS. A receiving kernel that finds a block of another call reports the first such rank in `stale`
+// (host-mapped i32: flag, rank, tag found, 0 dispatch / 1 combine), which the host turns into an error. It
+// catches a transfer that ended without that rank's data and one paired with another kind of transfer; a
+// rank one call behind that makes the next call is paired by NCCL in order and carries the tag expected.
 #include "ll_core.cuh"
 
 #ifndef LLN_ROUTE
@@ -34,9 +35,9 @@
 #define LLN_CBLOCK (LLN_CROWS + (size_t)LL_TMAX * LL_KMAX * 2 * LL_H)
 
 // Block 0, thread 0, after tags[r] of every rank r were read into shared memory: reports the first rank
-// whose block carries another call's tag.
+// whose block carries another call's tag, unless an earlier kernel reported (the host keeps the first).
 __device__ __forceinline__ void report_stale(const u32 *tags, u32 tag, int kind, int *stale) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  if (blockIdx.x != 0 || threadIdx.x != 0 || tsep::ld_volatile(stale) != 0) return;
   for (int r = 0; r < LL_R; r++) {
     if (tags[r] == tag) continue;
     stale[1] = r;

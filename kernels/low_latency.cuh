@@ -157,7 +157,8 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
     }
   }
 #if LL_ENGINE
-  if (remote(peer, c.rank)) tsep::engine_acquire(p, v);
+  // Data follows a signal, not an ack (an ack only frees a slot for the next writes).
+  if (phase == LL_P_SIGNAL && remote(peer, c.rank)) tsep::engine_acquire(p);
 #endif
   if (seen_out) *seen_out = v;
   return true;

@@ -371,6 +371,7 @@ export class NcclLowLatencyPath {
 
   /** The timeout this path reported, as the message of an EpTimeoutError; undefined if none. */
   deviceError(): string | undefined {
+    this.noteStale(); // graph replays pass no event check
     return this.failure;
   }
 
@@ -398,10 +399,16 @@ export class NcclLowLatencyPath {
     for (const block of new Set([L.blockBytes.fp8, L.blockBytes.bf16]))
       this.comm.allGather(this.dispatchSend.ptr, this.dispatchRecv.ptr, block, 'u8', stream);
     this.comm.allToAll(this.combineSend.ptr, this.combineRecv.ptr, L.combineBlockBytes, 'u8', stream);
+    // The ranks agree on the reset count (the tags' top bits): the largest, should a reset have failed on
+    // one rank after counting.
+    this.gateWord.copyFromHost(Int32Array.of(this.epoch));
     this.comm.allReduce(this.gateWord.ptr, this.gateWord.ptr, 1, 'i32', 'max', stream);
     // Connecting may take longer than a call may (TSEP_TIMEOUT_S can be small): at least a minute.
     await this.drain(Math.max(this.timeoutMs, 60_000));
     this.throwIfFailed();
+    const agreed = new Int32Array(1);
+    this.gateWord.copyToHost(agreed);
+    this.epoch = agreed[0]!;
   }
 
   /** Waits for the stream; a transfer that never completes (a missing peer) aborts the communicator. */
