@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every kernels/*.cu for sm_90a with nvcc, as the run-time compiler would, so a kernel that does
-# not build fails CI even on machines without a GPU. Skips (exit 0, with a message) where nvcc is absent.
+# not build fails CI even on machines without a GPU; then the same specializations through the library's
+# own NVRTC path (scripts/check-nvrtc.ts) where an NVRTC is found. Skips (exit 0, with a message) where nvcc
+# is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || true)}
@@ -100,3 +102,34 @@ else
   done
 fi
 echo "check:kernels: $n kernel source(s) and ${#variants[@]} specializations compiled for sm_90a with $("$NVCC" --version | tail -n 1)"
+
+# The same sources through the library's own run-time path (NVRTC; scripts/check-nvrtc.ts): NVRTC as the
+# library finds it, else the nvidia-cuda-nvrtc wheel on disk (a pinned file, as on this project's machines).
+if ! node --input-type=module -e 'const m = await import(process.argv[1]); m.nvrtcVersion();' \
+  "$PWD/src/native/nvrtc.ts" >/dev/null 2>&1; then
+  for w in "${TSEP_NVRTC_WHEEL:-}" /opt/pypi-more/files/nvidia_cuda_nvrtc-13.*.whl; do
+    [ -n "$w" ] && [ -f "$w" ] || continue
+    python3 -c 'import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+z.extractall(sys.argv[2], [n for n in z.namelist() if "/lib/libnvrtc" in n])' "$w" "$out/nvrtc" || continue
+    lib=$(find "$out/nvrtc" -name 'libnvrtc.so.*' ! -name '*alt*' | head -n 1)
+    [ -n "$lib" ] || continue
+    export TSEP_NVRTC_LIB="$lib" LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "check:kernels: NVRTC from $w"
+    break
+  done
+fi
+if node --input-type=module -e 'const m = await import(process.argv[1]); m.nvrtcVersion();' \
+  "$PWD/src/native/nvrtc.ts" >/dev/null 2>&1; then
+  specs=()
+  for f in kernels/*.cu; do
+    grep -qE '^#include (<nvshmem.h>|"engine.cuh")' "$f" || specs+=("$(basename "$f")")
+  done
+  specs+=("${variants[@]}")
+  if [ -n "$nvshmem" ]; then specs+=(--nvshmem "${engine_variants[@]}"); fi
+  # NVSHMEM sources need the CUDA headers of the toolkit nvcc belongs to.
+  CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")} TSEP_NVSHMEM_HOME="$nvshmem" \
+    node scripts/check-nvrtc.ts "${specs[@]}"
+else
+  echo "check:kernels: NVRTC check skipped, no libnvrtc found (set TSEP_NVRTC_LIB)"
+fi

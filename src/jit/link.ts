@@ -197,6 +197,31 @@ export interface NvshmemModule {
   bytes: number;
 }
 
+/** NVRTC's options and headers for an NVSHMEM source (the shim pre-included). */
+function nvrtcInputs(
+  src: NvshmemKernelSource,
+  arch: string,
+  install: Pick<NvshmemInstall, 'includeDir'>,
+): { options: string[]; headers: Record<string, string> } {
+  return {
+    options: nvshmemCompileOptions(arch, install, cudaIncludeDirs(), src.defines),
+    headers: { ...src.headers, [SHIM_NAME]: SHIM },
+  };
+}
+
+/**
+ * The relocatable cubin NVRTC makes of an NVSHMEM source, before linking: what loadNvshmemModule compiles,
+ * without a GPU (scripts/check-kernels.sh checks the sources with it).
+ */
+export async function compileNvshmemSource(
+  src: NvshmemKernelSource,
+  arch: string,
+  install: Pick<NvshmemInstall, 'includeDir'> = nvshmemInstall(),
+): Promise<Uint8Array> {
+  const { options, headers } = nvrtcInputs(src, arch, install);
+  return (await nvrtcCompile({ name: src.name, source: src.source, headers, options })).cubin;
+}
+
 /**
  * Compiles `src` with NVSHMEM's device headers, links libnvshmem_device.a into it and loads it on `device`,
  * registered with NVSHMEM. Call after nvshmemInit (cumodule_init needs an initialized NVSHMEM). The linked
@@ -207,11 +232,10 @@ export async function loadNvshmemModule(device: Device, src: NvshmemKernelSource
   // The install whose host library is loaded: device library and headers must come from the same one.
   const install = nvshmemInstall();
   const arch = archFor(device.info.computeCapability);
-  const options = nvshmemCompileOptions(arch, install, cudaIncludeDirs(), src.defines);
+  const { options, headers } = nvrtcInputs(src, arch, install);
   const lib = statSync(install.deviceLibrary);
   const [nvMaj, nvMin] = nvrtcVersion();
   const [drvMaj, drvMin] = driverVersion();
-  const headers = { ...src.headers, [SHIM_NAME]: SHIM };
   const key = cacheKey({
     source: src.source,
     headers,

@@ -31,7 +31,8 @@ export interface NvshmemInstall {
   includeDir: string;
 }
 
-function installAt(home: string): NvshmemInstall {
+/** The paths of an install at `home` (whether they exist is not checked). */
+export function installAt(home: string): NvshmemInstall {
   return {
     home,
     hostLibrary: join(home, 'lib', NVSHMEM_HOST_SONAME),
