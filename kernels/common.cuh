@@ -20,6 +20,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
   return r;
 }
 
+// bf16 -> float32 (exact), from the low or the high half of a word holding two.
+__device__ __forceinline__ float bf16_lo_f32(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi_f32(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+
 // Two float32 -> two fp8 e4m3 (lo in the low byte), round to nearest even, saturating to +-448.
 __device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
   u16 r;

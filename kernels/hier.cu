@@ -395,8 +395,8 @@ extern "C" __global__ void __launch_bounds__(256) hier_partial(u8 *base, const u
         const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-          acc[2 * i] += __uint_as_float(w[i] << 16);
-          acc[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+          acc[2 * i] += bf16_lo_f32(w[i]);
+          acc[2 * i + 1] += bf16_hi_f32(w[i]);
         }
       }
       float4 *d = reinterpret_cast<float4 *>(dst) + 2 * v;
@@ -467,8 +467,8 @@ extern "C" __global__ void __launch_bounds__(256) hier_reduce(u8 *base, int me, 
 #pragma unroll
     for (int c = 0; c < 8; c++) {
       const size_t at = (size_t)t * hidden + 8 * v + c;
-      const float b0 = bias0 ? __uint_as_float((u32)bias0[at] << 16) : 0.0f;
-      const float b1 = bias1 ? __uint_as_float((u32)bias1[at] << 16) : 0.0f;
+      const float b0 = bias0 ? bf16_lo_f32(bias0[at]) : 0.0f;
+      const float b1 = bias1 ? bf16_lo_f32(bias1[at]) : 0.0f;
       acc[c] = b0 + b1;
     }
     for (int h = 0; h < NH; h++) {

@@ -1,6 +1,7 @@
 // Dispatch layout: from top-k expert ids [T, K] (-1 = none), the tokens per rank (deduplicated), the
 // tokens per expert and the token -> rank map; no host sync.
-// -D TSEP_R ranks, TSEP_EL experts per rank, TSEP_IDX64 (int64 ids). K is a run-time argument so one
+// -D TSEP_R ranks, TSEP_EL experts per rank, TSEP_IDX64 (int64 ids), TSEP_LAYOUT_THREADS threads per block,
+// TSEP_LAYOUT_TILE tokens per tile. K is a run-time argument so one
 // compiled kernel serves every top-k width.
 //
 // Blocks take tiles of LAYOUT_TILE tokens (one id per thread at top-8), so a 4096-token call spreads over
@@ -29,9 +30,13 @@ typedef int idx_t;
 constexpr int R = TSEP_R;
 constexpr int EL = TSEP_EL;
 constexpr int E = R * EL;
-// Must match src/ep/gpu/normal-kernels.ts (LAYOUT_THREADS, LAYOUT_TILE).
-constexpr int LAYOUT_THREADS = 256;
-constexpr int LAYOUT_TILE = 32;
+#ifndef TSEP_LAYOUT_THREADS
+// Defaults so the file compiles stand-alone; src/ep/gpu/normal-kernels.ts passes the values it launches with.
+#define TSEP_LAYOUT_THREADS 256
+#define TSEP_LAYOUT_TILE 32
+#endif
+constexpr int LAYOUT_THREADS = TSEP_LAYOUT_THREADS;
+constexpr int LAYOUT_TILE = TSEP_LAYOUT_TILE;
 static_assert(R <= 32, "the token's rank mask is 32 bits");
 
 // acc: [E + R] i32 then the u32 arrival counter, all zero between launches.

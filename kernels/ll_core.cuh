@@ -101,8 +101,8 @@ __device__ __forceinline__ Fp8Lane quantize_fp8_lane(uint4 v0, uint4 v1, bool ro
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; i++) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    f[2 * i] = tsep::bf16_lo_f32(w[i]);
+    f[2 * i + 1] = tsep::bf16_hi_f32(w[i]);
     amax = fmaxf(amax, fmaxf(fabsf(f[2 * i]), fabsf(f[2 * i + 1])));
   }
   // 8 lanes hold one 128-channel block.
@@ -345,8 +345,8 @@ __device__ __forceinline__ void combine_recv_items(const Src &src, const void *t
           const u32 yw[4] = {y[u].x, y[u].y, y[u].z, y[u].w};
 #pragma unroll
           for (int q = 0; q < 4; q++) {
-            acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(w[u], __uint_as_float(yw[q] << 16)));
-            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(w[u], __uint_as_float(yw[q] & 0xffff0000u)));
+            acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(w[u], tsep::bf16_lo_f32(yw[q])));
+            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(w[u], tsep::bf16_hi_f32(yw[q])));
           }
         }
       }

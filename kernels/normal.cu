@@ -505,8 +505,8 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
         const u32 *p0 = &b0.x, *p1 = &b1.x;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          acc[2 * j] = __fadd_rn(__uint_as_float(p0[j] << 16), __uint_as_float(p1[j] << 16));
-          acc[2 * j + 1] = __fadd_rn(__uint_as_float(p0[j] & 0xffff0000u), __uint_as_float(p1[j] & 0xffff0000u));
+          acc[2 * j] = __fadd_rn(tsep::bf16_lo_f32(p0[j]), tsep::bf16_lo_f32(p1[j]));
+          acc[2 * j + 1] = __fadd_rn(tsep::bf16_hi_f32(p0[j]), tsep::bf16_hi_f32(p1[j]));
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -514,8 +514,8 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
           const u32 *q = &in[r][u].x;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(q[j] << 16));
-            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(q[j] & 0xffff0000u));
+            acc[2 * j] = __fadd_rn(acc[2 * j], tsep::bf16_lo_f32(q[j]));
+            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], tsep::bf16_hi_f32(q[j]));
           }
         }
         uint4 o;

@@ -17,10 +17,18 @@ if [ -z "$NVCC" ]; then
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+# Sources that always need NVSHMEM's headers (built in the NVSHMEM section below).
+needs_nvshmem() { grep -qE '^#include (<nvshmem.h>|"engine.cuh")' "$1"; }
+# unpack_wheel WHEEL DEST PATTERN...: the members whose path contains one of the patterns.
+unpack_wheel() {
+  command -v python3 >/dev/null || return 1
+  python3 -c 'import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+z.extractall(sys.argv[2], [n for n in z.namelist() if any(p in n for p in sys.argv[3:])])' "$@"
+}
 n=0
 for f in kernels/*.cu; do
-  # Sources that always need NVSHMEM's headers are built in the NVSHMEM section below.
-  if grep -qE '^#include (<nvshmem.h>|"engine.cuh")' "$f"; then continue; fi
+  if needs_nvshmem "$f"; then continue; fi
   "$NVCC" -cubin -gencode=arch=compute_90a,code=sm_90a -std=c++17 -Werror all-warnings \
     -o "$out/$(basename "$f" .cu).cubin" "$f"
   echo "check:kernels: ok $f"
@@ -65,11 +73,9 @@ done <<<"$candidates"
 # its headers and device library are enough to compile and link, so unpack them into the scratch folder.
 if [ -z "$nvshmem" ]; then
   for w in "${TSEP_NVSHMEM_WHEEL:-}" /opt/pypi-more/files/nvidia_nvshmem_cu13-3.4.5-*.whl; do
-    if [ -n "$w" ] && [ -f "$w" ] && command -v python3 >/dev/null; then
-      python3 -c 'import sys, zipfile
-z = zipfile.ZipFile(sys.argv[1])
-z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith(("nvidia/nvshmem/include/", "nvidia/nvshmem/lib/libnvshmem_device.a"))])' \
-        "$w" "$out/wheel" && nvshmem="$out/wheel/nvidia/nvshmem" && echo "check:kernels: NVSHMEM headers from $w"
+    if [ -n "$w" ] && [ -f "$w" ]; then
+      unpack_wheel "$w" "$out/wheel" nvidia/nvshmem/include/ nvidia/nvshmem/lib/libnvshmem_device.a &&
+        nvshmem="$out/wheel/nvidia/nvshmem" && echo "check:kernels: NVSHMEM headers from $w"
       break
     fi
   done
@@ -105,13 +111,14 @@ echo "check:kernels: $n kernel source(s) and ${#variants[@]} specializations com
 
 # The same sources through the library's own run-time path (NVRTC; scripts/check-nvrtc.ts): NVRTC as the
 # library finds it, else the nvidia-cuda-nvrtc wheel on disk (a pinned file, as on this project's machines).
-if ! node --input-type=module -e 'const m = await import(process.argv[1]); m.nvrtcVersion();' \
-  "$PWD/src/native/nvrtc.ts" >/dev/null 2>&1; then
+have_nvrtc() {
+  node --input-type=module -e 'const m = await import(process.argv[1]); m.nvrtcVersion();' \
+    "$PWD/src/native/nvrtc.ts" >/dev/null 2>&1
+}
+if ! have_nvrtc; then
   for w in "${TSEP_NVRTC_WHEEL:-}" /opt/pypi-more/files/nvidia_cuda_nvrtc-13.*.whl; do
     [ -n "$w" ] && [ -f "$w" ] || continue
-    python3 -c 'import sys, zipfile
-z = zipfile.ZipFile(sys.argv[1])
-z.extractall(sys.argv[2], [n for n in z.namelist() if "/lib/libnvrtc" in n])' "$w" "$out/nvrtc" || continue
+    unpack_wheel "$w" "$out/nvrtc" /lib/libnvrtc || continue
     lib=$(find "$out/nvrtc" -name 'libnvrtc.so.*' ! -name '*alt*' | head -n 1)
     [ -n "$lib" ] || continue
     export TSEP_NVRTC_LIB="$lib" LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -119,11 +126,10 @@ z.extractall(sys.argv[2], [n for n in z.namelist() if "/lib/libnvrtc" in n])' "$
     break
   done
 fi
-if node --input-type=module -e 'const m = await import(process.argv[1]); m.nvrtcVersion();' \
-  "$PWD/src/native/nvrtc.ts" >/dev/null 2>&1; then
+if have_nvrtc; then
   specs=()
   for f in kernels/*.cu; do
-    grep -qE '^#include (<nvshmem.h>|"engine.cuh")' "$f" || specs+=("$(basename "$f")")
+    needs_nvshmem "$f" || specs+=("$(basename "$f")")
   done
   specs+=("${variants[@]}")
   if [ -n "$nvshmem" ]; then specs+=(--nvshmem "${engine_variants[@]}"); fi

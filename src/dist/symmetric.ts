@@ -70,8 +70,7 @@ export class SymmetricBuffer {
       );
     }
     const local = DeviceBuffer.alloc(bytes, device);
-    local.fill(0);
-    device.synchronize();
+    local.fill(0); // done when it returns, before any peer learns of the buffer
     const handles = await group.allGather(ipcGetMemHandle(local.ptr));
     const first = group.rank - group.localRank;
     const peers: bigint[] = [];

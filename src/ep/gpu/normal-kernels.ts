@@ -70,7 +70,7 @@ export function smShares(): { recvPct: number; reducePct: number } {
   };
 }
 
-/** Threads and tokens per tile of the layout kernel (kernels/layout.cu LAYOUT_THREADS, LAYOUT_TILE). */
+/** Threads and tokens per tile of the layout kernel (passed to kernels/layout.cu as defines). */
 const LAYOUT_THREADS = 256;
 const LAYOUT_TILE = 32;
 /** Most blocks of a layout launch (each takes tiles of LAYOUT_TILE tokens in turn). */
@@ -89,7 +89,15 @@ export async function loadLayoutKernels(rt: GpuRuntime): Promise<LayoutKernels> 
   const R = rt.group.size;
   const EL = rt.options.numExperts / R;
   const [m32, m64] = await Promise.all(
-    [0, 1].map((idx64) => rt.kernels('layout.cu', { TSEP_R: R, TSEP_EL: EL, TSEP_IDX64: idx64 })),
+    [0, 1].map((idx64) =>
+      rt.kernels('layout.cu', {
+        TSEP_R: R,
+        TSEP_EL: EL,
+        TSEP_IDX64: idx64,
+        TSEP_LAYOUT_THREADS: LAYOUT_THREADS,
+        TSEP_LAYOUT_TILE: LAYOUT_TILE,
+      }),
+    ),
   );
   const params = ['ptr', 'i32', 'i32', 'ptr', 'ptr', 'ptr', 'ptr'] as const;
   const scratch = DeviceBuffer.alloc(4 * (rt.options.numExperts + R + 1), rt.device);

@@ -120,8 +120,7 @@ export class NvshmemSymmetric {
     device.makeCurrent();
     const base = nvshmemMalloc(bytes);
     const local = DeviceBuffer.wrap(base, bytes, device);
-    local.fill(0);
-    device.synchronize();
+    local.fill(0); // done when it returns, before any peer learns of the buffer
     const host = Math.floor(group.rank / ranksPerHost);
     const peers = Array.from({ length: group.size }, (_, r) => {
       if (r === group.rank || Math.floor(r / ranksPerHost) !== host) return base;
