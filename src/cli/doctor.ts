@@ -10,7 +10,7 @@ import { driverPath } from '../native/cuda.ts';
 import { koffiVersion } from '../native/loader.ts';
 import { ncclPath, ncclVersion } from '../native/nccl.ts';
 import { nvrtcPath, nvrtcVersion } from '../native/nvrtc.ts';
-import { findNvshmem, nvshmemVersion } from '../native/nvshmem.ts';
+import { nvshmemInstall, nvshmemVersion } from '../native/nvshmem.ts';
 
 interface Probe<T> {
   ok: boolean;
@@ -73,7 +73,7 @@ export function collectDoctorReport(): DoctorReport {
     nvrtc: probe(() => ({ path: nvrtcPath(), version: nvrtcVersion().join('.') })),
     nccl: probe(() => ({ path: ncclPath(), version: ncclVersion().join('.') })),
     nvshmem: probe(() => {
-      const home = findNvshmem().home;
+      const home = nvshmemInstall().home;
       // Loading the host library needs the CUDA driver; without one the install is still reported.
       const v = probe(() => nvshmemVersion().join('.'));
       return { path: home, version: v.ok ? v.value! : 'found (not loadable here)' };

@@ -111,7 +111,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     if (!this.isContiguous()) throw new ValidationError('destination', describe(this), 'a contiguous tensor');
     if (this.byteLength === 0) return;
     this.deviceObject();
-    (this.owner ?? this.keepAlive)?.settle(); // a pool tensor: after its stream's earlier work
+    this.settle();
     copyHostToDevice(this.ptr, host.contiguous().bytes().subarray(0, this.byteLength));
   }
 
@@ -132,6 +132,11 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     return isContiguous(this);
   }
 
+  /** Before a synchronous copy or fill: a pool tensor's stream has done its earlier work (DeviceBuffer.settle). */
+  private settle(): void {
+    (this.owner ?? this.keepAlive)?.settle();
+  }
+
   private deviceObject(): Device {
     return Device.get(this.device.ordinal);
   }
@@ -147,7 +152,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     const host = new Uint8Array(extent * dtypeSize(this.dtype));
     if (host.byteLength > 0) {
       this.deviceObject();
-      (this.owner ?? this.keepAlive)?.settle(); // a pool tensor (e.g. a layout output): after its stream's work
+      this.settle();
       cu('cuMemcpyDtoH_v2', host, this.ptr, host.byteLength);
     }
     const data = elementView(this.dtype, host.buffer, 0, extent);
@@ -162,7 +167,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     if (!this.isContiguous()) throw new ValidationError('tensor', describe(this), 'a contiguous tensor');
     if (this.byteLength === 0) return;
     this.deviceObject();
-    if (!stream) (this.owner ?? this.keepAlive)?.settle();
+    if (!stream) this.settle();
     setBytes(this.ptr, value, this.byteLength, stream);
   }
 

@@ -254,7 +254,7 @@ export async function loadNvshmemModule(device: Device, src: NvshmemKernelSource
         { kind: 'library', path: install.deviceLibrary },
       ],
       arch,
-    ).cubin;
+    );
     writeCached(key, cubin);
   }
   const module = Module.load(cubin, device);

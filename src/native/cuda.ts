@@ -267,7 +267,7 @@ export type LinkInput = { kind: 'cubin'; name: string; data: Uint8Array } | { ki
 
 // CUjitInputType and CUjit_option values (cuda.h).
 const JIT_INPUT = { cubin: 0, library: 4 } as const;
-const JIT = { INFO_LOG: 3, INFO_LOG_SIZE: 4, ERROR_LOG: 5, ERROR_LOG_SIZE: 6, TARGET: 9 } as const;
+const JIT = { ERROR_LOG: 5, ERROR_LOG_SIZE: 6, TARGET: 9 } as const;
 const LINK_LOG_BYTES = 64 * 1024;
 
 /** CUjit_target for an arch such as "sm_90a": 90, plus CU_COMPUTE_ACCELERATED_TARGET_BASE for "a". */
@@ -282,28 +282,12 @@ export function jitTarget(arch: string): number {
  * executable cubin with the driver's JIT linker, for `arch` (explicit, so an sm_90a input is not linked for
  * the context's plain sm_90). Needs a current context. Failures carry the linker's error log.
  */
-export function linkDeviceCode(
-  inputs: readonly LinkInput[],
-  arch: string,
-): { cubin: Uint8Array; log: string } {
-  // The log buffers must stay valid for the life of the link state; the driver writes them up to complete.
-  const info = allocNative(LINK_LOG_BYTES);
+export function linkDeviceCode(inputs: readonly LinkInput[], arch: string): Uint8Array {
+  // The error log must stay valid for the life of the link state; the driver writes it up to complete.
   const error = allocNative(LINK_LOG_BYTES);
   const text = (b: { view: ArrayBuffer }): string => cString(new Uint8Array(b.view)).trim();
-  const options = Int32Array.from([
-    JIT.INFO_LOG,
-    JIT.INFO_LOG_SIZE,
-    JIT.ERROR_LOG,
-    JIT.ERROR_LOG_SIZE,
-    JIT.TARGET,
-  ]);
-  const values = BigUint64Array.from([
-    info.address,
-    BigInt(LINK_LOG_BYTES),
-    error.address,
-    BigInt(LINK_LOG_BYTES),
-    BigInt(jitTarget(arch)),
-  ]);
+  const options = Int32Array.from([JIT.ERROR_LOG, JIT.ERROR_LOG_SIZE, JIT.TARGET]);
+  const values = BigUint64Array.from([error.address, BigInt(LINK_LOG_BYTES), BigInt(jitTarget(arch))]);
   const state = new BigUint64Array(1);
   let created = false;
   try {
@@ -340,11 +324,9 @@ export function linkDeviceCode(
     const size = [0];
     withLog('cuLinkComplete', () => raw('cuLinkComplete')(state[0], out, size));
     // The image belongs to the link state: copy it out before cuLinkDestroy.
-    const cubin = new Uint8Array(viewNative(out[0], Number(size[0])).slice(0));
-    return { cubin, log: text(info) };
+    return new Uint8Array(viewNative(out[0], Number(size[0])).slice(0));
   } finally {
     if (created) cu('cuLinkDestroy', state[0]);
-    freeNative(info.external);
     freeNative(error.external);
   }
 }

@@ -15,6 +15,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import koffi from 'koffi';
 import { LibraryNotFoundError, NvshmemError, TsepError, ValidationError } from '../errors.ts';
+import { allocNative, freeNative } from './cuda.ts';
 import { sitePackagesDirs } from './loader.ts';
 
 export const NVSHMEM_HOST_SONAME = 'libnvshmem_host.so.3';
@@ -139,9 +140,13 @@ function api(): Record<string, Raw> {
     // from the same lib/ folder, so no LD_LIBRARY_PATH is needed.
     l = koffi.load(i.hostLibrary);
   } catch (e) {
-    throw new LibraryNotFoundError('libnvshmem_host (NVSHMEM)', [i.hostLibrary], NVSHMEM_HOME_ENV, [
-      (e as Error).message.split('\n')[0] ?? 'failed to load',
-    ]);
+    throw new LibraryNotFoundError(
+      'libnvshmem_host (NVSHMEM)',
+      [i.hostLibrary],
+      NVSHMEM_HOME_ENV,
+      [(e as Error).message.split('\n')[0] ?? 'failed to load'],
+      'folder',
+    );
   }
   // Pointers cross as uint64_t, as in cuda.ts; buffers the library reads or fills are typed arrays.
   fns = {
@@ -228,10 +233,10 @@ export function nvshmemInit(rank: number, nranks: number, id: Uint8Array): void 
   guardMulticast();
   const f = api();
   // The attribute points at the id, so the id lives in native memory with a stable address.
-  const idMem = koffi.alloc('uint8_t', NVSHMEM_UNIQUE_ID_BYTES);
+  const idMem = allocNative(NVSHMEM_UNIQUE_ID_BYTES);
   try {
-    const idAddress = koffi.address(idMem);
-    new Uint8Array(koffi.view(idMem, NVSHMEM_UNIQUE_ID_BYTES)).set(id);
+    const idAddress = idMem.address;
+    new Uint8Array(idMem.view).set(id);
     const attr = encodeInitAttr(idAddress, rank, nranks);
     // The library's own setter must agree with the layout above; a mismatch means another NVSHMEM ABI.
     const probe = attr.slice();
@@ -250,7 +255,7 @@ export function nvshmemInit(rank: number, nranks: number, id: Uint8Array): void 
       `${DEBUG_HINT}; every rank must call it with the same unique id and nranks`,
     );
   } finally {
-    koffi.free(idMem);
+    freeNative(idMem.external);
   }
 }
 

@@ -19,8 +19,6 @@
 import { DeviceTensor } from '../../device/device-tensor.ts';
 import { DeviceBuffer, HostBuffer } from '../../device/memory.ts';
 import type { Kernel } from '../../device/module.ts';
-import { ValidationError } from '../../errors.ts';
-import { readKernelSource } from '../../jit/sources.ts';
 import type {
   CombineRequest,
   CombineResult,
@@ -82,6 +80,8 @@ export class HierNormalPath {
   private readonly layoutKernels: LayoutKernels;
   private readonly queue = new CallQueue();
   private readonly timeoutNs = deviceTimeoutNs();
+  /** The host's bound on a wait for this path's stream: the device's own bound and a margin. */
+  private readonly hostWaitMs = Number(this.timeoutNs / 1_000_000n) + 5000;
   /** Pinned copy of the count matrix, read by the host for exact-size outputs. */
   private readonly hostMatrix: HostBuffer;
   /** This rank's symmetric buffer (its address is the symmetric address every kernel computes from). */
@@ -123,10 +123,7 @@ export class HierNormalPath {
     });
     const layoutKernels = await loadLayoutKernels(rt);
     await joinNvshmem(group, rt.device, L.totalBytes);
-    const mod = await loadEngineModule(rt.device, {
-      ...readKernelSource('hier.cu'),
-      defines: hierDefines(L),
-    });
+    const mod = await loadEngineModule(rt.device, 'hier.cu', hierDefines(L));
     const rec = ['i32', 'i32', 'i32', 'i32'] as const; // struct Rec
     const fail = ['ptr', 'u64'] as const; // error record, timeout
     const k: HierKernels = {
@@ -196,17 +193,12 @@ export class HierNormalPath {
 
   /**
    * Tokens and bytes this rank has put to other hosts so far (dispatch records), after the calls queued
-   * so far: read in the buffer's stream order into pinned memory, with a bounded wait. (A synchronous
-   * read hung on 2 of 4 ranks sharing a GPU once, cause not found; this one raises instead of hanging.)
+   * so far.
    */
   crossHostTraffic(): Promise<{ tokens: number; bytes: number }> {
     return this.queue.run(async () => {
       const v = new BigUint64Array(this.hostMatrix.arrayBuffer, 0, 2);
-      this.mem.local.copyToHostAsync(v, this.rt.stream, HIER_CTRL.rdmaTokens);
-      await this.rt.record().cuda.synchronize({
-        timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000,
-        what: `the cross-host traffic counters (rank ${this.rt.group.rank})`,
-      });
+      await this.readBack(v, HIER_CTRL.rdmaTokens, 'the cross-host traffic counters');
       return { tokens: Number(v[0]), bytes: Number(v[1]) };
     });
   }
@@ -220,7 +212,7 @@ export class HierNormalPath {
    */
   reset(): Promise<void> {
     return this.queue.run(async () => {
-      await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
+      await this.rt.stream.synchronize({ timeoutMs: this.hostWaitMs });
       await this.rt.group.barrier();
       this.mem.local.fill(0, this.rt.stream, 0, HIER_CTRL.bytes);
       await this.rt.stream.synchronize();
@@ -296,14 +288,7 @@ export class HierNormalPath {
       matrixPtr = this.base + BigInt(L.offMatrix);
       myCounts = this.base + BigInt(L.offCounts);
     } else {
-      handle = req.handle as HierDispatchHandle;
-      if (handle.transport !== 'nvshmem') {
-        throw new ValidationError(
-          'handle',
-          `a handle from transport '${handle.transport}'`,
-          "a handle from this buffer's NVSHMEM transport",
-        );
-      }
+      handle = req.handle as HierDispatchHandle; // validate.ts checked it is this buffer's
       sendPos = handle.sendPos;
       hostPos = handle.hostPos;
       matrixPtr = handle.matrix.ptr;
@@ -418,15 +403,23 @@ export class HierNormalPath {
     };
   }
 
+  /**
+   * Bytes at `offset` of this rank's buffer into pinned `view`, in the stream's order (after the calls
+   * queued so far), with a bounded host wait.
+   */
+  private async readBack(view: ArrayBufferView, offset: number, what: string): Promise<void> {
+    this.mem.local.copyToHostAsync(view, this.rt.stream, offset);
+    await this.rt.record().cuda.synchronize({
+      timeoutMs: this.hostWaitMs,
+      what: `${what} (rank ${this.rt.group.rank})`,
+    });
+  }
+
   /** The count matrix, once every rank's row has arrived (a bounded wait on the device, then the host's). */
   private async readMatrix(): Promise<Int32Array[]> {
     const L = this.L;
     const pinned = new Int32Array(this.hostMatrix.arrayBuffer, 0, L.numRanks * L.countWords);
-    this.mem.local.copyToHostAsync(pinned, this.rt.stream, L.offMatrix);
-    await this.rt.record().cuda.synchronize({
-      timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000,
-      what: `the dispatch count exchange over NVSHMEM (rank ${this.rt.group.rank})`,
-    });
+    await this.readBack(pinned, L.offMatrix, 'the dispatch count exchange over NVSHMEM');
     this.check();
     return Array.from({ length: L.numRanks }, (_, s) =>
       pinned.slice(s * L.countWords, (s + 1) * L.countWords),
@@ -436,14 +429,7 @@ export class HierNormalPath {
   private async runCombine(req: CombineRequest): Promise<CombineResult> {
     const rt = this.rt;
     const L = this.L;
-    const h = req.handle as HierDispatchHandle;
-    if (h.transport !== 'nvshmem') {
-      throw new ValidationError(
-        'handle',
-        `a handle from transport '${h.transport}'`,
-        "a handle from this buffer's NVSHMEM transport",
-      );
-    }
+    const h = req.handle as HierDispatchHandle; // validate.ts checked it is this buffer's
     const x = rt.onDevice('x', req.x);
     const weights = req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;
     const bias = req.bias.map((b, i) => rt.onDevice(`bias[${i}]`, b));

@@ -10,7 +10,6 @@
 import type { Kernel, Module } from '../../device/module.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
-import { readKernelSource } from '../../jit/sources.ts';
 import type {
   HandleOwner,
   LowLatencyCombineRequest,
@@ -112,7 +111,6 @@ export class LowLatencyPath {
     sym: LlMemory,
     owner: HandleOwner,
     kernels: Kernel[],
-    rank: number,
   ) {
     this.rt = rt;
     this.layout = layout;
@@ -120,7 +118,9 @@ export class LowLatencyPath {
     this.owner = owner;
     this.record = new Int32Array(sym.signal.arrayBuffer, 0, LL_RECORD.words);
     this.timeout = deviceTimeoutNs();
-    this.rank = rank;
+    // The peer table's index: every rank has an entry (over NVLink all ranks are on one host, where the
+    // local rank is the rank, as SymmetricBuffer lays them out).
+    this.rank = rt.group.rank;
     this.outputs = new LlOutputs(rt, layout, rt.options.fp8 ? 'fp8' : 'bf16');
     [this.kDispatch, this.kCombine, this.kClean, this.kGate] = kernels as [Kernel, Kernel, Kernel, Kernel];
     const sms = rt.smCount;
@@ -160,7 +160,7 @@ export class LowLatencyPath {
     if (acrossHosts) {
       await joinNvshmem(group, rt.device, layout.totalBytes);
       const defines = { ...llDefines(layout), LL_ENGINE: 1, LL_RPH: options.ranksPerHost };
-      mod = await loadEngineModule(rt.device, { ...readKernelSource('low_latency.cu'), defines });
+      mod = await loadEngineModule(rt.device, 'low_latency.cu', defines);
       sym = await NvshmemSymmetric.create(group, rt.device, layout.totalBytes, options.ranksPerHost);
     } else {
       mod = await rt.kernels('low_latency.cu', llDefines(layout));
@@ -209,8 +209,6 @@ export class LowLatencyPath {
       sym,
       owner ?? { label: `GPU low-latency path (rank ${group.rank} of ${group.size})` },
       kernels,
-      // Kernels index the peer table by rank: the host's ranks over NVLink, every rank with NVSHMEM.
-      acrossHosts ? group.rank : group.localRank,
     );
   }
 

@@ -117,8 +117,7 @@ export class NcclLowLatencyPath {
     this.dispatchRecv = DeviceBuffer.alloc(2 * layout.dispatchRecvHalfBytes, dev);
     this.combineSend = DeviceBuffer.alloc(layout.combineSendBytes, dev);
     this.combineRecv = DeviceBuffer.alloc(2 * layout.combineRecvHalfBytes, dev);
-    this.gateWord = DeviceBuffer.alloc(4, dev);
-    this.gateWord.fill(0);
+    this.gateWord = DeviceBuffer.alloc(4, dev); // warmUp() writes it before any all-reduce
     this.stale = HostBuffer.alloc(16, dev);
     this.staleWords = this.stale.int32();
     // Tag 0 in this rank's blocks until its first call, never a call's tag: what a peer receives from them

@@ -10,7 +10,9 @@ import type { Module } from '../../device/module.ts';
 import type { Group } from '../../dist/group.ts';
 import { machineId } from '../../dist/machine.ts';
 import { TsepError } from '../../errors.ts';
-import { loadNvshmemModule, type NvshmemKernelSource } from '../../jit/link.ts';
+import type { Define } from '../../jit/compile.ts';
+import { loadNvshmemModule } from '../../jit/link.ts';
+import { readKernelSource } from '../../jit/sources.ts';
 import {
   nvshmemCumoduleFinalize,
   nvshmemFinalize,
@@ -80,11 +82,29 @@ export async function joinNvshmem(group: Group, device: Device, heapBytes: numbe
   process.once('exit', leaveAtExit);
 }
 
-/** Compiles and links a kernel source with NVSHMEM's device library and registers it (after joinNvshmem). */
-export async function loadEngineModule(device: Device, src: NvshmemKernelSource): Promise<Module> {
-  const { module } = await loadNvshmemModule(device, src);
-  registered.push(module);
-  return module;
+const engineModules = new Map<string, Promise<Module>>();
+
+/**
+ * A kernel source under kernels/ compiled and linked with NVSHMEM's device library and registered with
+ * NVSHMEM (after joinNvshmem): once per (device, source, specialization) in a process, as rt.kernels does
+ * for the other kernels, so every buffer of a shape shares one registered module.
+ */
+export function loadEngineModule(
+  device: Device,
+  file: string,
+  defines: Record<string, Define>,
+): Promise<Module> {
+  const id = `${device.ordinal}|${file}|${JSON.stringify(Object.entries(defines).sort())}`;
+  let m = engineModules.get(id);
+  if (!m) {
+    m = loadNvshmemModule(device, { ...readKernelSource(file), defines }).then(({ module }) => {
+      registered.push(module);
+      return module;
+    });
+    engineModules.set(id, m);
+    m.catch(() => engineModules.delete(id)); // a failed build is tried again next time
+  }
+  return m;
 }
 
 /**
