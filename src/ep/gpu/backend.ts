@@ -25,8 +25,10 @@ import type {
 import { releaseEvents } from './event.ts';
 import { HierNormalPath } from './hier-normal.ts';
 import { createLowLatencyMode, type LowLatencyMode } from './ll-mode.ts';
+import { LowLatencyPath } from './low-latency.ts';
 import { NcclNormalPath } from './nccl-normal.ts';
 import { NormalPath } from './normal.ts';
+import { joinNvshmem } from './nvshmem-engine.ts';
 import { GpuRuntime } from './runtime.ts';
 import { probeTransportFacts } from './transport-probe.ts';
 
@@ -74,6 +76,13 @@ class GpuBackend implements EpBackend {
       throw e;
     }
     const mode = context.options.mode;
+    if (transport.transport === 'nvshmem') {
+      // NVSHMEM sizes its symmetric heap when the process joins: room for both modes' buffers at once.
+      const need =
+        (mode === 'low-latency' ? 0 : HierNormalPath.heapBytes(rt)) +
+        (mode === 'normal' ? 0 : LowLatencyPath.heapBytes(rt));
+      await joinNvshmem(rt.group, rt.device, need);
+    }
     const normalImpl = { nccl: NcclNormalPath, nvshmem: HierNormalPath, nvlink: NormalPath }[
       transport.transport
     ];

@@ -47,6 +47,17 @@ import {
 import { joinNvshmem, loadEngineModule, NvshmemSymmetric } from './nvshmem-engine.ts';
 import type { GpuRuntime } from './runtime.ts';
 
+function layoutOf({ group, options }: GpuRuntime): HierLayout {
+  return hierLayout({
+    numRanks: group.size,
+    ranksPerHost: options.ranksPerHost,
+    hidden: options.hidden,
+    maxTokensPerRank: options.maxTokensPerRank,
+    numTopk: options.numTopk,
+    numExperts: options.numExperts,
+  });
+}
+
 /** The error record's place in the buffer's host-mapped page. */
 const ERROR_AT = 0;
 
@@ -110,17 +121,15 @@ export class HierNormalPath {
     this.failArgs = [mem.signal.devicePtr + BigInt(ERROR_AT), this.timeoutNs];
   }
 
+  /** Bytes of the symmetric buffer this path needs in NVSHMEM's heap. */
+  static heapBytes(rt: GpuRuntime): number {
+    return layoutOf(rt).totalBytes;
+  }
+
   /** Collective: joins NVSHMEM, compiles the kernels and allocates the symmetric buffer. */
   static async create(rt: GpuRuntime): Promise<HierNormalPath> {
     const { group, options } = rt;
-    const L = hierLayout({
-      numRanks: group.size,
-      ranksPerHost: options.ranksPerHost,
-      hidden: options.hidden,
-      maxTokensPerRank: options.maxTokensPerRank,
-      numTopk: options.numTopk,
-      numExperts: options.numExperts,
-    });
+    const L = layoutOf(rt);
     const layoutKernels = await loadLayoutKernels(rt);
     await joinNvshmem(group, rt.device, L.totalBytes);
     const mod = await loadEngineModule(rt.device, 'hier.cu', hierDefines(L));

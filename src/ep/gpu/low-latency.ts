@@ -38,6 +38,11 @@ import { LlOutputs } from './ll-outputs.ts';
 import { joinNvshmem, loadEngineModule, NvshmemSymmetric } from './nvshmem-engine.ts';
 import type { GpuRuntime } from './runtime.ts';
 
+/** The buffer layout of a path (with the combine outbox that ranks on other hosts are sent from). */
+function layoutOf({ group, options }: GpuRuntime, acrossHosts: boolean): LlLayout {
+  return llLayout(llBufferShape(group.size, options), { outbox: acrossHosts });
+}
+
 /** The peer-mapped memory of a path: CUDA IPC between the GPUs of a host, or NVSHMEM's symmetric heap. */
 type LlMemory = Pick<SymmetricBuffer, 'local' | 'peerTable' | 'signal' | 'destroy'>;
 
@@ -132,6 +137,11 @@ export class LowLatencyPath {
     this.tuning = { fuse: true, ...defaultLlGrids(sms, layout.localExperts) };
   }
 
+  /** Bytes of the symmetric buffer this path needs in NVSHMEM's heap (transport 'nvshmem'). */
+  static heapBytes(rt: GpuRuntime): number {
+    return layoutOf(rt, true).totalBytes;
+  }
+
   /**
    * Collective: every rank of the runtime's group calls it. Compiles the kernels for the buffer's shape
    * and maps the ranks' symmetric buffers. `owner` goes into every handle (default: a label naming the
@@ -154,7 +164,7 @@ export class LowLatencyPath {
         `1 to ${most} ranks (${acrossHosts ? 'across hosts' : 'one NVLink host'})`,
       );
     }
-    const layout = llLayout(llBufferShape(group.size, options), { outbox: acrossHosts });
+    const layout = layoutOf(rt, acrossHosts);
     let mod: Module;
     let sym: LlMemory;
     if (acrossHosts) {

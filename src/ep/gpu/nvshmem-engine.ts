@@ -52,7 +52,8 @@ function leaveAtExit(code: number): void {
 /**
  * Collective: makes this process PE `group.rank` of an NVSHMEM job of all the group's ranks (once; later
  * calls with the same group shape return at once). Rank 0 makes the unique id and the group broadcasts it.
- * `heapBytes` sizes the symmetric heap (NVSHMEM_SYMMETRIC_SIZE, unless set) for the first buffer. When every
+ * `heapBytes` sizes the symmetric heap (NVSHMEM_SYMMETRIC_SIZE, unless set): what the first EpBuffer's
+ * buffers need (GpuBackend passes both modes' sum), with headroom for later ones. When every
  * rank runs on one machine (virtual hosts), NVSHMEM's bootstrap stays on loopback and no network transport
  * is loaded, unless NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME / NVSHMEM_REMOTE_TRANSPORT say otherwise.
  */
