@@ -72,26 +72,35 @@ __device__ __forceinline__ void dispatch_send_items(const Prologue &p, int rank,
       // The token's routing row goes to every rank (slots past K are -1), so a receiver never reads a
       // stale row from an earlier call.
 #pragma unroll
-      for (int d = 0; d < LL_R; d++) dispatch_route(p.peer[d], half, rank)[c.t * LL_KMAX + lane] = c.expert;
+      for (int d = 0; d < LL_R; d++)
+        if (!remote(d, rank)) dispatch_route(p.peer[d], half, rank)[c.t * LL_KMAX + lane] = c.expert;
     }
 #if LL_ENGINE
-    // Ranks on other hosts: the stores above went to this rank's own slot (their `peers` entry is our
-    // buffer); the row goes on from there.
+    // Ranks on other hosts: their row is the one just stored in this rank's own slot (their `peers` entry is
+    // our buffer, so storing it for each of them would write the same bytes again); it goes on from there.
     if (c.ch == 0)
       for (int d = 0; d < LL_R; d++)
         if (remote(d, rank)) put_warp(dispatch_route(p.peer[rank], half, rank) + c.t * LL_KMAX, 4 * LL_KMAX, d);
 #endif
     if (dmask == 0u) continue;
+    // Where the message is stored: each destination on this host, and once this rank's own slot for all
+    // destinations on other hosts (their `peers` entry is our buffer; send_msg_chunk puts it from there).
+    u32 store = dmask;
+#if LL_ENGINE
+    u32 away = 0u;
+    for (int d = 0; d < LL_R; d++) away |= remote(d, rank) ? 1u << d : 0u;
+    store = (dmask & ~away) | ((dmask & away) ? 1u << rank : 0u);
+#endif
     // The two payloads in separate loops, so each destination's stores are straight-line code.
     if (fp8) {
       const Fp8Lane q = quantize_fp8_lane(c.v0, c.v1, round, c.valid);
 #pragma unroll
       for (int d = 0; d < LL_R; d++)
-        if (dmask >> d & 1u) put_chunk(dispatch_msg(p.peer[d], half, rank, c.t), c, q, true, ue8m0);
+        if (store >> d & 1u) put_chunk(dispatch_msg(p.peer[d], half, rank, c.t), c, q, true, ue8m0);
     } else if (c.valid) {
 #pragma unroll
       for (int d = 0; d < LL_R; d++)
-        if (dmask >> d & 1u) put_chunk(dispatch_msg(p.peer[d], half, rank, c.t), c, Fp8Lane{}, false, false);
+        if (store >> d & 1u) put_chunk(dispatch_msg(p.peer[d], half, rank, c.t), c, Fp8Lane{}, false, false);
     }
 #if LL_ENGINE
     for (int d = 0; d < LL_R; d++)
