@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Device } from '../../src/device/context.ts';
 import { copyHostToDevice, DeviceBuffer } from '../../src/device/memory.ts';
-import { Event, Stream } from '../../src/device/stream.ts';
+import { Stream } from '../../src/device/stream.ts';
 import { initProcessGroup } from '../../src/dist/init.ts';
 import { loadNvshmemModule } from '../../src/jit/link.ts';
 import { cu } from '../../src/native/cuda.ts';
@@ -36,7 +36,7 @@ import {
   nvshmemNPes,
   nvshmemVersion,
 } from '../../src/native/nvshmem.ts';
-import { median } from '../stats.ts';
+import { median, timeEvents } from '../stats.ts';
 
 const MiB = 2 ** 20;
 const SEED_BYTES = 16;
@@ -202,18 +202,13 @@ async function main(): Promise<void> {
   const rates: string[] = [];
   for (const bytes of o.sizes) {
     prepare();
-    for (let i = 0; i < o.warmup; i++) launch(bytes);
-    await stream.synchronize({ timeoutMs: WAIT_MS, what: 'the warm-up' });
-    nvshmemBarrierAll();
-    const ev = Array.from({ length: 2 * o.iters }, () => Event.create(dev, { timing: true }));
-    for (let i = 0; i < o.iters; i++) {
-      ev[2 * i]!.record(stream);
-      launch(bytes);
-      ev[2 * i + 1]!.record(stream);
-    }
+    const times = await timeEvents(stream, o.iters, () => launch(bytes), {
+      warmup: o.warmup,
+      afterWarmup: () => nvshmemBarrierAll(),
+      timeoutMs: WAIT_MS,
+    });
     await finish(`timed ${fmtSize(bytes)}`, bytes);
-    const ms = median(Array.from({ length: o.iters }, (_, i) => Event.elapsedMs(ev[2 * i]!, ev[2 * i + 1]!)));
-    for (const e of ev) e.dispose();
+    const ms = median(times);
     rates.push(`${fmtSize(bytes)} ${(bytes / ms / 1e6).toFixed(1)} GB/s (${(ms * 1000).toFixed(1)} µs)`);
   }
 
