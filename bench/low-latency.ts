@@ -25,10 +25,12 @@ import { parseArgs } from 'node:util';
 import { Rng } from '../src/cpu/random.ts';
 import { DeviceTensor } from '../src/device/device-tensor.ts';
 import { DeviceBuffer } from '../src/device/memory.ts';
+import { Kernel } from '../src/device/module.ts';
 import { Event } from '../src/device/stream.ts';
 import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
+import { EpBuffer } from '../src/ep/buffer.ts';
 import { GpuEvent } from '../src/ep/gpu/event.ts';
 import type { LlGrids } from '../src/ep/gpu/ll-call.ts';
 import { createLowLatencyMode } from '../src/ep/gpu/ll-mode.ts';
@@ -37,8 +39,9 @@ import { NcclLowLatencyPath } from '../src/ep/gpu/nccl-low-latency.ts';
 import { GpuRuntime } from '../src/ep/gpu/runtime.ts';
 import { probeTransportFacts } from '../src/ep/gpu/transport-probe.ts';
 import { chooseTransport } from '../src/ep/transport.ts';
-import type { TransportKind } from '../src/ep/types.ts';
+import type { EpEvent, LowLatencyHandle, TransportKind } from '../src/ep/types.ts';
 import { resolveOptions } from '../src/ep/validate.ts';
+import { loadKernelModule } from '../src/jit/compile.ts';
 import { gbPerS, printTable, summarize, writeResult } from './stats.ts';
 
 const { values } = parseArgs({
@@ -413,36 +416,6 @@ for (let i = 0; path instanceof LowLatencyPath && i < PHASE_ITERS; i++) {
   seg('combine: send start -> recv end', t.combineSendStart, t.combineRecvEnd);
 }
 
-// Host overhead of one call (API entry to return, kernels launched), with the GPU idle and the queue empty.
-const hostDispatchUs: number[] = [];
-const hostHookDispatchUs: number[] = [];
-const hostCombineUs: number[] = [];
-const hostEventUs: number[] = [];
-for (let i = 0; i < PHASE_ITERS + 5; i++) {
-  await settle('host overhead');
-  const t0 = performance.now();
-  const d = dispatch(i);
-  const t1 = performance.now();
-  await settle('host overhead');
-  const t2 = performance.now();
-  combine(i, d.handle);
-  const t3 = performance.now();
-  await settle('host overhead');
-  const t4 = performance.now();
-  const dh = dispatch(i + 1, true);
-  const t5 = performance.now();
-  await dh.hook!();
-  await settle('host overhead');
-  const t6 = performance.now();
-  new GpuEvent(stream);
-  const t7 = performance.now();
-  if (i < 5) continue;
-  hostDispatchUs.push((t1 - t0) * 1000);
-  hostCombineUs.push((t3 - t2) * 1000);
-  hostHookDispatchUs.push((t5 - t4) * 1000);
-  hostEventUs.push((t7 - t6) * 1000);
-}
-
 // ------------------------------------------------------------------------------------------- bytes
 
 const avg = (f: (s: InputSet) => number) => sets.reduce((a, s) => a + f(s), 0) / SETS;
@@ -492,6 +465,119 @@ const comm = ncclSkipped === undefined ? await NcclCommunicator.create(group, de
 const ncclDispatchMs = comm ? await ncclMs(comm, dispatchLogical) : undefined;
 const ncclCombineMs = comm ? await ncclMs(comm, combineLogical) : undefined;
 
+// ------------------------------------------------------------------------------------ host overhead
+
+// Host cost of one public call (EpBuffer.lowLatencyDispatch / lowLatencyCombine: validation, the path's
+// host work, the launch, the event). Timed on a buffer made through the public API with the same options,
+// after the path above is destroyed (its memory is given back), two ways:
+// - back to back: bursts of HOST_BURST calls of one kind, the GPU drained between bursts (the CPU busy
+//   issuing, as in a decode loop that enqueues one call after another);
+// - isolated: one call after the GPU went idle and the host waited for it (caches and clocks cold).
+// Kernel.launch is wrapped for this section only, to split each call at its launches: API entry -> first
+// launch issued (the library's own work before the driver; the issue's "API entry to launch"), the launch
+// call(s) (mostly the driver's cuLaunchKernel), and last launch -> return (event record, result object).
+// The wrapper's two clock reads (~0.1 us) fall into the launch column.
+const HOST_BURST = 32;
+comm?.destroy();
+const commBytes = path.bytes();
+const outputRingBytes = path.outputBytes();
+await settle('host overhead');
+await path.destroy();
+const pub = await EpBuffer.create(group, { ...options, transport: transport.transport });
+// The floor under every call, taken in the same run (the host's speed varied between runs by up to ~1.7x):
+// an empty kernel launched through the same FFI path.
+const empty = (await loadKernelModule(dev, 'smoke.cu')).kernel('tsep_empty', []);
+const marks = { first: 0, last: 0 };
+const launchKernel = Kernel.prototype.launch;
+Kernel.prototype.launch = function (this: Kernel, ...a: Parameters<Kernel['launch']>): void {
+  const t = performance.now();
+  if (marks.first === 0) marks.first = t;
+  launchKernel.apply(this, a);
+  marks.last = performance.now();
+};
+const hostKinds = ['dispatch', 'hookDispatch', 'combine', 'event', 'emptyLaunch'] as const;
+type HostKind = (typeof hostKinds)[number];
+/** Per call kind: [entry -> return, entry -> first launch, launch span, last launch -> return] in us. */
+const hostSamples = (): Record<HostKind, number[][]> => ({
+  dispatch: [[], [], [], []],
+  hookDispatch: [[], [], [], []],
+  combine: [[], [], [], []],
+  event: [[]],
+  emptyLaunch: [[]],
+});
+const host = { backToBack: hostSamples(), isolated: hostSamples() };
+function hostCall<R>(into: number[][] | undefined, call: () => R): R {
+  marks.first = 0;
+  const t0 = performance.now();
+  const r = call();
+  const t1 = performance.now();
+  if (into && into.length === 1) into[0]!.push((t1 - t0) * 1000);
+  else if (into) {
+    into[0]!.push((t1 - t0) * 1000);
+    into[1]!.push((marks.first - t0) * 1000);
+    into[2]!.push((marks.last - marks.first) * 1000);
+    into[3]!.push((t1 - marks.last) * 1000);
+  }
+  return r;
+}
+try {
+  for (let i = 0; i < PHASE_ITERS + 2; i++) {
+    const s = sets[i % SETS]!;
+    const dispatchArgs = { x: s.x, topkIdx: s.topk, fp8: FP8 };
+    const hookArgs = { ...dispatchArgs, returnRecvHook: true };
+    const combineArgs = (handle: LowLatencyHandle) => ({
+      x: y,
+      topkIdx: s.topk,
+      topkWeights: s.weights,
+      handle,
+    });
+    // The first two rounds warm the code paths.
+    const into = (mode: 'backToBack' | 'isolated', k: HostKind) => (i >= 2 ? host[mode][k] : undefined);
+
+    const d = hostCall(into('isolated', 'dispatch'), () => pub.lowLatencyDispatch(dispatchArgs));
+    await d.event.wait();
+    const c = hostCall(into('isolated', 'combine'), () => pub.lowLatencyCombine(combineArgs(d.handle)));
+    await c.event.wait();
+    const dh = hostCall(into('isolated', 'hookDispatch'), () => pub.lowLatencyDispatch(hookArgs));
+    await dh.hook!();
+    await dh.event.wait();
+    hostCall(into('isolated', 'event'), () => new GpuEvent(pub.stream!));
+    await pub.stream!.synchronize({ timeoutMs: WAIT_MS });
+    hostCall(into('isolated', 'emptyLaunch'), () =>
+      empty.launch({ grid: 1, block: 32, stream: pub.stream! }, []),
+    );
+
+    let last: EpEvent = d.event;
+    for (let j = 0; j < HOST_BURST; j++) {
+      last = hostCall(into('backToBack', 'dispatch'), () => pub.lowLatencyDispatch(dispatchArgs)).event;
+    }
+    await last.wait();
+    for (let j = 0; j < HOST_BURST; j++) {
+      last = hostCall(into('backToBack', 'combine'), () =>
+        pub.lowLatencyCombine(combineArgs(d.handle)),
+      ).event;
+    }
+    await last.wait();
+    for (let j = 0; j < HOST_BURST; j++) {
+      const r = hostCall(into('backToBack', 'hookDispatch'), () => pub.lowLatencyDispatch(hookArgs));
+      await r.hook!();
+      last = r.event;
+    }
+    await last.wait();
+    for (let j = 0; j < HOST_BURST; j++)
+      hostCall(into('backToBack', 'event'), () => new GpuEvent(pub.stream!));
+    for (let j = 0; j < HOST_BURST; j++) {
+      hostCall(into('backToBack', 'emptyLaunch'), () =>
+        empty.launch({ grid: 1, block: 32, stream: pub.stream! }, []),
+      );
+    }
+    await pub.stream!.synchronize({ timeoutMs: WAIT_MS });
+  }
+} finally {
+  Kernel.prototype.launch = launchKernel;
+}
+await pub.destroy();
+
 // ------------------------------------------------------------------------------------------ report
 
 const us = (ms: number[]) => {
@@ -516,13 +602,39 @@ const rows = [
   ['combine, ungated', us(ungated.combine), combineLogical],
   ['dispatch+combine, ungated', us(ungated.both), dispatchLogical + combineLogical],
 ] as const satisfies readonly (readonly [string, ReturnType<typeof us>, number | undefined])[];
-const hostMedians = [hostDispatchUs, hostHookDispatchUs, hostCombineUs, hostEventUs].map(
-  (v) => summarize(v).median,
+const HOST_PARTS = ['entryToReturn', 'entryToLaunch', 'launch', 'launchToReturn'] as const;
+const hostModes = ['backToBack', 'isolated'] as const;
+const hostMedians = hostModes.flatMap((m) =>
+  hostKinds.flatMap((k) => host[m][k].map((v) => summarize(v).median)),
 );
 const allHost = (await group.allGather(new Uint8Array(Float64Array.from(hostMedians).buffer))).map(
   (b) => new Float64Array(b.slice().buffer),
 );
-const hostMax = hostMedians.map((_, i) => Math.max(...allHost.map((h) => h[i]!)));
+/** Per mode, call kind and part (HOST_PARTS order): every rank's median in us. */
+const hostByRank = { backToBack: {}, isolated: {} } as Record<
+  (typeof hostModes)[number],
+  Record<HostKind, number[][]>
+>;
+{
+  let i = 0;
+  for (const m of hostModes) {
+    for (const k of hostKinds) {
+      hostByRank[m][k] = host[m][k].map(() => {
+        const j = i++;
+        return allHost.map((h) => h[j]!);
+      });
+    }
+  }
+}
+/** One mode's line: per call kind the max over ranks of the medians, split at the launch. */
+const hostLine = (m: (typeof hostModes)[number]) => {
+  const max = (k: HostKind) => hostByRank[m][k].map((v) => Math.max(...v).toFixed(2));
+  const call = (name: string, k: HostKind) => {
+    const [all, before, launch, after] = max(k);
+    return `${name} ${all} (entry -> launch ${before}, launch ${launch}, launch -> return ${after})`;
+  };
+  return `${call('dispatch', 'dispatch')}; ${call('dispatch with hook', 'hookDispatch')}; ${call('combine', 'combine')}; one GpuEvent ${max('event')[0]}; an empty kernel's launch ${max('emptyLaunch')[0]}`;
+};
 const stampRows = Object.entries(stampSegs).map(([name, v]) => {
   const s = summarize(v);
   return [name, s.median, s.p10, s.p90] as const;
@@ -559,10 +671,10 @@ if (me === 0) {
     (ncclOverTsep
       ? `NCCL all-to-all / tsep: dispatch ${ncclOverTsep.dispatch.toFixed(2)}x, combine ${ncclOverTsep.combine.toFixed(2)}x\n`
       : `NCCL all-to-all skipped (${ncclSkipped})\n`) +
-      `host overhead per call (API entry to return, GPU idle; median, max over ranks): dispatch ${hostMax[0]!.toFixed(1)} us, ` +
-      `dispatch with hook ${hostMax[1]!.toFixed(1)} us, combine ${hostMax[2]!.toFixed(1)} us, of which one GpuEvent ${hostMax[3]!.toFixed(1)} us\n` +
-      `bytes per rank: communication memory ${path.bytes()} (${(path.bytes() / 2 ** 20).toFixed(1)} MiB), output rings ${path.outputBytes()} ` +
-      `(${(path.outputBytes() / 2 ** 20).toFixed(1)} MiB); ${transport.transport} payload per dispatch ${Math.round(wire.dispatch)} B ` +
+      `host overhead per public call (median, max over ranks; us), back to back (bursts of ${HOST_BURST}): ${hostLine('backToBack')}\n` +
+      `  isolated (one call, GPU idle): ${hostLine('isolated')}\n` +
+      `bytes per rank: communication memory ${commBytes} (${(commBytes / 2 ** 20).toFixed(1)} MiB), output rings ${outputRingBytes} ` +
+      `(${(outputRingBytes / 2 ** 20).toFixed(1)} MiB); ${transport.transport} payload per dispatch ${Math.round(wire.dispatch)} B ` +
       `vs DeepEP-logical ${Math.round(dispatchLogical)} B, per combine ${Math.round(wire.combine)} B; create ${createMs.toFixed(0)} ms\n` +
       (path instanceof NcclLowLatencyPath
         ? ''
@@ -614,15 +726,20 @@ if (me === 0) {
     ncclOverTsep: ncclOverTsep ?? null,
     ...(ncclSkipped !== undefined ? { ncclSkipped } : {}),
     hostOverheadUs: {
-      dispatch: allHost.map((h) => h[0]),
-      dispatchHook: allHost.map((h) => h[1]),
-      combine: allHost.map((h) => h[2]),
-      gpuEvent: allHost.map((h) => h[3]),
+      measure: `public EpBuffer calls; backToBack: bursts of ${HOST_BURST} calls of one kind, the GPU drained between bursts; isolated: one call after the GPU went idle; per rank the median of: entry to return, entry to first kernel launch, the launch call(s), last launch to return`,
+      ...Object.fromEntries(
+        hostModes.map((m) => [
+          m,
+          Object.fromEntries(
+            hostKinds.map((k) => [k, Object.fromEntries(hostByRank[m][k].map((v, j) => [HOST_PARTS[j], v]))]),
+          ),
+        ]),
+      ),
     },
     tuningDefaults: defaults,
     sweep,
     stampsRank0Us: Object.fromEntries(stampRows.map(([n, m, a, b]) => [n, { median: m, p10: a, p90: b }])),
-    bytesPerRank: { communication: path.bytes(), outputRings: path.outputBytes() },
+    bytesPerRank: { communication: commBytes, outputRings: outputRingBytes },
     payloadBytesPerRank: {
       dispatch: wire.dispatch,
       combine: wire.combine,
@@ -635,9 +752,6 @@ if (me === 0) {
   process.stdout.write(`wrote ${out}\n`);
 }
 
-await settle('the end');
-comm?.destroy();
-await path.destroy();
 for (const s of sets) for (const t of [s.x, s.topk, s.weights]) t.dispose();
 y.dispose();
 await group.destroy();

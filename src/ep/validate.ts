@@ -88,14 +88,15 @@ export function checkTensor(
   shape: readonly (number | string)[],
   rowMajor: boolean,
 ): asserts t is TensorMeta {
-  const need = `${dtypes.join(' or ')} [${shape.join(', ')}]${rowMajor ? ', row-major' : ''}`;
-  if (!isTensorMeta(t)) throw new ValidationError(argument, show(t), `a tensor: ${need}`);
+  // Runs on every call of the hot paths: the message is built only when the check fails.
+  const need = () => `${dtypes.join(' or ')} [${shape.join(', ')}]${rowMajor ? ', row-major' : ''}`;
+  if (!isTensorMeta(t)) throw new ValidationError(argument, show(t), `a tensor: ${need()}`);
   const ok =
     dtypes.includes(t.dtype) &&
     t.shape.length === shape.length &&
     shape.every((d, i) => typeof d === 'string' || t.shape[i] === d) &&
     (!rowMajor || isContiguous(t));
-  if (!ok) throw new ValidationError(argument, describe(t), need);
+  if (!ok) throw new ValidationError(argument, describe(t), need());
 }
 
 function checkAbsent(argument: string, value: unknown, need: string): void {

@@ -133,14 +133,17 @@ export function llDispatchResult(
   event: EpEvent,
   hook: RecvHook | undefined,
 ): LowLatencyDispatchResult {
-  return {
+  // Optional fields are set only when present (the result has no undefined keys), without object spreads:
+  // this runs on every call of the decode path.
+  const result: { -readonly [K in keyof LowLatencyDispatchResult]: LowLatencyDispatchResult[K] } = {
     recvX: views.recvX,
-    ...(views.recvScales ? { recvScales: views.recvScales } : {}),
     recvCount: views.recvCount,
     handle: new GpuLowLatencyHandle(path, owner, T, views.srcInfo, views.range, views.kmask),
     event,
-    ...(hook ? { hook } : {}),
   };
+  if (views.recvScales) result.recvScales = views.recvScales;
+  if (hook) result.hook = hook;
+  return result;
 }
 
 function checkTokens(shape: LlShape, T: number, K: number): void {

@@ -60,7 +60,7 @@ export class LlOutputs {
   /** The next dispatch set of `kind` in the ring (allocated on first use), as views for the scale format. */
   nextDispatch(kind: LlPayload, ue8m0: boolean): DispatchViews {
     const slot = this.dispatchSlot(kind, this.dispatchCalls[kind]++ % OUTPUT_RING);
-    const key = kind === 'bf16' ? kind : `${kind}/${ue8m0}`;
+    const key = kind === 'bf16' ? kind : ue8m0 ? 'fp8/ue8m0' : 'fp8/f32';
     let v = slot.views.get(key);
     if (!v) {
       v = this.views(slot, kind, ue8m0);

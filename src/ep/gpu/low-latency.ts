@@ -7,6 +7,7 @@
 // replays stay correct. Outputs come from the ring of ll-outputs.ts; the host side of a call that does not
 // depend on the transport (checks, flags, handle, hooks) is ll-call.ts.
 
+import type { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
@@ -323,11 +324,12 @@ export class LowLatencyPath {
       launch(tn.combineSendBlocks, PHASE_SEND);
       launch(recvGrid, PHASE_RECV);
     }
-    return {
+    const result: { combinedX: DeviceTensor; event: GpuEvent; hook?: RecvHook } = {
       combinedX: out,
       event: this.event(),
-      ...(hook ? { hook } : {}),
     };
+    if (hook) result.hook = hook;
+    return result;
   }
 
   // ------------------------------------------------------------------------------------ maintenance
@@ -429,12 +431,15 @@ export class LowLatencyPath {
     if (msg !== undefined) throw new EpTimeoutError(msg);
   }
 
+  /** Every call's event checks for a reported timeout when it completes (one options object for all). */
+  private readonly eventOptions = {
+    check: (): void => {
+      const msg = this.deviceError();
+      if (msg !== undefined) throw new EpTimeoutError(msg);
+    },
+  };
+
   private event(): GpuEvent {
-    return this.rt.record({
-      check: () => {
-        const msg = this.deviceError();
-        if (msg !== undefined) throw new EpTimeoutError(msg);
-      },
-    });
+    return this.rt.record(this.eventOptions);
   }
 }
