@@ -471,12 +471,14 @@ const ncclCombineMs = comm ? await ncclMs(comm, combineLogical) : undefined;
 // host work, the launch, the event). Timed on a buffer made through the public API with the same options,
 // after the path above is destroyed (its memory is given back), two ways:
 // - back to back: bursts of HOST_BURST calls of one kind, the GPU drained between bursts (the CPU busy
-//   issuing, as in a decode loop that enqueues one call after another);
+//   issuing, as in a decode loop that enqueues one call after another); each hook dispatch's hook is
+//   called (untimed) before the next call, as hooks must be within two calls;
 // - isolated: one call after the GPU went idle and the host waited for it (caches and clocks cold).
 // Kernel.launch is wrapped for this section only, to split each call at its launches: API entry -> first
 // launch issued (the library's own work before the driver; the issue's "API entry to launch"), the launch
-// call(s) (mostly the driver's cuLaunchKernel), and last launch -> return (event record, result object).
-// The wrapper's two clock reads (~0.1 us) fall into the launch column.
+// call(s) (over NVLink and NVSHMEM the driver's cuLaunchKernel; over NCCL also the NCCL calls between the
+// kernels), and last launch -> return (event record, result object). The wrapper's clock reads (~0.05 us
+// each) fall into entry -> launch and the launch column; the empty launch pays for the whole wrapper.
 const HOST_BURST = 32;
 comm?.destroy();
 const commBytes = path.bytes();
@@ -525,6 +527,7 @@ try {
     const s = sets[i % SETS]!;
     const dispatchArgs = { x: s.x, topkIdx: s.topk, fp8: FP8 };
     const hookArgs = { ...dispatchArgs, returnRecvHook: true };
+    // Arguments are built outside the timed closures (the dispatch's and the combine's alike).
     const combineArgs = (handle: LowLatencyHandle) => ({
       x: y,
       topkIdx: s.topk,
@@ -536,7 +539,8 @@ try {
 
     const d = hostCall(into('isolated', 'dispatch'), () => pub.lowLatencyDispatch(dispatchArgs));
     await d.event.wait();
-    const c = hostCall(into('isolated', 'combine'), () => pub.lowLatencyCombine(combineArgs(d.handle)));
+    const isolatedCombine = combineArgs(d.handle);
+    const c = hostCall(into('isolated', 'combine'), () => pub.lowLatencyCombine(isolatedCombine));
     await c.event.wait();
     const dh = hostCall(into('isolated', 'hookDispatch'), () => pub.lowLatencyDispatch(hookArgs));
     await dh.hook!();
@@ -547,15 +551,16 @@ try {
       empty.launch({ grid: 1, block: 32, stream: pub.stream! }, []),
     );
 
-    let last: EpEvent = d.event;
+    let lastDispatch = d;
     for (let j = 0; j < HOST_BURST; j++) {
-      last = hostCall(into('backToBack', 'dispatch'), () => pub.lowLatencyDispatch(dispatchArgs)).event;
+      lastDispatch = hostCall(into('backToBack', 'dispatch'), () => pub.lowLatencyDispatch(dispatchArgs));
     }
+    let last: EpEvent = lastDispatch.event;
     await last.wait();
+    // The newest dispatch's handle: older ones' outputs are overwritten after OUTPUT_RING calls.
+    const burstCombine = combineArgs(lastDispatch.handle);
     for (let j = 0; j < HOST_BURST; j++) {
-      last = hostCall(into('backToBack', 'combine'), () =>
-        pub.lowLatencyCombine(combineArgs(d.handle)),
-      ).event;
+      last = hostCall(into('backToBack', 'combine'), () => pub.lowLatencyCombine(burstCombine)).event;
     }
     await last.wait();
     for (let j = 0; j < HOST_BURST; j++) {
@@ -726,7 +731,7 @@ if (me === 0) {
     ncclOverTsep: ncclOverTsep ?? null,
     ...(ncclSkipped !== undefined ? { ncclSkipped } : {}),
     hostOverheadUs: {
-      measure: `public EpBuffer calls; backToBack: bursts of ${HOST_BURST} calls of one kind, the GPU drained between bursts; isolated: one call after the GPU went idle; per rank the median of: entry to return, entry to first kernel launch, the launch call(s), last launch to return`,
+      measure: `public EpBuffer calls; backToBack: bursts of ${HOST_BURST} calls of one kind, the GPU drained between bursts (hook dispatches: each hook called, untimed, before the next call); isolated: one call after the GPU went idle; per rank the median of: entry to return, entry to first kernel launch, the launch call(s) (over NCCL with the NCCL calls between kernels), last launch to return`,
       ...Object.fromEntries(
         hostModes.map((m) => [
           m,
