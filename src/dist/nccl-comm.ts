@@ -20,6 +20,7 @@ import {
   ncclVersion,
 } from '../native/nccl.ts';
 import type { Group } from './group.ts';
+import { gatherPlaces, sharedGpu } from './rank-place.ts';
 import type { StoreClient } from './store.ts';
 
 /** Oldest NCCL tsep works with (grouped send/recv and ncclGetLastError). */
@@ -71,8 +72,20 @@ export class NcclCommunicator {
   }
 
   /** Creates the communicator of all ranks of `group`, this rank on `device`. */
+  /**
+   * Collective. Throws ValidationError when two ranks use one GPU (NCCL refuses that; said here with the
+   * ranks named, before NCCL fails with a bare "invalid usage").
+   */
   static async create(group: Group, device: Device): Promise<NcclCommunicator> {
     checkNcclVersion();
+    const shared = sharedGpu(await gatherPlaces(group, device));
+    if (shared !== undefined) {
+      throw new ValidationError(
+        'NCCL communicator',
+        shared,
+        'one GPU per rank (NCCL refuses two ranks on one GPU); run one rank per GPU',
+      );
+    }
     const id = await group.broadcast(group.rank === 0 ? ncclGetUniqueId() : undefined, 0);
     // ncclCommInitRank blocks the calling thread until every rank joins, and rank 0 may host the TCP
     // store in this very event loop (torchrun, Slurm). So rank 0 starts only once every other rank's

@@ -1,7 +1,7 @@
 // Which transport the GPU backend uses. Pure decision logic (unit-tested); the facts come from the GPUs
 // and the group (ep/gpu/transport-probe.ts) and `tsep doctor` prints the same decision.
 
-import { RendezvousError, ValidationError } from '../errors.ts';
+import { ValidationError } from '../errors.ts';
 import type { ChosenTransport, TransportKind } from './types.ts';
 
 export interface TransportFacts {
@@ -14,41 +14,6 @@ export interface TransportFacts {
   nvshmem?: boolean;
   /** Two ranks use one GPU (named: "ranks 0 and 2 share GPU … on host …"); absent when each has its own. */
   sharedGpu?: string;
-}
-
-/** Where a rank runs: its GPU's UUID and PCI bus id, and its host's name (for messages). */
-export interface RankPlace {
-  gpu: string;
-  bus: string;
-  host: string;
-}
-
-/** One line each for the UUID and the bus id (neither holds a newline); the host name is the rest. */
-export function encodePlace(p: RankPlace): string {
-  return `${p.gpu}\n${p.bus}\n${p.host}`;
-}
-
-export function decodePlace(text: string): RankPlace {
-  const a = text.indexOf('\n');
-  const b = text.indexOf('\n', a + 1);
-  if (a < 0 || b < 0) {
-    throw new RendezvousError(
-      `A rank described its GPU as ${JSON.stringify(text)}, not "uuid\\nbus\\nhost": run the same tsep version on every rank.`,
-    );
-  }
-  return { gpu: text.slice(0, a), bus: text.slice(a + 1, b), host: text.slice(b + 1) };
-}
-
-/** The first two ranks that run on the same GPU (same UUID), described; undefined if none do. */
-export function sharedGpu(places: readonly RankPlace[]): string | undefined {
-  const seen = new Map<string, number>();
-  for (let r = 0; r < places.length; r++) {
-    const { gpu, bus, host } = places[r]!;
-    const other = seen.get(gpu);
-    if (other !== undefined) return `ranks ${other} and ${r} share GPU ${bus} on host ${host}`;
-    seen.set(gpu, r);
-  }
-  return undefined;
 }
 
 export interface TransportChoice {

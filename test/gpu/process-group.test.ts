@@ -3,10 +3,12 @@
 // pointer table and checks what every peer wrote into its own, then checks NCCL allReduce, allToAll and
 // allToAllv element by element (see the fixture for the details). R = 2, 4 and, where more GPUs are
 // visible, all of them; a size needs that many GPUs. Fresh seed per run; TSEP_TEST_SEED replays one.
+// Also: two ranks put on one GPU (CUDA_VISIBLE_DEVICES=0) get a ValidationError from the NCCL
+// communicator naming them, not NCCL's failure.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { seededRandom } from './gpu.ts';
+import { gpuSkip, seededRandom } from './gpu.ts';
 import { indent, launchRanks, rankCounts, skipFor } from './ranks.ts';
 
 /** The launcher's own bound on the job (it stops every rank and exits 124 after it). */
@@ -31,3 +33,20 @@ for (const ranks of rankCounts) {
     }
   });
 }
+
+test('2 ranks on one GPU: the NCCL communicator refuses with a ValidationError naming both ranks', {
+  skip: gpuSkip,
+  timeout: 90_000,
+}, async () => {
+  const fixture = new URL('./fixtures/nccl-shared.ts', import.meta.url);
+  const run = await launchRanks(2, fixture, [], 60, { CUDA_VISIBLE_DEVICES: '0' });
+  const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+  assert.equal(run.code, 0, `tsep launch exited with ${run.code}${detail}`);
+  for (let r = 0; r < 2; r++) {
+    assert.match(
+      run.stdout,
+      new RegExp(`^\\[rank ${r}\\] nccl-shared rank ${r} OK`, 'm'),
+      `rank ${r}${detail}`,
+    );
+  }
+});

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { chooseTransport, decodePlace, encodePlace, sharedGpu } from '../../src/ep/transport.ts';
+import { decodePlace, encodePlace, sharedGpu } from '../../src/dist/rank-place.ts';
+import { chooseTransport } from '../../src/ep/transport.ts';
 import { RendezvousError, ValidationError } from '../../src/errors.ts';
 
 const oneHostP2p = { ranks: 4, localRanks: 4, peerAccess: true };

@@ -5,10 +5,10 @@
 // (CUDA_VISIBLE_DEVICES per rank), so GPUs are matched by PCI bus id; a peer GPU this rank cannot see
 // counts as no access.
 
-import { hostname } from 'node:os';
 import { Device } from '../../device/context.ts';
+import { gatherPlaces, sharedGpu } from '../../dist/rank-place.ts';
 import { nvshmemInstall } from '../../native/nvshmem.ts';
-import { decodePlace, encodePlace, sharedGpu, type TransportFacts } from '../transport.ts';
+import type { TransportFacts } from '../transport.ts';
 import type { TransportKind } from '../types.ts';
 import type { GpuRuntime } from './runtime.ts';
 
@@ -16,10 +16,7 @@ import type { GpuRuntime } from './runtime.ts';
 export async function probeTransportFacts(rt: GpuRuntime, requested: TransportKind): Promise<TransportFacts> {
   const g = rt.group;
   const mine = rt.device.info.pciBusId;
-  const place = encodePlace({ gpu: rt.device.info.uuid, bus: mine, host: hostname() });
-  const places = (await g.allGather(new TextEncoder().encode(place))).map((b) =>
-    decodePlace(new TextDecoder().decode(b)),
-  );
+  const places = await gatherPlaces(g, rt.device);
   const buses = places.map((p) => p.bus);
   const visible = Device.pciBusIds();
   const perHost = rt.options.ranksPerHost;
