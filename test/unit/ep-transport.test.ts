@@ -1,6 +1,9 @@
 import assert from 'node:assert/strict';
+import { hostname } from 'node:os';
 import { describe, it } from 'node:test';
-import { decodePlace, encodePlace, sharedGpu } from '../../src/dist/rank-place.ts';
+import type { Device } from '../../src/device/context.ts';
+import { LocalGroup } from '../../src/dist/local-group.ts';
+import { decodePlace, encodePlace, gatherPlaces, sharedGpu } from '../../src/dist/rank-place.ts';
 import { chooseTransport } from '../../src/ep/transport.ts';
 import { RendezvousError, ValidationError } from '../../src/errors.ts';
 
@@ -69,6 +72,26 @@ describe('transport selection', () => {
     assert.equal(sharedGpu(places), 'ranks 0 and 3 share GPU 0000:19:00.0 on host a');
     assert.equal(sharedGpu(places.slice(0, 3)), undefined);
     assert.equal(sharedGpu([]), undefined);
+  });
+
+  it('gatherPlaces gives every rank every place, by rank', async () => {
+    const groups = LocalGroup.create(3);
+    const gpus = ['u0', 'u1', 'u0'];
+    const all = await Promise.all(
+      groups.map((g) =>
+        gatherPlaces(g, {
+          info: { uuid: gpus[g.rank]!, pciBusId: `bus-${gpus[g.rank]}` },
+        } as unknown as Device),
+      ),
+    );
+    for (const places of all) {
+      assert.deepEqual(
+        places.map((p) => [p.gpu, p.bus, p.host]),
+        gpus.map((u) => [u, `bus-${u}`, hostname()]),
+      );
+      assert.equal(sharedGpu(places), `ranks 0 and 2 share GPU bus-u0 on host ${hostname()}`);
+    }
+    await Promise.all(groups.map((g) => g.destroy()));
   });
 
   it('a rank place round-trips through its text form, a host name with newlines included', () => {
