@@ -80,14 +80,14 @@ __device__ __forceinline__ bool wait_geq(const T *p, T target, u64 timeout_ns, c
       rank, kernel, phase, peer);
 }
 
-// Waits until the 32-bit sequence number in *p has reached `target`, wrap-safely ((int)(v - target) >= 0,
-// so numbers may pass 2^32); a u64 word compares its low 32 bits. Returns false (after reporting) as
+// Waits until the 32-bit sequence number in *p has reached `target`, wrap-safely (seq_reached); a u64 word
+// compares its low 32 bits. Returns false (after reporting) as
 // wait_geq does.
 template <typename T>
 __device__ __forceinline__ bool wait_seq(const T *p, u32 target, u64 timeout_ns, const Fail &f, int rank, int kernel,
                                          int phase, int peer) {
   return spin_until(
-      p, [=](T v) { return (int)((u32)v - target) >= 0; }, [](T v) { return (long long)(u32)v; },
+      p, [=](T v) { return seq_reached((u32)v, target); }, [](T v) { return (long long)(u32)v; },
       (long long)target, 1023, timeout_ns, f, rank, kernel, phase, peer);
 }
 

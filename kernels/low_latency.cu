@@ -136,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (stamper) c.stamp(LL_T_DS_START);
     // Back-pressure: rank d must have finished reading this half from call epoch - 2.
     bool ok = true;
-    if (threadIdx.x < LL_R && !reached(ack, epoch - 1))
+    if (threadIdx.x < LL_R && !seq_reached(ack, epoch - 1))
       ok = wait_reached(c, dispatch_ack(c.local, threadIdx.x), epoch - 1, LL_P_ACK, threadIdx.x);
     if (!__syncthreads_and(ok)) return;
     if (stamper) c.stamp(LL_T_DS_READY);
@@ -233,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
     const int half = epoch & 1;
     if (stamper) c.stamp(LL_T_CS_START);
     bool ok = true;
-    if (threadIdx.x < LL_R && !reached(ack, epoch - 1))
+    if (threadIdx.x < LL_R && !seq_reached(ack, epoch - 1))
       ok = wait_reached(c, combine_ack(c.local, threadIdx.x), epoch - 1, LL_P_ACK, threadIdx.x);
     if (!__syncthreads_and(ok)) return;
     if (stamper) c.stamp(LL_T_CS_READY);

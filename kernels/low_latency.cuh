@@ -84,8 +84,7 @@
 
 namespace ll {
 
-// "a is at or past b" for wrapping u32 sequence numbers.
-__device__ __forceinline__ bool reached(u32 a, u32 b) { return (int)(a - b) >= 0; }
+using tsep::seq_reached;
 
 struct Ctx {
   u8 *local;       // this rank's symmetric buffer
@@ -143,7 +142,7 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
   for (u32 i = 0;; i++) {
     if constexpr (sizeof(T) == 8) v = tsep::ld_relaxed_sys_u64(reinterpret_cast<const u64 *>(p));
     else v = tsep::ld_relaxed_sys_u32(reinterpret_cast<const u32 *>(p));
-    if (reached((u32)v, target)) {
+    if (seq_reached((u32)v, target)) {
       if constexpr (sizeof(T) == 8) v = tsep::ld_acquire_sys_u64(reinterpret_cast<const u64 *>(p));
       else v = tsep::ld_acquire_sys_u32(reinterpret_cast<const u32 *>(p));
       break;
@@ -223,7 +222,7 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
     publish_u32(reinterpret_cast<u32 *>(reinterpret_cast<u8 *>(peers[r]) + LL_OFF_BAR) + c.rank, target, r, c.rank);
     const u32 *mine = reinterpret_cast<const u32 *>(c.local + LL_OFF_BAR) + r;
     const u64 start = tsep::globaltimer_ns();
-    while (!reached(tsep::ld_acquire_sys_u32(mine), target)) {
+    while (!seq_reached(tsep::ld_acquire_sys_u32(mine), target)) {
       if (tsep::globaltimer_ns() - start > c.timeout_ns) {
         report_timeout(c, LL_P_BARRIER, r, target, tsep::ld_acquire_sys_u32(mine));
         ok = false;

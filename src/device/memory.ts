@@ -139,14 +139,21 @@ export class DeviceBuffer {
   readonly stream: Stream | undefined;
 
   /** Memory someone else allocated and frees (see {@link DeviceBuffer.wrap}). */
-  private borrowed = false;
+  private readonly borrowed: boolean;
 
-  private constructor(device: Device, ptr: bigint, bytes: number, streams?: { alloc: Stream; free: Stream }) {
+  private constructor(
+    device: Device,
+    ptr: bigint,
+    bytes: number,
+    streams?: { alloc: Stream; free: Stream },
+    borrowed = false,
+  ) {
     this.device = device;
     this.p = ptr;
     this.bytes = bytes;
     this.stream = streams?.alloc;
     this.freeStream = streams?.free;
+    this.borrowed = borrowed;
   }
 
   /**
@@ -155,9 +162,7 @@ export class DeviceBuffer {
    */
   static wrap(ptr: bigint, bytes: number, device: Device): DeviceBuffer {
     if (ptr === 0n) throw new ValidationError('ptr', '0', 'a device address');
-    const b = new DeviceBuffer(device, ptr, bytes);
-    b.borrowed = true;
-    return b;
+    return new DeviceBuffer(device, ptr, bytes, undefined, true);
   }
 
   /**
@@ -287,13 +292,11 @@ export class DeviceBuffer {
   dispose(): void {
     if (this.p === 0n) return;
     this.device.makeCurrent();
-    if (this.borrowed) {
-      // The owner frees it.
-    } else if (this.freeStream) {
+    if (this.freeStream) {
       freePooled({ ptr: this.p, stream: this.freeStream, device: this.device });
       unreleased.unregister(this);
-    } else {
-      cu('cuMemFree_v2', this.p);
+    } else if (!this.borrowed) {
+      cu('cuMemFree_v2', this.p); // borrowed memory is its owner's to free
     }
     this.p = 0n;
   }

@@ -71,9 +71,8 @@ export class NcclCommunicator {
     this.device = device;
   }
 
-  /** Creates the communicator of all ranks of `group`, this rank on `device`. */
   /**
-   * Collective. Throws ValidationError when two ranks use one GPU (NCCL refuses that; said here with the
+   * Collective: the communicator of all ranks of `group`, this rank on `device`. Throws ValidationError when two ranks use one GPU (NCCL refuses that; said here with the
    * ranks named, before NCCL fails with a bare "invalid usage").
    */
   static async create(group: Group, device: Device): Promise<NcclCommunicator> {

@@ -89,14 +89,23 @@ export function checkTensor(
   rowMajor: boolean,
 ): asserts t is TensorMeta {
   // Runs on every call of the hot paths: the message is built only when the check fails.
-  const need = () => `${dtypes.join(' or ')} [${shape.join(', ')}]${rowMajor ? ', row-major' : ''}`;
-  if (!isTensorMeta(t)) throw new ValidationError(argument, show(t), `a tensor: ${need()}`);
+  if (!isTensorMeta(t)) {
+    throw new ValidationError(argument, show(t), `a tensor: ${tensorNeed(dtypes, shape, rowMajor)}`);
+  }
   const ok =
     dtypes.includes(t.dtype) &&
     t.shape.length === shape.length &&
     shape.every((d, i) => typeof d === 'string' || t.shape[i] === d) &&
     (!rowMajor || isContiguous(t));
-  if (!ok) throw new ValidationError(argument, describe(t), need());
+  if (!ok) throw new ValidationError(argument, describe(t), tensorNeed(dtypes, shape, rowMajor));
+}
+
+function tensorNeed(
+  dtypes: readonly DType[],
+  shape: readonly (number | string)[],
+  rowMajor: boolean,
+): string {
+  return `${dtypes.join(' or ')} [${shape.join(', ')}]${rowMajor ? ', row-major' : ''}`;
 }
 
 function checkAbsent(argument: string, value: unknown, need: string): void {

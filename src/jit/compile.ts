@@ -129,22 +129,38 @@ export async function compileKernel(req: CompileRequest): Promise<CompileResult>
 
 const modules = new Map<string, Promise<Module>>();
 
+/**
+ * The module `make` builds, once per (kind of build, device, source, specialization) in this process. A
+ * failed build is not kept, so fixing the source and retrying works in the same process.
+ */
+export function moduleOnce(
+  kind: string,
+  device: Device,
+  file: string,
+  defines: Record<string, Define>,
+  make: () => Promise<Module>,
+): Promise<Module> {
+  const id = `${kind}|${device.ordinal}|${file}|${JSON.stringify(Object.entries(defines).sort())}`;
+  const cached = modules.get(id);
+  if (cached) {
+    stats.memoryHits++;
+    return cached;
+  }
+  const m = make();
+  modules.set(id, m);
+  m.catch(() => modules.delete(id));
+  return m;
+}
+
 /** Compiles and loads a kernel module on `device`, once per (device, source, specialization). */
 export function loadKernelModule(
   device: Device,
   file: string,
   defines: Record<string, Define> = {},
 ): Promise<Module> {
-  const arch = archFor(device.info.computeCapability);
-  const id = `${device.ordinal}|${file}|${JSON.stringify(Object.entries(defines).sort())}`;
-  const cached = modules.get(id);
-  if (cached) {
-    stats.memoryHits++;
-    return cached;
-  }
-  const m = compileKernel({ file, defines, arch }).then((r) => Module.load(r.cubin, device));
-  modules.set(id, m);
-  // A failed compile is not kept, so fixing the source and retrying works in the same process.
-  m.catch(() => modules.delete(id));
-  return m;
+  return moduleOnce('nvrtc', device, file, defines, () =>
+    compileKernel({ file, defines, arch: archFor(device.info.computeCapability) }).then((r) =>
+      Module.load(r.cubin, device),
+    ),
+  );
 }

@@ -4,9 +4,6 @@
 
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { test } from 'node:test';
 import { Device } from '../../src/device/context.ts';
 import { DeviceTensor } from '../../src/device/device-tensor.ts';
@@ -18,10 +15,11 @@ import { Event, Stream } from '../../src/device/stream.ts';
 import { HostTensor } from '../../src/device/tensor.ts';
 import { CudaError, ValidationError } from '../../src/errors.ts';
 import { jitStats, loadKernelModule } from '../../src/jit/compile.ts';
+import { tempDir } from '../unit/helpers/temp.ts';
 import { gpuSkip, seededRandom } from './gpu.ts';
 
 // A fresh cache per run, so the first compile really compiles and the cache test sees its own entries.
-process.env.TSEP_CACHE_DIR = mkdtempSync(join(tmpdir(), 'tsep-cache-'));
+process.env.TSEP_CACHE_DIR = tempDir('tsep-cache-');
 
 let mod: Module | undefined;
 async function smoke(): Promise<Module> {

@@ -2,13 +2,13 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { initProcessGroup } from '../../src/dist/init.ts';
 import { StoreClient, StoreServer } from '../../src/dist/store.ts';
 import { StoreGroup } from '../../src/dist/store-group.ts';
 import { DisposedError, RendezvousError, ValidationError } from '../../src/errors.ts';
+import { freePort } from './helpers/launch.ts';
 
 let server: StoreServer;
 
@@ -237,14 +237,3 @@ test('initProcessGroup with TSEP_STORE_HOSTED=1 and nobody hosting fails to conn
     (e: unknown) => e instanceof RendezvousError && /Could not connect/.test(e.message),
   );
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}

@@ -2,12 +2,12 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { encodeFrame, FrameDecoder } from '../../src/dist/frame.ts';
 import { StoreClient, StoreServer } from '../../src/dist/store.ts';
 import { DisposedError, RendezvousError, ValidationError } from '../../src/errors.ts';
+import { freePort } from './helpers/launch.ts';
 
 let server: StoreServer;
 const clients: StoreClient[] = [];
@@ -243,14 +243,3 @@ test('frames survive arbitrary splitting', () => {
   }
   assert.throws(() => new FrameDecoder().push(Buffer.from([0xff, 0xff, 0xff, 0xff])), RangeError);
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}

@@ -166,7 +166,7 @@ describe('the host reading of the count matrix', () => {
         const host = Math.floor(me / P);
         let proxied = 0;
         for (let s = 0; s < R; s++) {
-          if (s % P === me % P) proxied += tokensPerHost(layouts[s]!.isTokenInRank, P)[host]!;
+          if (s % P === me % P) proxied += perHost[s]![host]!;
         }
         assert.equal(c.proxyRecords, proxied);
       }

@@ -24,6 +24,11 @@ export function deviceTimeoutNs(): bigint {
   return BigInt(Math.round((Number.isFinite(s) && s > 0 ? s : 10) * 1e9));
 }
 
+/** The host's bound on waiting for a stream whose kernels wait at most `timeoutNs`: that, plus 5 s. */
+export function hostWaitMs(timeoutNs: bigint): number {
+  return Number(timeoutNs / 1_000_000n) + 5000;
+}
+
 /** Reads the error record at `offset` of `page`; undefined while no kernel has reported. */
 export function readDeviceError(page: HostBuffer, offset: number): string | undefined {
   const ints = new Int32Array(page.arrayBuffer, offset, 6);

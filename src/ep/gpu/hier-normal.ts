@@ -27,7 +27,7 @@ import type {
   DispatchResult,
   Tensor,
 } from '../types.ts';
-import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
+import { clearDeviceError, deviceTimeoutNs, hostWaitMs, throwIfDeviceError } from './device-error.ts';
 import { countsFromMatrix, HIER_CTRL, type HierLayout, hierDefines, hierLayout } from './hier-layout.ts';
 import type { GpuDispatchHandle } from './normal.ts';
 import {
@@ -91,8 +91,7 @@ export class HierNormalPath {
   private readonly layoutKernels: LayoutKernels;
   private readonly queue = new CallQueue();
   private readonly timeoutNs = deviceTimeoutNs();
-  /** The host's bound on a wait for this path's stream: the device's own bound and a margin. */
-  private readonly hostWaitMs = Number(this.timeoutNs / 1_000_000n) + 5000;
+  private readonly hostWaitMs = hostWaitMs(this.timeoutNs);
   /** Pinned copy of the count matrix, read by the host for exact-size outputs. */
   private readonly hostMatrix: HostBuffer;
   /** This rank's symmetric buffer (its address is the symmetric address every kernel computes from). */

@@ -9,6 +9,7 @@ import type {
   EpEvent,
   HandleOwner,
   LowLatencyCombineRequest,
+  LowLatencyCombineResult,
   LowLatencyDispatchRequest,
   LowLatencyDispatchResult,
   LowLatencyHandle,
@@ -142,6 +143,20 @@ export function llDispatchResult(
     event,
   };
   if (views.recvScales) result.recvScales = views.recvScales;
+  if (hook) result.hook = hook;
+  return result;
+}
+
+/** A combine's result: its output, event and (with a receive hook) the hook, set only when present. */
+export function llCombineResult(
+  combinedX: DeviceTensor,
+  event: EpEvent,
+  hook: RecvHook | undefined,
+): LowLatencyCombineResult {
+  const result: { -readonly [K in keyof LowLatencyCombineResult]: LowLatencyCombineResult[K] } = {
+    combinedX,
+    event,
+  };
   if (hook) result.hook = hook;
   return result;
 }

@@ -75,15 +75,15 @@ export interface LlLayout extends LlShape {
   totalBytes: number;
 }
 
-/**
- * `outbox`: room to stage the combine rows for owners on other hosts (transport 'nvshmem'). The control
- * block's signal and ack arrays hold 16 ranks.
- */
 /** Most ranks of a low-latency buffer: one NVLink host, or (with the outbox) across hosts. */
 export function llMaxRanks(acrossHosts: boolean): number {
   return acrossHosts ? 16 : 8;
 }
 
+/**
+ * `outbox`: room to stage the combine rows for owners on other hosts (transport 'nvshmem'). The control
+ * block's signal and ack arrays hold 16 ranks.
+ */
 export function llLayout(shape: LlShape, options: { outbox?: boolean } = {}): LlLayout {
   const { numRanks: R, hidden: H, maxTokensPerRank: T, numTopk: K } = shape;
   const most = llMaxRanks(options.outbox ?? false);

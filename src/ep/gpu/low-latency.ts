@@ -7,7 +7,6 @@
 // replays stay correct. Outputs come from the ring of ll-outputs.ts; the host side of a call that does not
 // depend on the transport (checks, flags, handle, hooks) is ll-call.ts.
 
-import type { DeviceTensor } from '../../device/device-tensor.ts';
 import type { Kernel, Module } from '../../device/module.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
 import { DisposedError, EpTimeoutError, TsepError, ValidationError } from '../../errors.ts';
@@ -30,6 +29,7 @@ import {
   type LlGrids,
   llBufferShape,
   llCombineInputs,
+  llCombineResult,
   llDispatchInputs,
   llDispatchResult,
   llSharedBytes,
@@ -324,12 +324,7 @@ export class LowLatencyPath {
       launch(tn.combineSendBlocks, PHASE_SEND);
       launch(recvGrid, PHASE_RECV);
     }
-    const result: { combinedX: DeviceTensor; event: GpuEvent; hook?: RecvHook } = {
-      combinedX: out,
-      event: this.event(),
-    };
-    if (hook) result.hook = hook;
-    return result;
+    return llCombineResult(out, this.event(), hook);
   }
 
   // ------------------------------------------------------------------------------------ maintenance

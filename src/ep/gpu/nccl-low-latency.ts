@@ -28,7 +28,7 @@ import type {
   RecvHook,
 } from '../types.ts';
 import { deviceTimeoutNs } from './device-error.ts';
-import type { GpuEvent } from './event.ts';
+import type { GpuEvent, GpuEventOptions } from './event.ts';
 import {
   combineRecvGrid,
   defaultLlGrids,
@@ -38,6 +38,7 @@ import {
   type LlGrids,
   llBufferShape,
   llCombineInputs,
+  llCombineResult,
   llDispatchInputs,
   llDispatchResult,
   llSharedBytes,
@@ -86,6 +87,8 @@ export class NcclLowLatencyPath {
   private readonly stale: HostBuffer;
   private readonly staleWords: Int32Array;
   private readonly timeoutMs: number;
+  /** Every call's event: bounded by TSEP_TIMEOUT_S on the host (NCCL transfers have no bound of their own). */
+  private readonly eventOptions: GpuEventOptions;
   /**
    * Calls made of each kind since the last reset() (which every rank makes, so the counts agree): call i
    * uses receive half i & 1, which call i + 2 overwrites.
@@ -112,6 +115,10 @@ export class NcclLowLatencyPath {
     this.tuning = defaultLlGrids(rt.smCount, layout.localExperts);
     this.smem = llSharedBytes(layout);
     this.timeoutMs = Number(deviceTimeoutNs() / 1_000_000n);
+    this.eventOptions = {
+      bound: { ms: this.timeoutMs, expire: () => this.expire() },
+      check: () => this.throwIfFailed(),
+    };
     const dev = rt.device;
     this.dispatchSend = DeviceBuffer.alloc(layout.dispatchSendBytes, dev);
     this.dispatchRecv = DeviceBuffer.alloc(2 * layout.dispatchRecvHalfBytes, dev);
@@ -307,7 +314,7 @@ export class NcclLowLatencyPath {
     let hook: RecvHook | undefined;
     if (req.returnRecvHook) hook = hookOnce('combine', this.inTime('combine', call), reduce);
     else reduce();
-    return { combinedX: out, event: this.event(), ...(hook ? { hook } : {}) };
+    return llCombineResult(out, this.event(), hook);
   }
 
   // ------------------------------------------------------------------------------------ maintenance
@@ -462,12 +469,8 @@ export class NcclLowLatencyPath {
     return new EpTimeoutError(this.failure);
   }
 
-  /** Bounded by TSEP_TIMEOUT_S on the host: NCCL transfers have no bound of their own. */
   private event(): GpuEvent {
-    return this.rt.record({
-      bound: { ms: this.timeoutMs, expire: () => this.expire() },
-      check: () => this.throwIfFailed(),
-    });
+    return this.rt.record(this.eventOptions);
   }
 
   /** A hook's data must still be in its receive half, which the call two later of its kind overwrites. */

@@ -25,7 +25,7 @@ import type {
   DispatchResult,
   Tensor,
 } from '../types.ts';
-import { deviceTimeoutNs } from './device-error.ts';
+import { deviceTimeoutNs, hostWaitMs } from './device-error.ts';
 import type { GpuEvent } from './event.ts';
 import { checkNormalShape, type GpuDispatchHandle } from './normal.ts';
 import {
@@ -176,7 +176,7 @@ export class NcclNormalPath {
   reset(): Promise<void> {
     return this.queue.run(async () => {
       this.abortTransfers();
-      await this.rt.stream.synchronize({ timeoutMs: Number(this.timeoutNs / 1_000_000n) + 5000 });
+      await this.rt.stream.synchronize({ timeoutMs: hostWaitMs(this.timeoutNs) });
       this.comm = await NcclCommunicator.create(this.rt.group, this.rt.device);
     });
   }

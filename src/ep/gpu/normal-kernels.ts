@@ -73,8 +73,6 @@ export function smShares(): { recvPct: number; reducePct: number } {
 /** Threads and tokens per tile of the layout kernel (passed to kernels/layout.cu as defines). */
 const LAYOUT_THREADS = 256;
 const LAYOUT_TILE = 32;
-/** Most blocks of a layout launch (each takes tiles of LAYOUT_TILE tokens in turn). */
-const LAYOUT_MAX_BLOCKS = 264;
 
 /** The layout kernels (one per index width) and their scratch: E + R counters and an arrival counter. */
 export interface LayoutKernels {
@@ -113,7 +111,8 @@ export function launchLayout(rt: GpuRuntime, kernels: LayoutKernels, topkIdx: Te
   const perRank = DeviceTensor.emptyOn('i32', [R], rt.stream);
   const perExpert = DeviceTensor.emptyOn('i32', [rt.options.numExperts], rt.stream);
   const inRank = DeviceTensor.emptyOn('bool', [T, R], rt.stream);
-  const blocks = Math.min(LAYOUT_MAX_BLOCKS, Math.max(1, Math.ceil(T / LAYOUT_TILE)));
+  // At most two blocks per SM; each takes tiles of LAYOUT_TILE tokens in turn.
+  const blocks = Math.min(2 * rt.smCount, Math.max(1, Math.ceil(T / LAYOUT_TILE)));
   kernels[topk.dtype === 'i64' ? 'i64' : 'i32'].launch(
     { grid: blocks, block: LAYOUT_THREADS, stream: rt.stream },
     [topk.ptr, T, K, perRank.ptr, perExpert.ptr, inRank.ptr, kernels.scratch.ptr],

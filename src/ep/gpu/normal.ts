@@ -23,7 +23,7 @@ import type {
   DispatchResult,
   Tensor,
 } from '../types.ts';
-import { clearDeviceError, deviceTimeoutNs, throwIfDeviceError } from './device-error.ts';
+import { clearDeviceError, deviceTimeoutNs, hostWaitMs, throwIfDeviceError } from './device-error.ts';
 import {
   CallQueue,
   chunkCounts,
@@ -222,7 +222,7 @@ export class NormalPath {
   reset(): Promise<void> {
     // Queued like a call, so no dispatch of this rank can touch a control block while it is cleared.
     return this.queue.run(async () => {
-      const timeoutMs = Number(this.timeoutNs / 1_000_000n) + 5000;
+      const timeoutMs = hostWaitMs(this.timeoutNs);
       await this.rt.stream.synchronize({ timeoutMs });
       await this.recvStream.synchronize({ timeoutMs });
       await this.rt.group.barrier();

@@ -10,7 +10,7 @@ import type { Module } from '../../device/module.ts';
 import type { Group } from '../../dist/group.ts';
 import { machineId } from '../../dist/machine.ts';
 import { TsepError } from '../../errors.ts';
-import type { Define } from '../../jit/compile.ts';
+import { type Define, moduleOnce } from '../../jit/compile.ts';
 import { loadNvshmemModule } from '../../jit/link.ts';
 import { readKernelSource } from '../../jit/sources.ts';
 import {
@@ -83,8 +83,6 @@ export async function joinNvshmem(group: Group, device: Device, heapBytes: numbe
   process.once('exit', leaveAtExit);
 }
 
-const engineModules = new Map<string, Promise<Module>>();
-
 /**
  * A kernel source under kernels/ compiled and linked with NVSHMEM's device library and registered with
  * NVSHMEM (after joinNvshmem): once per (device, source, specialization) in a process, as rt.kernels does
@@ -95,17 +93,12 @@ export function loadEngineModule(
   file: string,
   defines: Record<string, Define>,
 ): Promise<Module> {
-  const id = `${device.ordinal}|${file}|${JSON.stringify(Object.entries(defines).sort())}`;
-  let m = engineModules.get(id);
-  if (!m) {
-    m = loadNvshmemModule(device, { ...readKernelSource(file), defines }).then(({ module }) => {
+  return moduleOnce('nvshmem', device, file, defines, () =>
+    loadNvshmemModule(device, { ...readKernelSource(file), defines }).then(({ module }) => {
       registered.push(module);
       return module;
-    });
-    engineModules.set(id, m);
-    m.catch(() => engineModules.delete(id)); // a failed build is tried again next time
-  }
-  return m;
+    }),
+  );
 }
 
 /**
