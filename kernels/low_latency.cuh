@@ -235,18 +235,44 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
 
 // Last-block completion: every block calls it once after its stores; returns true in thread 0 of the
 // block that arrived last, after a system-scope fence, so that thread may publish everything the grid
-// wrote. Other blocks' stores are ordered before it by their own fence (the classic threadfence
-// reduction, at system scope because peers read what we wrote).
+// wrote with `announce_*` (relaxed stores: that fence and a strong store form the release). Each block's
+// own fence is GPU-scope: the counter is on this GPU, and the last block's system-scope fence carries
+// what it acquired from the others (causality is transitive) to the peers that acquire its announcement.
 __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   __syncthreads();
   if (threadIdx.x != 0) return false;
-  tsep::fence_acq_rel_sys();
+  tsep::fence_acq_rel_gpu();
   u32 *arrive = c.state() + LL_ST_ARRIVE + counter;
   const u32 prev = atomicAdd(arrive, 1u);
   if (prev != gridDim.x - 1) return false;
   atomicExch(arrive, 0u);
   tsep::fence_acq_rel_sys();
   return true;
+}
+
+// Announces a word to rank d after last_block's fence: a relaxed store through NVLink, or the NVSHMEM
+// write publish_* makes for a peer on another host.
+__device__ __forceinline__ void announce_u32(u32 *p, u32 v, int d, int rank) {
+#if LL_ENGINE
+  if (remote(d, rank)) {
+    publish_u32(p, v, d, rank);
+    return;
+  }
+#endif
+  (void)d;
+  (void)rank;
+  tsep::st_relaxed_sys_u32(p, v);
+}
+__device__ __forceinline__ void announce_u64(u64 *p, u64 v, int d, int rank) {
+#if LL_ENGINE
+  if (remote(d, rank)) {
+    publish_u64(p, v, d, rank);
+    return;
+  }
+#endif
+  (void)d;
+  (void)rank;
+  tsep::st_relaxed_sys_u64(p, v);
 }
 
 // Addresses inside a rank's buffer.
