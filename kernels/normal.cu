@@ -295,8 +295,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
       }
     }
     if (areas.chunks == 0) continue;
-    // Every lane's stores of the chunk are visible system-wide before lane r announces it to rank r.
-    __threadfence_system();
+    // __syncwarp orders every lane's stores of the chunk before lane r's release store to rank r.
     __syncwarp();
     if (lane < R) {
       u64 *word = reinterpret_cast<u64 *>(reinterpret_cast<u8 *>(peers[lane]) + areas.chunks) + (size_t)me * num_chunks + c;
@@ -423,7 +422,6 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
         reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = weights[(size_t)i * K + lane];
 #endif
     }
-    __threadfence_system();
     __syncwarp();
     if (lane == 0)
       tsep::st_release_sys_u64(
