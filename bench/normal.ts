@@ -10,8 +10,9 @@
 // logical bandwidth = bytes received by a rank (own tokens included; FP8 rows count H + 4·H/128 bytes) /
 // time; per iteration the slowest rank's time. NCCL all-to-all of the same bytes runs in the same job, and
 // (unless --no-nccl-transport) the same calls on a second buffer over the NCCL transport ("NCCL-tr");
-// --no-nccl skips both (for ranks that share a GPU, which NCCL refuses). Across hosts (transport 'nvshmem')
-// it also prints what one dispatch moved between hosts (counted on the device) and over NVLink.
+// --no-nccl skips both; so does a job whose ranks share a GPU (NCCL refuses that), saying so. Across hosts
+// (transport 'nvshmem') it also prints what one dispatch moved between hosts (counted on the device) and over
+// NVLink.
 
 import { parseArgs } from 'node:util';
 import { Rng } from '../src/cpu/random.ts';
@@ -21,6 +22,7 @@ import { Event } from '../src/device/stream.ts';
 import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { NcclCommunicator } from '../src/dist/nccl-comm.ts';
+import { gatherPlaces, sharedGpu } from '../src/dist/rank-place.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
 import { HierNormalPath } from '../src/ep/gpu/hier-normal.ts';
 import { chunkCounts, smShares } from '../src/ep/gpu/normal-kernels.ts';
@@ -71,6 +73,8 @@ const chunks = chunkCounts(T);
 const shares = smShares();
 const dev = stream.device;
 const rng = new Rng(Number(opt.seed) + rank * 1_000_003);
+// NCCL refuses two ranks on one GPU: its columns are skipped then, saying why.
+const ncclSkipped = !opt.nccl ? '--no-nccl' : sharedGpu(await gatherPlaces(group, dev));
 const up = (t: HostTensor) => DeviceTensor.fromHostStorage(t, dev);
 
 const topk = up(routingTensor('i64', T, K, randomRouting(rng, T, K, E)));
@@ -227,7 +231,7 @@ await add('layout', 0, await timeCall(async () => buffer.getDispatchLayout(topk,
 
 // The same calls over the NCCL transport, in the same job (issue "NCCL transport": what the calls cost
 // written with NCCL collectives), at the last SM count; skipped with --no-nccl-transport.
-if (buffer.transport!.transport !== 'nccl' && opt['nccl-transport'] && opt.nccl) {
+if (buffer.transport!.transport !== 'nccl' && opt['nccl-transport'] && ncclSkipped === undefined) {
   const nb = await EpBuffer.create(group, {
     hidden: H,
     maxTokensPerRank: T,
@@ -271,7 +275,7 @@ if (process.env.TSEP_PROFILE === '1') {
 }
 
 // NCCL all-to-all of the same bytes (each rank sends an equal share of what it receives), same job.
-const comm = opt.nccl ? await NcclCommunicator.create(group, dev) : undefined;
+const comm = ncclSkipped === undefined ? await NcclCommunicator.create(group, dev) : undefined;
 const ncclFor = async (c: NcclCommunicator, bytes: number) => {
   const count = Math.ceil(bytes / R / 2 / 64) * 64;
   const send = DeviceBuffer.alloc(count * 2 * R, dev);
@@ -351,7 +355,7 @@ if (rank === 0) {
     process.stdout.write(
       `best ${op}: ${b.medianUs.toFixed(1)} µs, ${b.gbps.toFixed(1)} GB/s at ${b.sms} SMs ` +
         (b.ncclUs === undefined
-          ? '(NCCL skipped: --no-nccl)\n'
+          ? `(NCCL skipped: ${ncclSkipped})\n`
           : `(NCCL ${b.ncclUs.toFixed(1)} µs, NCCL/tsep ${b.ratio!.toFixed(2)})\n`),
     );
   }
