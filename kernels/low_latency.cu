@@ -145,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (last_block(c, 0)) {
       c.stamp(LL_T_DS_SIGNAL);
       const u64 sig = ((u64)(u32)T << 32) | (u64)(epoch + 1);
-      for (int d = 0; d < LL_R; d++) announce_u64(dispatch_signal(p.peer[d], half, rank), sig, d, rank);
+      for (int d = 0; d < LL_R; d++) announce(dispatch_signal(p.peer[d], half, rank), sig, d, rank);
       atomicExch(c.state() + LL_ST_DSEND, epoch + 1);
     }
   }
@@ -177,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_dispatch(
     if (last_block(cr, 1)) {
       cr.stamp(LL_T_DR_END);
       // Every block is done reading this half: the sources may reuse it (call epoch + 2).
-      for (int s = 0; s < LL_R; s++) announce_u32(dispatch_ack(p.peer[s], rank), epoch + 1, s, rank);
+      for (int s = 0; s < LL_R; s++) announce(dispatch_ack(p.peer[s], rank), epoch + 1, s, rank);
       atomicExch(c.state() + LL_ST_DRECV, epoch + 1);
     }
   }
@@ -241,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
     complete_puts();
     if (last_block(c, 2)) {
       c.stamp(LL_T_CS_SIGNAL);
-      for (int s = 0; s < LL_R; s++) announce_u32(combine_signal(p.peer[s], half, rank), epoch + 1, s, rank);
+      for (int s = 0; s < LL_R; s++) announce(combine_signal(p.peer[s], half, rank), epoch + 1, s, rank);
       atomicExch(c.state() + LL_ST_CSEND, epoch + 1);
     }
   }
@@ -259,7 +259,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS, 2) ll_combine(
     combine_recv_items(LocalCombineSrc{c.local, half}, topk, weights, out, T, K, flags & LL_FLAG_IDX64);
     if (last_block(cr, 3)) {
       cr.stamp(LL_T_CR_END);
-      for (int s = 0; s < LL_R; s++) announce_u32(combine_ack(p.peer[s], rank), epoch + 1, s, rank);
+      for (int s = 0; s < LL_R; s++) announce(combine_ack(p.peer[s], rank), epoch + 1, s, rank);
       atomicExch(c.state() + LL_ST_CRECV, epoch + 1);
     }
   }

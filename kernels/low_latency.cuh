@@ -235,7 +235,7 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
 
 // Last-block completion: every block calls it once after its stores; returns true in thread 0 of the
 // block that arrived last, after a system-scope fence, so that thread may publish everything the grid
-// wrote with `announce_*` (relaxed stores: that fence and a strong store form the release). Each block's
+// wrote with `announce` (relaxed stores: that fence and a strong store form the release). Each block's
 // own fence is GPU-scope: the counter is on this GPU, and the last block's system-scope fence carries
 // what it acquired from the others (causality is transitive) to the peers that acquire its announcement.
 __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
@@ -250,29 +250,21 @@ __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   return true;
 }
 
-// Announces a word to rank d after last_block's fence: a relaxed store through NVLink, or the NVSHMEM
-// write publish_* makes for a peer on another host.
-__device__ __forceinline__ void announce_u32(u32 *p, u32 v, int d, int rank) {
+// Announces a word (u32 or u64) to rank d after last_block's fence: a relaxed store through NVLink, or the
+// NVSHMEM write publish_* makes for a peer on another host.
+template <typename T>
+__device__ __forceinline__ void announce(T *p, T v, int d, int rank) {
 #if LL_ENGINE
   if (remote(d, rank)) {
-    publish_u32(p, v, d, rank);
+    if constexpr (sizeof(T) == 8) publish_u64(p, v, d, rank);
+    else publish_u32(p, v, d, rank);
     return;
   }
 #endif
   (void)d;
   (void)rank;
-  tsep::st_relaxed_sys_u32(p, v);
-}
-__device__ __forceinline__ void announce_u64(u64 *p, u64 v, int d, int rank) {
-#if LL_ENGINE
-  if (remote(d, rank)) {
-    publish_u64(p, v, d, rank);
-    return;
-  }
-#endif
-  (void)d;
-  (void)rank;
-  tsep::st_relaxed_sys_u64(p, v);
+  if constexpr (sizeof(T) == 8) tsep::st_relaxed_sys_u64(p, v);
+  else tsep::st_relaxed_sys_u32(p, v);
 }
 
 // Addresses inside a rank's buffer.
