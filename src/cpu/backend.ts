@@ -14,6 +14,7 @@ import type {
   DispatchResult,
   EpBackend,
   EpBackendFactory,
+  EpDataCall,
   EpSizeHint,
   LowLatencyCombineRequest,
   LowLatencyCombineResult,
@@ -25,7 +26,7 @@ import type {
 } from '../ep/types.ts';
 import { ValidationError } from '../errors.ts';
 import { CpuEvent } from './event.ts';
-import { Exchanger } from './exchange.ts';
+import { type ExchangeParts, Exchanger } from './exchange.ts';
 import { combineForRank } from './ref-combine.ts';
 import { dispatchToRank } from './ref-dispatch.ts';
 import { referenceLayout } from './ref-layout.ts';
@@ -37,7 +38,7 @@ import {
 } from './ref-low-latency.ts';
 import { cpuSizeHint } from './size-hint.ts';
 import { hostTensor, optionalHostTensor } from './tensor-io.ts';
-import { encodeMessage, type WireMessage } from './wire.ts';
+import type { WireMessage } from './wire.ts';
 
 export const cpuBackendFactory: EpBackendFactory = {
   name: 'cpu',
@@ -82,7 +83,7 @@ class CpuBackend implements EpBackend {
       // The handle is one this backend made (the buffer checks its owner): its tensors are host tensors.
       tensors = { x, scales, isTokenInRank: hostTensor('handle.isTokenInRank', req.handle.isTokenInRank) };
     }
-    const encode = (): Uint8Array => encodeMessage({ cached: req.kind === 'cached' }, tensors);
+    const encode = (): ExchangeParts => ({ meta: { cached: req.kind === 'cached' }, tensors });
     const payload = req.previousEvent ? req.previousEvent.wait().then(encode) : encode();
     return this.track(
       this.exchanger.exchange('dispatch', payload).then((messages) => this.receiveDispatch(req, messages)),
@@ -145,14 +146,11 @@ class CpuBackend implements EpBackend {
     const bias = req.bias.map((b, i) => hostTensor(`bias[${i}]`, b));
     const isTokenInRank = hostTensor('handle.isTokenInRank', req.handle.isTokenInRank);
     const rankPrefixMatrix = hostTensor('handle.rankPrefixMatrix', req.handle.rankPrefixMatrix);
-    const encode = (): Uint8Array => {
+    const encode = (): ExchangeParts => {
       // Only the rows actually received travel back; worst-case padding stays home.
       const R = this.numRanks;
       const rows = (rankPrefixMatrix.data as Int32Array)[(R - 1) * R + this.rank]!;
-      return encodeMessage(
-        {},
-        { x: firstRows(x, rows), topkWeights: topkWeights && firstRows(topkWeights, rows) },
-      );
+      return { tensors: { x: firstRows(x, rows), topkWeights: topkWeights && firstRows(topkWeights, rows) } };
     };
     const payload = req.previousEvent ? req.previousEvent.wait().then(encode) : encode();
     const work = this.exchanger.exchange('combine', payload).then((messages): CombineResult => {
@@ -183,7 +181,7 @@ class CpuBackend implements EpBackend {
       ue8m0: req.ue8m0,
     };
     const out = allocLowLatencyReceived(this.numRanks, hidden, config);
-    const gathered = this.exchanger.exchange('lowLatencyDispatch', encodeMessage({}, { x, topkIdx }));
+    const gathered = this.exchanger.exchange('lowLatencyDispatch', { tensors: { x, topkIdx } });
     const receive = async (): Promise<void> => {
       const messages = await gathered;
       const sources = messages.map((m) => ({ x: m.tensors.x!, topkIdx: m.tensors.topkIdx! }));
@@ -223,11 +221,10 @@ class CpuBackend implements EpBackend {
     const out = HostTensor.zeros('bf16', [req.handle.numTokens, hidden]);
     // The handle's tensors (and usually x) are filled by the dispatch: read them once it is done.
     const ready = this.llReady.get(req.handle) ?? Promise.resolve();
-    const payload = ready.then(() =>
-      encodeMessage(
-        {},
-        { x: receivedRows(x, packedRecvLayoutRange), packedRecvSrcInfo, packedRecvLayoutRange },
-      ),
+    const payload = ready.then(
+      (): ExchangeParts => ({
+        tensors: { x: receivedRows(x, packedRecvLayoutRange), packedRecvSrcInfo, packedRecvLayoutRange },
+      }),
     );
     const gathered = this.exchanger.exchange('lowLatencyCombine', payload);
     const receive = async (): Promise<void> => {
@@ -270,6 +267,10 @@ class CpuBackend implements EpBackend {
       return done;
     };
     return { done, hook };
+  }
+
+  refuseCall(call: EpDataCall, error: unknown): void {
+    this.exchanger.refuse(call, error);
   }
 
   cleanLowLatencyBuffer(): void {

@@ -1,12 +1,22 @@
 // All communication of the CPU backend: one group.allGather per call. Calls may prepare their payload
 // asynchronously (after a previous event), so exchanges are issued strictly in call order — every
 // rank makes the same calls in the same order, and the n-th allGather of each rank must meet the n-th
-// of the others. A rank that fails to prepare still takes part, sending an error marker, so its peers
-// fail too instead of waiting forever.
+// of the others. A rank that fails to prepare, or whose call was refused before it reached the backend
+// (`refuse`), still takes part, sending an error marker, so its peers fail too instead of pairing the
+// call with its next one or waiting forever. Every message names its call, so ranks that made different
+// calls all fail with the same ValidationError.
 
+import type { HostTensor } from '../device/tensor.ts';
 import type { Group } from '../dist/group.ts';
-import { RendezvousError } from '../errors.ts';
-import { decodeMessage, encodeMessage, type WireMessage } from './wire.ts';
+import type { EpDataCall } from '../ep/types.ts';
+import { RendezvousError, ValidationError } from '../errors.ts';
+import { decodeMessage, encodeMessage, type WireMessage, type WireScalar } from './wire.ts';
+
+/** What a rank contributes to one exchange, before encoding. */
+export interface ExchangeParts {
+  meta?: Record<string, WireScalar>;
+  tensors: Record<string, HostTensor | undefined>;
+}
 
 export class Exchanger {
   private readonly group: Group;
@@ -18,9 +28,9 @@ export class Exchanger {
 
   /**
    * Contributes `payload` (when it is ready and every earlier exchange has been issued) and resolves
-   * with every rank's message, indexed by rank. `what` names the call in error messages.
+   * with every rank's message, indexed by rank. `what` names the call; every rank must make the same one.
    */
-  exchange(what: string, payload: Uint8Array | Promise<Uint8Array>): Promise<WireMessage[]> {
+  exchange(what: EpDataCall, payload: ExchangeParts | Promise<ExchangeParts>): Promise<WireMessage[]> {
     const previous = this.lastIssued;
     let markIssued!: () => void;
     this.lastIssued = new Promise<void>((resolve) => {
@@ -28,9 +38,12 @@ export class Exchanger {
     });
     // Settle the payload at once, so a failure waiting behind earlier exchanges is never "unhandled".
     const prepared = Promise.resolve(payload).then(
-      (bytes) => ({ bytes, failure: undefined }),
+      (parts) => ({ bytes: encodeMessage({ ...parts.meta, call: what }, parts.tensors), failure: undefined }),
       (error: unknown) => ({
-        bytes: encodeMessage({ failed: error instanceof Error ? error.message : String(error) }, {}),
+        bytes: encodeMessage(
+          { call: what, failed: error instanceof Error ? error.message : String(error) },
+          {},
+        ),
         failure: { error },
       }),
     );
@@ -54,7 +67,24 @@ export class Exchanger {
           },
         );
       }
+      const other = messages.findIndex((m) => m.meta.call !== what);
+      if (other >= 0) {
+        throw new ValidationError(
+          'call order',
+          `${String(messages[other]!.meta.call)} on rank ${other} but ${what} on rank ${this.group.rank}`,
+          'the same EpBuffer calls in the same order on every rank',
+        );
+      }
       return messages;
     })();
+  }
+
+  /**
+   * Takes part in the exchange of a call this rank refused (its arguments failed validation), sending
+   * `error`'s message as a failure marker, so the peers' same call fails with a RendezvousError naming
+   * this rank and the calls after it still pair up.
+   */
+  refuse(what: EpDataCall, error: unknown): void {
+    this.exchange(what, Promise.reject(error)).catch(() => undefined);
   }
 }

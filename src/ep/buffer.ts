@@ -15,6 +15,7 @@ import type {
   DispatchResult,
   EpBackend,
   EpBufferOptions,
+  EpDataCall,
   EpSizeHint,
   HandleOwner,
   LowLatencyCombineArgs,
@@ -98,27 +99,47 @@ export class EpBuffer {
   /** Normal-mode dispatch; resolves once the received row count is known (at once with worstCaseTokens). */
   async dispatch(args: DispatchArgs): Promise<DispatchResult> {
     this.checkAlive('dispatch');
-    return this.impl.dispatch(
-      validateDispatch(args, this.ctx, (topkIdx) => this.impl.getDispatchLayout(topkIdx)),
-    );
+    let work: Promise<DispatchResult>;
+    try {
+      work = this.impl.dispatch(
+        validateDispatch(args, this.ctx, (topkIdx) => this.impl.getDispatchLayout(topkIdx)),
+      );
+    } catch (e) {
+      throw this.refused('dispatch', e);
+    }
+    return work;
   }
 
   /** Normal-mode combine: the unweighted sum of each token's returned rows (+ bias). */
   async combine(args: CombineArgs): Promise<CombineResult> {
     this.checkAlive('combine');
-    return this.impl.combine(validateCombine(args, this.ctx));
+    let work: Promise<CombineResult>;
+    try {
+      work = this.impl.combine(validateCombine(args, this.ctx));
+    } catch (e) {
+      throw this.refused('combine', e);
+    }
+    return work;
   }
 
   /** Low-latency dispatch into [E_l, R·T_max, H]; returns at once (outputs ready when `event` is). */
   lowLatencyDispatch(args: LowLatencyDispatchArgs): LowLatencyDispatchResult {
     this.checkAlive('lowLatencyDispatch');
-    return this.impl.lowLatencyDispatch(validateLowLatencyDispatch(args, this.ctx));
+    try {
+      return this.impl.lowLatencyDispatch(validateLowLatencyDispatch(args, this.ctx));
+    } catch (e) {
+      throw this.refused('lowLatencyDispatch', e);
+    }
   }
 
   /** Low-latency combine: Σ_k w·y per token; returns at once (output ready when `event` is). */
   lowLatencyCombine(args: LowLatencyCombineArgs): LowLatencyCombineResult {
     this.checkAlive('lowLatencyCombine');
-    return this.impl.lowLatencyCombine(validateLowLatencyCombine(args, this.ctx));
+    try {
+      return this.impl.lowLatencyCombine(validateLowLatencyCombine(args, this.ctx));
+    } catch (e) {
+      throw this.refused('lowLatencyCombine', e);
+    }
   }
 
   /** Resets low-latency signal state (needed on the GPU after normal calls used the same memory). */
@@ -188,6 +209,16 @@ export class EpBuffer {
   destroy(): Promise<void> {
     this.destroying ??= this.impl.destroy();
     return this.destroying;
+  }
+
+  /**
+   * A data call failed on this rank before its communication started (bad arguments): the backend hears
+   * of it, so peers making the same call fail too instead of pairing it with this rank's next call.
+   * Returns the error to rethrow.
+   */
+  private refused(call: EpDataCall, error: unknown): unknown {
+    this.impl.refuseCall?.(call, error);
+    return error;
   }
 
   private checkAlive(call: string): void {

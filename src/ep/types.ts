@@ -313,6 +313,13 @@ export interface BackendContext {
   readonly owner: HandleOwner;
 }
 
+/** The buffer's calls that move data between ranks. */
+export type EpDataCall = 'dispatch' | 'combine' | 'lowLatencyDispatch' | 'lowLatencyCombine';
+
+/**
+ * What a backend does for one buffer. A data call that throws synchronously has not started its
+ * communication (the buffer then calls `refuseCall`); failures after that reject its promise or event.
+ */
 export interface EpBackend {
   readonly name: BackendName;
   getDispatchLayout(topkIdx: Tensor): DispatchLayout;
@@ -337,6 +344,12 @@ export interface EpBackend {
   reset?(): Promise<void>;
   /** GPU backends with TSEP_PROFILE=1: device milliseconds of each kernel of the latest call. */
   phaseTimes?(): Promise<Record<string, number> | undefined>;
+  /**
+   * This rank refused `call` before it reached the backend (its arguments failed validation). The CPU
+   * backend still takes part in the call's exchange with a failure marker, so its peers fail at once and
+   * later calls stay paired; on the GPU the peers' device waits time out instead (EpTimeoutError).
+   */
+  refuseCall?(call: EpDataCall, error: unknown): void;
   /** Waits for work in flight, then releases what the backend holds. */
   destroy(): Promise<void>;
 }

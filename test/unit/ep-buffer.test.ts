@@ -267,6 +267,81 @@ describe('ranks that make mismatched calls', () => {
   });
 });
 
+describe('a call refused on one rank', () => {
+  it('bad arguments on one rank fail that call on every rank; the next calls pair up and are exact', async () => {
+    const inputs = makeInputs(8);
+    const buffers = await createWorld(R, OPTIONS);
+    const bad = i32([3, 3], [0, 1, 99, 2, 3, 4, 5, 6, 7]); // expert 99 of 8
+    const results = await Promise.allSettled(
+      buffers.map((b, r) => b.dispatch(r === 1 ? { ...inputs[r]!, topkIdx: bad } : inputs[r]!)),
+    );
+    const own = (results[1] as PromiseRejectedResult).reason;
+    assert.ok(own instanceof ValidationError, String(own));
+    for (const r of [0, 2, 3]) {
+      const reason = (results[r] as PromiseRejectedResult).reason;
+      assert.ok(reason instanceof RendezvousError, String(reason));
+      assert.deepEqual(reason.missingRanks, [1]);
+      assert.match(reason.message, /dispatch: rank 1 failed before sending its part: Invalid topkIdx/);
+    }
+    const ds = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
+    const expected = expectedDispatch(inputs);
+    for (let r = 0; r < R; r++) assertTensorEqual(ds[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await destroyWorld(buffers);
+  });
+
+  it('the same for a low-latency call refused on one rank: the events of its peers fail', async () => {
+    const inputs = makeInputs(9);
+    const buffers = await createWorld(R, OPTIONS);
+    const outcomes = await Promise.allSettled(
+      buffers.map(async (b, r) => {
+        const args = r === 2 ? { ...inputs[r]!, x: randomBf16(new Rng(9), 3, 64) } : inputs[r]!;
+        return b.lowLatencyDispatch(args).event.wait();
+      }),
+    );
+    const own = (outcomes[2] as PromiseRejectedResult).reason;
+    assert.ok(own instanceof ValidationError, String(own));
+    for (const r of [0, 1, 3]) {
+      const reason = (outcomes[r] as PromiseRejectedResult).reason;
+      assert.ok(reason instanceof RendezvousError, String(reason));
+      assert.deepEqual(reason.missingRanks, [2]);
+    }
+    const ll = await onAllRanks(buffers, async (b, r) => {
+      const d = b.lowLatencyDispatch(inputs[r]!);
+      await d.event.wait();
+      return d;
+    });
+    const expected = referenceLowLatencyDispatch(inputs, {
+      numExperts: 8,
+      maxTokensPerRank: 4,
+      fp8: false,
+      roundScale: false,
+      ue8m0: false,
+    });
+    for (let r = 0; r < R; r++) assertTensorEqual(ll[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await destroyWorld(buffers);
+  });
+
+  it('different calls on different ranks fail everywhere with the same ValidationError', async () => {
+    const inputs = makeInputs(10);
+    const buffers = await createWorld(R, OPTIONS);
+    const outcomes = await Promise.allSettled(
+      buffers.map(async (b, r) =>
+        r === 3 ? b.lowLatencyDispatch(inputs[r]!).event.wait() : b.dispatch(inputs[r]!),
+      ),
+    );
+    for (let r = 0; r < R; r++) {
+      const reason = (outcomes[r] as PromiseRejectedResult).reason;
+      assert.ok(reason instanceof ValidationError, `rank ${r}: ${String(reason)}`);
+      assert.equal(reason.argument, 'call order');
+      assert.match(reason.message, /the same EpBuffer calls in the same order on every rank/);
+    }
+    const ds = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
+    const expected = expectedDispatch(inputs);
+    for (let r = 0; r < R; r++) assertTensorEqual(ds[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await destroyWorld(buffers);
+  });
+});
+
 describe('groups', () => {
   it('the CPU backend runs over a TCP-store group (StoreGroup), not only LocalGroup', async () => {
     const inputs = makeInputs(11);
