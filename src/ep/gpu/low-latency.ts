@@ -399,8 +399,8 @@ export class LowLatencyPath {
       `Low-latency ${kernel} kernel on rank ${r[LL_RECORD.rank]} timed out after ${seconds} s waiting ${phase} ` +
       `(expected sequence ≥ ${r[LL_RECORD.expected]! >>> 0}, saw ${r[LL_RECORD.seen]! >>> 0}; block ${r[LL_RECORD.block]}). ` +
       'A rank is missing, stuck or made a different call. Every rank must make the same low-latency calls in ' +
-      'the same order, and call a hook at most two calls later. Call clean() on every rank before the next call ' +
-      '(TSEP_TIMEOUT_S sets the bound).'
+      'the same order, and call a hook at most two calls later. Call await buffer.reset() (or ' +
+      'buffer.cleanLowLatencyBuffer()) on every rank before the next call (TSEP_TIMEOUT_S sets the bound).'
     );
   }
 
