@@ -3,9 +3,10 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Argument, type Command, InvalidArgumentError } from 'commander';
+import { Argument, type Command } from 'commander';
 import { Device } from '../device/context.ts';
 import { launch } from '../dist/launcher.ts';
+import { integerArg, secondsArg } from './arg-parsers.ts';
 
 /** The benchmarks `tsep bench` knows, each the script bench/<name>.ts. */
 export const BENCHES = ['nccl', 'normal', 'low-latency', 'soak'] as const;
@@ -111,9 +112,13 @@ export function registerBench(program: Command): void {
     )
     .addArgument(new Argument('<name>', 'which benchmark').choices(BENCHES))
     .argument('[args...]', "the benchmark's own arguments (after `--` they pass through untouched)")
-    .option('-n, --nproc <ranks>', 'ranks to run, one per GPU (default: every visible GPU)', positiveInteger)
+    .option(
+      '-n, --nproc <ranks>',
+      'ranks to run, one per GPU (default: every visible GPU)',
+      integerArg(1, 1 << 20),
+    )
     .option('--out <file>', 'write the JSON result to this file')
-    .option('--timeout <seconds>', 'stop the run after this many seconds (exit code 124)', seconds)
+    .option('--timeout <seconds>', 'stop the run after this many seconds (exit code 124)', secondsArg)
     // Flags tsep bench does not know (e.g. --iters 50) go to the script; `--` passes even -n/--out/--timeout.
     .allowUnknownOption()
     .addHelpText(
@@ -130,16 +135,4 @@ export function registerBench(program: Command): void {
         ...(flags.timeout !== undefined ? { timeoutS: flags.timeout } : {}),
       });
     });
-}
-
-function positiveInteger(value: string): number {
-  const n = Number(value);
-  if (!/^\d+$/.test(value) || n < 1 || n > 1 << 20) throw new InvalidArgumentError('need an integer ≥ 1.');
-  return n;
-}
-
-function seconds(value: string): number {
-  const n = Number(value);
-  if (!(n > 0) || !Number.isFinite(n)) throw new InvalidArgumentError('need a positive number of seconds.');
-  return n;
 }

@@ -11,6 +11,7 @@ import { LocalGroup } from '../dist/local-group.ts';
 import { EpBuffer } from '../ep/buffer.ts';
 import type { BackendKind, DispatchResult, LowLatencyDispatchResult, Tensor } from '../ep/types.ts';
 import { TsepError } from '../errors.ts';
+import { integerArg } from './arg-parsers.ts';
 import { launchGpuDemo, runGpuDemoRank, visibleGpuCount } from './demo-gpu.ts';
 
 export interface DemoOptions {
@@ -254,25 +255,16 @@ export function formatDemo(rows: readonly DemoRow[]): string {
   return [line(header), line(widths.map((w) => '-'.repeat(w))), ...cells.map(line)].join('\n');
 }
 
-function positiveInt(name: string): (value: string) => number {
-  return (value) => {
-    const n = Number(value);
-    if (!Number.isSafeInteger(n) || n < 1)
-      throw new Error(`--${name} needs a positive integer, got '${value}'`);
-    return n;
-  };
-}
-
 export function registerDemo(program: Command): void {
   program
     .command('demo')
     .description('MoE dispatch/combine round trip on simulated ranks, checked against a direct computation')
-    .option('--ranks <n>', 'simulated ranks', positiveInt('ranks'), 4)
-    .option('--tokens <n>', 'tokens per rank', positiveInt('tokens'), 64)
-    .option('--hidden <n>', 'hidden size (a multiple of 128)', positiveInt('hidden'), 2048)
-    .option('--experts <n>', 'experts (a multiple of --ranks)', positiveInt('experts'), 32)
-    .option('--topk <n>', 'experts per token', positiveInt('topk'), 8)
-    .option('--seed <n>', 'random seed (default: time-based)', positiveInt('seed'))
+    .option('--ranks <n>', 'simulated ranks', integerArg(1, 1 << 20), 4)
+    .option('--tokens <n>', 'tokens per rank', integerArg(1, 1 << 20), 64)
+    .option('--hidden <n>', 'hidden size (a multiple of 128)', integerArg(1, 1 << 20), 2048)
+    .option('--experts <n>', 'experts (a multiple of --ranks)', integerArg(1, 1 << 20), 32)
+    .option('--topk <n>', 'experts per token', integerArg(1, 1 << 20), 8)
+    .option('--seed <n>', 'random seed (default: time-based)', integerArg(1, 2 ** 31 - 1))
     .option('--backend <kind>', "'auto', 'cpu' or 'gpu'", 'auto')
     .action(async (opts: Omit<DemoOptions, 'seed'> & { seed?: number }) => {
       const seed = opts.seed ?? (Date.now() % 2 ** 31) + 1;

@@ -1,7 +1,8 @@
 // `tsep launch`: the command-line face of dist/launcher.ts.
 
-import { type Command, InvalidArgumentError } from 'commander';
+import type { Command } from 'commander';
 import { launch } from '../dist/launcher.ts';
+import { integerArg, secondsArg } from './arg-parsers.ts';
 
 interface LaunchFlags {
   nprocPerNode: number;
@@ -21,21 +22,21 @@ export function registerLaunch(program: Command): void {
         'MASTER_ADDR and MASTER_PORT set (as torchrun does), host the TCP store on node 0, prefix each ' +
         'output line with its rank, and stop every rank when one fails.',
     )
-    .requiredOption('-n, --nproc-per-node <count>', 'ranks to start on this node', integer(1, 1 << 20))
-    .option('--nnodes <count>', 'nodes in the job', integer(1, 1 << 20), 1)
+    .requiredOption('-n, --nproc-per-node <count>', 'ranks to start on this node', integerArg(1, 1 << 20))
+    .option('--nnodes <count>', 'nodes in the job', integerArg(1, 1 << 20), 1)
     .option(
       '--node-rank <index>',
       "this node's index, 0 to nnodes-1 (node 0 hosts the store)",
-      integer(0, 1 << 20),
+      integerArg(0, 1 << 20),
       0,
     )
     .option('--master-addr <host>', 'address of node 0 that every rank dials (default 127.0.0.1)')
     .option(
       '--master-port <port>',
       'TCP port of the store (default: a free port; required with --nnodes > 1)',
-      integer(1, 65535),
+      integerArg(1, 65535),
     )
-    .option('--timeout <seconds>', 'stop the whole job after this many seconds (exit code 124)', seconds)
+    .option('--timeout <seconds>', 'stop the whole job after this many seconds (exit code 124)', secondsArg)
     .argument('<command>', 'program each rank runs (put `--` before it)')
     .argument('[args...]', 'its arguments')
     .addHelpText('after', '\nExample:\n  tsep launch -n 4 -- node train.ts --steps 100')
@@ -52,20 +53,4 @@ export function registerLaunch(program: Command): void {
       });
       process.exitCode = result.exitCode;
     });
-}
-
-function integer(min: number, max: number): (value: string) => number {
-  return (value) => {
-    const n = Number(value);
-    if (!/^\d+$/.test(value) || n < min || n > max) {
-      throw new InvalidArgumentError(`need an integer in [${min}, ${max}].`);
-    }
-    return n;
-  };
-}
-
-function seconds(value: string): number {
-  const n = Number(value);
-  if (!(n > 0) || !Number.isFinite(n)) throw new InvalidArgumentError('need a positive number of seconds.');
-  return n;
 }

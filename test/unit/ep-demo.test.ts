@@ -76,5 +76,24 @@ describe('tsep demo', () => {
         return true;
       },
     );
+    // A bad number is one line naming the option and what it needs, with the usage: no stack trace.
+    for (const bad of [
+      ['--ranks', '0'],
+      ['--ranks', 'abc'],
+      ['--seed', '0'],
+    ]) {
+      await assert.rejects(
+        run(process.execPath, [main, 'demo', ...bad]),
+        (e: { code?: number; stderr?: string }) => {
+          assert.equal(e.code, 1);
+          assert.match(
+            e.stderr ?? '',
+            new RegExp(`option '${bad[0]} <n>' argument '${bad[1]}' is invalid. need an integer in \\[1, `),
+          );
+          assert.doesNotMatch(e.stderr ?? '', /\n\s+at /);
+          return true;
+        },
+      );
+    }
   });
 });
