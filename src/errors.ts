@@ -71,11 +71,19 @@ export class NativeCallError extends TsepError {
   }
 }
 
-/** A CUDA driver or NVRTC call returned a non-success status. */
+/** A CUDA driver call returned a non-success status. */
 export class CudaError extends NativeCallError {
   constructor(call: string, status: number, statusName: string, description: string, hint = '') {
     super('TSEP_CUDA_ERROR', call, status, statusName, description, hint);
     this.name = 'CudaError';
+  }
+}
+
+/** An NVRTC call (other than a compilation the source failed: CompileError) returned a non-success status. */
+export class NvrtcError extends NativeCallError {
+  constructor(call: string, status: number, statusName: string) {
+    super('TSEP_NVRTC_ERROR', call, status, statusName, 'NVRTC reported an error');
+    this.name = 'NvrtcError';
   }
 }
 

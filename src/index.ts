@@ -32,13 +32,14 @@ export { type InitProcessGroupOptions, initProcessGroup } from './dist/init.ts';
 export { type LaunchOptions, type LaunchResult, launch } from './dist/launcher.ts';
 export { LocalGroup } from './dist/local-group.ts';
 export { NcclCommunicator, type ReduceOp } from './dist/nccl-comm.ts';
-export { StoreClient, StoreServer } from './dist/store.ts';
-export { StoreGroup } from './dist/store-group.ts';
+export { StoreClient, type StoreOpOptions, StoreServer } from './dist/store.ts';
+export { StoreGroup, type StoreGroupOptions } from './dist/store-group.ts';
 export { SymmetricBuffer, type SymmetricOptions } from './dist/symmetric.ts';
 export { EpBuffer } from './ep/buffer.ts';
 export type {
   BackendKind,
   BackendName,
+  ChosenTransport,
   CombineArgs,
   CombineResult,
   DispatchArgs,
@@ -58,6 +59,7 @@ export type {
   RecvHook,
   ResolvedEpBufferOptions,
   Tensor,
+  TransportKind,
 } from './ep/types.ts';
 export {
   CompileError,
@@ -66,6 +68,7 @@ export {
   EpTimeoutError,
   LibraryNotFoundError,
   NcclError,
+  NvrtcError,
   NvshmemError,
   RendezvousError,
   TsepError,

@@ -1,7 +1,7 @@
 // NVRTC through koffi: create, compile (on a worker thread, so the event loop keeps running and progress
-// can be shown), fetch the cubin and the log. Non-zero nvrtcResult becomes a CudaError.
+// can be shown), fetch the cubin and the log. Non-zero nvrtcResult becomes an NvrtcError.
 
-import { CompileError, CudaError } from '../errors.ts';
+import { CompileError, NvrtcError } from '../errors.ts';
 import { loadLibrary, NVRTC } from './loader.ts';
 
 // biome-ignore lint/suspicious/noExplicitAny: FFI boundary
@@ -33,7 +33,7 @@ function api(): Record<string, Raw> {
 function check(call: string, status: number): void {
   if (status === 0) return;
   const text = api().errorString(status) as string;
-  throw new CudaError(call, status, text, 'NVRTC reported an error');
+  throw new NvrtcError(call, status, text);
 }
 
 export function nvrtcPath(): string {
