@@ -1,5 +1,7 @@
 // One test per bad input: each is rejected with a ValidationError naming the argument, before any
-// work starts, and the same buffers then complete a good call whose result is checked.
+// work starts, and the same buffers then complete a good call whose result is checked. The calls are
+// collectives: a call refused on rank 0 still counts as its call, so the peers make the same call with
+// good arguments, and it fails there with a RendezvousError naming rank 0 (peersMeetRefusal).
 
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
@@ -22,7 +24,7 @@ import type {
   LowLatencyDispatchArgs,
   LowLatencyDispatchResult,
 } from '../../src/ep/types.ts';
-import { DisposedError, ValidationError } from '../../src/errors.ts';
+import { DisposedError, RendezvousError, ValidationError } from '../../src/errors.ts';
 import { createWorld, destroyWorld, onAllRanks } from './helpers/ep-world.ts';
 import { randomBf16, randomFp8, randomRouting, randomWeights } from './helpers/inputs.ts';
 import { asHost, assertTensorEqual, bf16, f32, i32 } from './helpers/tensors.ts';
@@ -81,6 +83,23 @@ function isValidation(argument: string | RegExp): (e: unknown) => boolean {
     assert.equal(e.code, 'TSEP_VALIDATION_ERROR');
     return true;
   };
+}
+
+/**
+ * Rank 0's call was refused: the peers make the same call (`peerCall`, good arguments) and it fails on each
+ * with a RendezvousError naming rank 0, which keeps every rank's calls paired.
+ */
+async function peersMeetRefusal(
+  peerCall: (b: EpBuffer, r: number) => Promise<unknown>,
+  buffers: EpBuffer[] = world,
+): Promise<void> {
+  const outcomes = await Promise.allSettled(buffers.slice(1).map((b, i) => peerCall(b, i + 1)));
+  outcomes.forEach((o, i) => {
+    assert.equal(o.status, 'rejected', `rank ${i + 1}'s call paired with rank 0's refused one`);
+    const e = (o as PromiseRejectedResult).reason;
+    assert.ok(e instanceof RendezvousError, `rank ${i + 1}: ${e}`);
+    assert.deepEqual(e.missingRanks, [0]);
+  });
 }
 
 /** What the good normal round trip must produce (y = recvX, weights sent back). */
@@ -293,27 +312,33 @@ describe('dispatch rejects bad input', () => {
   for (const [name, argument, bad] of cases) {
     it(name, async () => {
       await assert.rejects(world[0]!.dispatch(bad()), isValidation(argument));
+      await peersMeetRefusal((b, r) => b.dispatch(inputs[r]!));
       await goodNormalRoundTrip();
     });
   }
 
   it('a cached dispatch with topkIdx, or with other tokens', async () => {
     const ds = await goodNormalRoundTrip();
+    const cachedOnPeers = (b: EpBuffer, r: number) => b.dispatch({ x: inputs[r]!.x, handle: ds[r]!.handle });
     await assert.rejects(
       world[0]!.dispatch({ x: x0(), handle: ds[0]!.handle, topkIdx: idx0() }),
       isValidation('topkIdx'),
     );
+    await peersMeetRefusal(cachedOnPeers);
     await assert.rejects(
       world[0]!.dispatch({ x: randomBf16(rng, 1, H), handle: ds[0]!.handle }),
       isValidation('x'),
     );
+    await peersMeetRefusal(cachedOnPeers);
     const cached = await onAllRanks(world, (b, r) => b.dispatch({ x: inputs[r]!.x, handle: ds[r]!.handle }));
     for (let r = 0; r < R; r++) assertTensorEqual(cached[r]!.recvX, ds[r]!.recvX, `rank ${r} cached recvX`);
   });
 
   it('dispatch on a low-latency-only buffer', async () => {
     const ll = await createWorld(R, { ...OPTIONS, mode: 'low-latency' });
-    await assert.rejects(ll[0]!.dispatch(inputs[0]!), isValidation('mode'));
+    // Every rank's buffer has the mode, so every rank refuses, and the refusals pair up.
+    for (const res of await Promise.allSettled(ll.map((b, r) => b.dispatch(inputs[r]!))))
+      isValidation('mode')((res as PromiseRejectedResult).reason);
     await goodLowLatencyRoundTrip(ll);
     await destroyWorld(ll);
   });
@@ -355,6 +380,7 @@ describe('combine rejects bad input', () => {
     it(name, async () => {
       const ds = await onAllRanks(world, (b, r) => b.dispatch(inputs[r]!));
       await assert.rejects(world[0]!.combine(bad(ds[0]!)), isValidation(argument));
+      await peersMeetRefusal((b, r) => b.combine({ x: ds[r]!.recvX, handle: ds[r]!.handle }));
       // A good combine on the same handles.
       const cs = await onAllRanks(world, (b, r) => b.combine({ x: ds[r]!.recvX, handle: ds[r]!.handle }));
       const { combined } = expectedNormal();
@@ -400,6 +426,7 @@ describe('lowLatencyDispatch rejects bad input', () => {
   for (const [name, argument, bad] of cases) {
     it(name, async () => {
       assert.throws(() => world[0]!.lowLatencyDispatch(bad()), isValidation(argument));
+      await peersMeetRefusal((b, r) => b.lowLatencyDispatch({ ...inputs[r]!, fp8: false }).event.wait());
       await goodLowLatencyRoundTrip();
     });
   }
@@ -407,7 +434,14 @@ describe('lowLatencyDispatch rejects bad input', () => {
   it('fp8 when hidden is not a multiple of 128', async () => {
     const odd = await createWorld(R, { ...OPTIONS, hidden: 144, mode: 'low-latency' });
     const x = randomBf16(rng, T, 144);
-    assert.throws(() => odd[0]!.lowLatencyDispatch({ x, topkIdx: idx0(), fp8: true }), isValidation('fp8'));
+    // FP8 is refused on every rank (the hidden size is the buffer's), so the refusals pair up.
+    for (let r = 0; r < R; r++) {
+      const xr = r === 0 ? x : randomBf16(new Rng(r), T, 144);
+      assert.throws(
+        () => odd[r]!.lowLatencyDispatch({ x: xr, topkIdx: inputs[r]!.topkIdx, fp8: true }),
+        isValidation('fp8'),
+      );
+    }
     // BF16 low-latency works at that hidden size.
     const res = await onAllRanks(odd, async (b, r) => {
       const d = b.lowLatencyDispatch({
@@ -431,7 +465,10 @@ describe('lowLatencyDispatch rejects bad input', () => {
 
   it('lowLatencyDispatch on a normal-only buffer', async () => {
     const normal = await createWorld(R, { ...OPTIONS, mode: 'normal' });
-    assert.throws(() => normal[0]!.lowLatencyDispatch(inputs[0]!), isValidation('mode'));
+    // Every rank's buffer has the mode, so every rank refuses, and the refusals pair up.
+    for (let r = 0; r < R; r++) {
+      assert.throws(() => normal[r]!.lowLatencyDispatch(inputs[r]!), isValidation('mode'));
+    }
     assert.throws(() => normal[0]!.cleanLowLatencyBuffer(), isValidation('mode'));
     await goodNormalRoundTrip(normal);
     await destroyWorld(normal);
@@ -475,6 +512,9 @@ describe('lowLatencyCombine rejects bad input', () => {
         return d;
       });
       assert.throws(() => world[0]!.lowLatencyCombine(bad(ds[0]!)), isValidation(argument));
+      await peersMeetRefusal((b, r) =>
+        b.lowLatencyCombine({ ...inputs[r]!, x: ds[r]!.recvX, handle: ds[r]!.handle }).event.wait(),
+      );
       // Complete the pending round on every rank, then a full good round trip.
       await onAllRanks(world, (b, r) =>
         b.lowLatencyCombine({ ...inputs[r]!, x: ds[r]!.recvX, handle: ds[r]!.handle }).event.wait(),
@@ -515,14 +555,18 @@ describe('a handle whose buffer was destroyed', () => {
     const gone = await createWorld(R, OPTIONS);
     const [d] = await onAllRanks(gone, (b, r) => b.dispatch(inputs[r]!));
     await destroyWorld(gone);
-    await assert.rejects(
-      async () => world[0]!.combine({ x: x0(), handle: d!.handle }),
-      (e: unknown) => isValidation('handle')(e) && /made by a destroyed EpBuffer/.test((e as Error).message),
-    );
+    // Every rank passes a handle it must refuse, so the refusals pair up.
+    for (const res of await Promise.allSettled(world.map((b) => b.combine({ x: x0(), handle: d!.handle })))) {
+      const e = (res as PromiseRejectedResult).reason;
+      assert.ok(isValidation('handle')(e) && /made by a destroyed EpBuffer/.test((e as Error).message));
+    }
     // A handle of a live buffer of another world still reads "another".
-    await assert.rejects(
-      async () => world[0]!.combine({ x: x0(), handle: foreignDispatch.handle }),
-      (e: unknown) => isValidation('handle')(e) && /made by another EpBuffer/.test((e as Error).message),
-    );
+    for (const res of await Promise.allSettled(
+      world.map((b) => b.combine({ x: x0(), handle: foreignDispatch.handle })),
+    )) {
+      const e = (res as PromiseRejectedResult).reason;
+      assert.ok(isValidation('handle')(e) && /made by another EpBuffer/.test((e as Error).message));
+    }
+    await goodNormalRoundTrip();
   });
 });
