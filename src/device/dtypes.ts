@@ -28,6 +28,18 @@ export type ElementArray<D extends DType> = D extends 'f32'
         ? Uint16Array
         : Uint8Array;
 
+// The TypedArray kind of each dtype's raw elements (ElementArray<D>; elementView makes them), for checks.
+const ARRAY_OF = {
+  f32: Float32Array,
+  i32: Int32Array,
+  i64: BigInt64Array,
+  bf16: Uint16Array,
+  f16: Uint16Array,
+  u8: Uint8Array,
+  fp8_e4m3: Uint8Array,
+  bool: Uint8Array,
+} as const satisfies Record<DType, unknown>;
+
 export function elementView<D extends DType>(
   dtype: D,
   buffer: ArrayBufferLike,
@@ -47,6 +59,16 @@ export function elementView<D extends DType>(
     default:
       return new Uint8Array(buffer, byteOffset, length) as ElementArray<D>;
   }
+}
+
+/** Whether `data` is the typed array kind that holds `dtype`'s raw elements (a bf16 tensor's is a Uint16Array). */
+export function holdsElementsOf(dtype: DType, data: unknown): boolean {
+  return data instanceof ARRAY_OF[dtype];
+}
+
+/** The name of the typed array kind that holds `dtype`'s raw elements, for messages. */
+export function elementArrayName(dtype: DType): string {
+  return ARRAY_OF[dtype].name;
 }
 
 // Scratch views for reinterpreting one float32 as its bits.

@@ -2,7 +2,16 @@
 // device), and HostTensor, the CPU-resident tensor the CPU backend and the tests work with.
 
 import { ValidationError } from '../errors.ts';
-import { type DType, dtypeSize, type ElementArray, elementView } from './dtypes.ts';
+import {
+  DTYPES,
+  type DType,
+  dtypeSize,
+  type ElementArray,
+  elementArrayName,
+  elementView,
+  holdsElementsOf,
+  isDType,
+} from './dtypes.ts';
 
 export type DeviceKind = 'cpu' | 'cuda';
 
@@ -66,6 +75,12 @@ export function checkShape(argument: string, shape: readonly number[]): void {
   }
 }
 
+/** Throws ValidationError unless `dtype` is one of DTYPES (callers from JavaScript pass any string). */
+export function checkDType(argument: string, dtype: unknown): asserts dtype is DType {
+  if (!isDType(dtype))
+    throw new ValidationError(argument, JSON.stringify(dtype), `one of ${DTYPES.join(', ')}`);
+}
+
 export function describe(t: TensorMeta): string {
   return `${t.dtype}[${t.shape.join(', ')}]${isContiguous(t) ? '' : ` strides [${t.strides.join(', ')}]`} on ${
     t.device.kind === 'cpu' ? 'cpu' : `cuda:${t.device.ordinal}`
@@ -87,7 +102,12 @@ export class HostTensor<D extends DType = DType> implements TensorMeta {
   readonly data: ElementArray<D>;
 
   constructor(dtype: D, shape: readonly number[], data: ElementArray<D>, strides?: readonly number[]) {
+    checkDType('dtype', dtype);
     checkShape('shape', shape);
+    if (!holdsElementsOf(dtype, data)) {
+      const got = (data as unknown as { constructor?: { name?: string } })?.constructor?.name ?? typeof data;
+      throw new ValidationError('data', got, `${elementArrayName(dtype)} (the raw elements of ${dtype})`);
+    }
     const st = strides ?? contiguousStrides(shape);
     if (st.length !== shape.length) {
       throw new ValidationError('strides', `${st.length} strides`, `${shape.length}, one per dimension`);
@@ -111,6 +131,7 @@ export class HostTensor<D extends DType = DType> implements TensorMeta {
     shape: readonly number[],
     options: HostTensorOptions = {},
   ): HostTensor<D> {
+    checkDType('dtype', dtype);
     checkShape('shape', shape);
     const n = numel(shape);
     const bytes = n * dtypeSize(dtype);

@@ -35,3 +35,28 @@ test('bad shapes and short storage are rejected', () => {
   assert.throws(() => HostTensor.from('f32', [4], new Float32Array(3)), ValidationError);
   assert.throws(() => HostTensor.from('f32', [2, 2], new Float32Array(4), [2]), ValidationError);
 });
+
+test('factories refuse an unknown dtype and data of the wrong typed array kind (callers from JavaScript)', () => {
+  const refuses = (f: () => unknown, argument: string, message: RegExp) =>
+    assert.throws(f, (e: unknown) => {
+      assert.ok(e instanceof ValidationError, String(e));
+      assert.equal(e.argument, argument);
+      assert.match(e.message, message);
+      return true;
+    });
+  const js = HostTensor as unknown as {
+    empty(dtype: string, shape: number[]): HostTensor;
+    from(dtype: string, shape: number[], data: unknown): HostTensor;
+  };
+  refuses(() => js.empty('f64', [2, 4]), 'dtype', /got "f64"; need one of bf16, f16, f32/);
+  refuses(() => js.from('f32', [2], new Int32Array(2)), 'data', /got Int32Array; need Float32Array/);
+  refuses(
+    () => js.from('bf16', [2], [1, 2]),
+    'data',
+    /got Array; need Uint16Array \(the raw elements of bf16\)/,
+  );
+  // Every dtype's own kind is taken (a Node Buffer is a Uint8Array).
+  assert.equal(HostTensor.from('u8', [2], Buffer.alloc(2)).numel, 2);
+  assert.equal(HostTensor.from('i64', [2], new BigInt64Array(2)).dtype, 'i64');
+  assert.equal(HostTensor.empty('fp8_e4m3', [3]).data.length, 3);
+});
