@@ -1,6 +1,7 @@
 // Low-latency dispatch/combine on the GPU backend: time per call, per phase (receive hooks), host
 // overhead, buffer bytes, and NCCL all-to-all of the same bytes in the same run.
 //
+//   tsep bench low-latency [-n R] [--out FILE] [-- --tokens 128 …, the options below]
 //   node src/cli/main.ts launch -n 4 -- node bench/low-latency.ts [--tokens 128] [--hidden 7168]
 //       [--experts 288] [--topk 8] [--iters 200] [--warmup 20] [--sets 4] [--bf16]
 //       [--transport auto|nvlink|nccl|nvshmem] [--ranks-per-host N] [--no-nccl]

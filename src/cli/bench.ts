@@ -1,6 +1,6 @@
 // `tsep bench`: runs one of the bench/ scripts under the launcher, one rank per GPU.
 
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Argument, type Command } from 'commander';
@@ -31,12 +31,15 @@ export interface RunBenchOptions {
   gpuCount?: () => number;
   /** Where messages go; default process.stderr. */
   say?: (text: string) => void;
+  /** Where a script's usage goes (`-- --help`); default process.stdout. */
+  print?: (text: string) => void;
 }
 
 /**
  * Runs bench/<name>.ts with `args` under `tsep launch`, one rank per GPU, and resolves to the exit code for
  * the `tsep` process. Says why and returns 1 when the script is missing, no GPU is visible, or more ranks
- * are asked for than there are GPUs.
+ * are asked for than there are GPUs. With `--help` (or `-h`) among `args` it prints the script's usage (its
+ * header comment) instead, GPUs or not.
  */
 export async function runBench(options: RunBenchOptions): Promise<number> {
   const say = options.say ?? ((text: string) => void process.stderr.write(`tsep bench: ${text}\n`));
@@ -55,6 +58,11 @@ export async function runBench(options: RunBenchOptions): Promise<number> {
           : 'The bench/ scripts ship with a source checkout of tsep, not with the npm package.'),
     );
     return 1;
+  }
+
+  if (options.args?.some((a) => a === '--help' || a === '-h')) {
+    (options.print ?? ((text: string) => void process.stdout.write(text)))(scriptUsage(script));
+    return 0;
   }
 
   let gpus: number;
@@ -94,6 +102,16 @@ export async function runBench(options: RunBenchOptions): Promise<number> {
   return result.exitCode;
 }
 
+/** A bench script's header comment (its usage and what it measures), without the comment markers. */
+function scriptUsage(script: string): string {
+  const lines: string[] = [];
+  for (const line of readFileSync(script, 'utf8').split('\n')) {
+    if (!line.startsWith('//')) break;
+    lines.push(line.replace(/^\/\/ ?/, ''));
+  }
+  return `${lines.join('\n')}\n`;
+}
+
 interface BenchFlags {
   nproc?: number;
   out?: string;
@@ -104,11 +122,12 @@ interface BenchFlags {
 export function registerBench(program: Command): void {
   program
     .command('bench')
-    .summary('run a benchmark (nccl, normal, low-latency) under tsep launch, one rank per GPU')
+    .summary('run a benchmark (nccl, normal, low-latency, soak) under tsep launch, one rank per GPU')
     .description(
       'Run a benchmark from bench/ under `tsep launch`, one rank per GPU: nccl (NCCL all-to-all bandwidth), ' +
-        'normal (normal-mode dispatch/combine), low-latency (low-latency dispatch/combine). Rank 0 prints a ' +
-        'table; the JSON result goes to --out, else $OUT/<name>.json, else bench/out/<name>.json.',
+        'normal (normal-mode dispatch/combine), low-latency (low-latency dispatch/combine), soak (alternating ' +
+        'round trips checked against the CPU reference). Rank 0 prints a table; the JSON result goes to ' +
+        "--out, else $OUT/<name>.json, else bench/out/<name>.json. `-- --help` prints a benchmark's own options.",
     )
     .addArgument(new Argument('<name>', 'which benchmark').choices(BENCHES))
     .argument('[args...]', "the benchmark's own arguments (after `--` they pass through untouched)")
@@ -124,7 +143,7 @@ export function registerBench(program: Command): void {
     .addHelpText(
       'after',
       '\nExamples:\n  tsep bench nccl\n  tsep bench nccl -n 2 --out nccl-2.json --sizes 64,256 --iters 50\n' +
-        '  tsep bench normal -- --help',
+        "  tsep bench normal -- --help    (the benchmark's own options; needs no GPU)",
     )
     .action(async (name: BenchName, args: string[], flags: BenchFlags) => {
       process.exitCode = await runBench({
