@@ -164,8 +164,9 @@ export class EpBuffer {
   }
 
   /**
-   * Sets how many SMs the normal-mode send kernels use (GPU backend; default 24). Every rank must use the
-   * same value. The CPU backend ignores it.
+   * Sets how many SMs a normal-mode dispatch or combine uses (GPU backend; default 24): over NVLink its send
+   * kernel and the receive or reduce kernel beside it together; over NCCL the dispatch's pack kernel.
+   * Every rank must use the same value. The CPU backend ignores it.
    */
   setNumSms(n: number): void {
     this.checkAlive('setNumSms');

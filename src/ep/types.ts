@@ -338,7 +338,7 @@ export interface EpBackend {
    * this rank's GPU, row-major unless `strided`). Validation calls it before anything is enqueued.
    */
   checkTensor?(argument: string, t: TensorMeta, strided: boolean): void;
-  /** GPU backends: sets the SMs the normal-mode send kernels use (the same on every rank). */
+  /** GPU backends: the SMs of a normal-mode call (setNumSms on EpBuffer says how each path uses them). */
   setNumSms?(n: number): void;
   /** Collective: brings the buffer back to a usable state after a timeout (GPU backends). */
   reset?(): Promise<void>;
