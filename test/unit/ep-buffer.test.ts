@@ -45,6 +45,17 @@ function expectedDispatch(inputs: ReturnType<typeof makeInputs>) {
   return referenceDispatch(sources, { numExperts: 8, expertAlignment: 1, worstCaseTokens: 0 });
 }
 
+/** What a BF16 low-latency dispatch of `inputs` must produce on each rank. */
+function expectedLowLatency(inputs: ReturnType<typeof makeInputs>) {
+  return referenceLowLatencyDispatch(inputs, {
+    numExperts: 8,
+    maxTokensPerRank: 4,
+    fp8: false,
+    roundScale: false,
+    ue8m0: false,
+  });
+}
+
 /** An event the test completes by hand. */
 function manualEvent(): EpEvent & { resolve(): void; reject(e: Error): void } {
   let done = false;
@@ -147,13 +158,7 @@ describe('events and hooks', () => {
       assert.ok(ll.event.query());
       return ll;
     });
-    const expected = referenceLowLatencyDispatch(inputs, {
-      numExperts: 8,
-      maxTokensPerRank: 4,
-      fp8: false,
-      roundScale: false,
-      ue8m0: false,
-    });
+    const expected = expectedLowLatency(inputs);
     for (let r = 0; r < R; r++) assertTensorEqual(out[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
     await destroyWorld(buffers);
   });
@@ -168,13 +173,7 @@ describe('events and hooks', () => {
       await c.event.wait();
       return c.combinedX;
     });
-    const received = referenceLowLatencyDispatch(inputs, {
-      numExperts: 8,
-      maxTokensPerRank: 4,
-      fp8: false,
-      roundScale: false,
-      ue8m0: false,
-    });
+    const received = expectedLowLatency(inputs);
     const expected = referenceLowLatencyCombine(
       inputs,
       received.map((d) => ({
@@ -203,13 +202,7 @@ describe('previous events and call order', () => {
       return { d, ll };
     });
     const expected = expectedDispatch(inputs);
-    const ll = referenceLowLatencyDispatch(inputs, {
-      numExperts: 8,
-      maxTokensPerRank: 4,
-      fp8: false,
-      roundScale: false,
-      ue8m0: false,
-    });
+    const ll = expectedLowLatency(inputs);
     for (let r = 0; r < R; r++) {
       assertTensorEqual(out[r]!.d.recvX, expected[r]!.recvX, `rank ${r} dispatch`);
       assertTensorEqual(out[r]!.ll.recvX, ll[r]!.recvX, `rank ${r} low-latency dispatch`);
@@ -310,13 +303,7 @@ describe('a call refused on one rank', () => {
       await d.event.wait();
       return d;
     });
-    const expected = referenceLowLatencyDispatch(inputs, {
-      numExperts: 8,
-      maxTokensPerRank: 4,
-      fp8: false,
-      roundScale: false,
-      ue8m0: false,
-    });
+    const expected = expectedLowLatency(inputs);
     for (let r = 0; r < R; r++) assertTensorEqual(ll[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
     await destroyWorld(buffers);
   });
@@ -499,13 +486,7 @@ describe('destroy', () => {
       await d.event.wait();
       return d;
     });
-    const expected = referenceLowLatencyDispatch(inputs, {
-      numExperts: 8,
-      maxTokensPerRank: 4,
-      fp8: false,
-      roundScale: false,
-      ue8m0: false,
-    });
+    const expected = expectedLowLatency(inputs);
     for (let r = 0; r < R; r++) assertTensorEqual(out[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
     await destroyWorld(buffers);
   });
