@@ -238,6 +238,7 @@ __device__ __forceinline__ bool rank_barrier(const Ctx &c, const u64 *peers, u32
 // wrote with `announce` (relaxed stores: that fence and a strong store form the release). Each block's
 // own fence is GPU-scope: the counter is on this GPU, and the last block's system-scope fence carries
 // what it acquired from the others (causality is transitive) to the peers that acquire its announcement.
+// That chain needs the counter in this GPU's memory and the atom's result used (a `red` forms no acquire).
 __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   __syncthreads();
   if (threadIdx.x != 0) return false;
