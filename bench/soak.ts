@@ -27,6 +27,9 @@ import { host, Mismatch, sameTensor } from '../test/gpu/fixtures/ep-compare.ts';
 import { randomBf16, randomRouting, randomWeights, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { writeResult } from './stats.ts';
 
+// Pool outputs start as 0xff bytes (read at the first allocation), so an element no kernel wrote shows.
+process.env.TSEP_POISON_OUTPUTS ??= '1';
+
 const { values: opt } = parseArgs({
   options: {
     iters: { type: 'string', default: '10000' },

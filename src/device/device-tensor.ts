@@ -19,6 +19,9 @@ import {
   type TensorMeta,
 } from './tensor.ts';
 
+/** TSEP_POISON_OUTPUTS, read at the first pool allocation (a script may set it before its first call). */
+let poisonPool: boolean | undefined;
+
 export class DeviceTensor<D extends DType = DType> implements TensorMeta {
   readonly dtype: D;
   readonly shape: readonly number[];
@@ -65,7 +68,9 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
 
   /**
    * A new row-major tensor from the stream-ordered pool (see DeviceBuffer.allocAsync): cheap, and ready
-   * for `stream`'s later work; `dispose()` frees it on `freeOn` (default: that stream).
+   * for `stream`'s later work; `dispose()` frees it on `freeOn` (default: that stream). With
+   * TSEP_POISON_OUTPUTS=1 (the GPU tests set it) it starts as 0xff bytes, in stream order, so a kernel that
+   * leaves an element unwritten shows instead of passing on fresh pool memory that happens to be zero.
    */
   static emptyOn<D extends DType>(
     dtype: D,
@@ -74,7 +79,10 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     freeOn: Stream = stream,
   ) {
     checkShape('shape', shape);
-    const buf = DeviceBuffer.allocAsync(numel(shape) * dtypeSize(dtype), stream, freeOn);
+    const bytes = numel(shape) * dtypeSize(dtype);
+    const buf = DeviceBuffer.allocAsync(bytes, stream, freeOn);
+    poisonPool ??= process.env.TSEP_POISON_OUTPUTS === '1';
+    if (poisonPool && bytes > 0) buf.fill(0xff, stream);
     return new DeviceTensor(dtype, shape, buf.ptr, { owner: buf });
   }
 

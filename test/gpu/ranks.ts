@@ -43,7 +43,11 @@ export function hostGpus(h: number, perHost: number): string {
 
 export type RankRun = LaunchRun;
 
-/** Runs `node <fixture> ...args` on `ranks` ranks through `tsep launch` with a job time limit. */
+/**
+ * Runs `node <fixture> ...args` on `ranks` ranks through `tsep launch` with a job time limit. The ranks run
+ * with TSEP_POISON_OUTPUTS=1: every pool tensor starts as 0xff bytes, so an output element no kernel wrote
+ * fails the comparison instead of matching by luck (fresh pool memory is often zero).
+ */
 export function launchRanks(
   ranks: number,
   fixture: URL,
@@ -56,7 +60,7 @@ export function launchRanks(
     ['-n', String(ranks), ...launchFlags, '--timeout', String(timeoutS)],
     [process.execPath, fileURLToPath(fixture), ...args],
     60,
-    extraEnv,
+    { TSEP_POISON_OUTPUTS: '1', ...extraEnv },
   ).done;
 }
 
