@@ -12,7 +12,9 @@
 //
 // Standard shape (docs/low-latency.md): 128 tokens per rank, hidden 7168, top-8 of 288 experts, FP8
 // dispatch, BF16 combine, routing uniformly random (no -1). Every iteration uses the next of `sets` input
-// sets (fresh random activations and routing), so no call sees the inputs of the one before it.
+// sets (fresh random activations and routing; the combine's expert outputs are one random buffer), and
+// starts after a 256 MiB memset that flushes L2 (50 MiB), as DeepEP's bench does, so no call finds its
+// inputs in L2.
 // Times are CUDA events around the enqueued work of one iteration, back to back after warm-up; an
 // iteration's time is the slowest rank's; tables show the median (p10/p90) over iterations.
 // Logical bandwidth counts as DeepEP's test_low_latency.py does: per valid (token, expert) selection,
@@ -220,10 +222,13 @@ async function settle(what: string): Promise<void> {
 // ------------------------------------------------------------------------------------------ timing
 
 const timing = () => Event.create(dev, { timing: true });
+// 256 MiB of memset before each iteration (and before a hook-mode combine send) flushes L2.
+const flush = DeviceBuffer.alloc(2 ** 28, dev);
+const flushL2 = () => flush.fill(me & 0xff, stream);
 const GATE_NS = Number(process.env.TSEP_BENCH_GATE_US ?? 20) * 1000;
 
 /**
- * Timed iterations. Each is preceded by path.gate(): a ~20 us spin (the host enqueues the iteration while
+ * Timed iterations. Each is preceded by an L2 flush and path.gate(): a ~20 us spin (the host enqueues the iteration while
  * the GPU is busy, so host time is not timed) and a device-side barrier of the ranks (every rank starts
  * the iteration together, so no rank's time includes another's host lateness). `fn(i, start, end)`
  * records start/end around what it times.
@@ -236,6 +241,7 @@ async function timed(
 ): Promise<number[]> {
   const [ws, we] = [timing(), timing()];
   for (let i = 0; i < WARMUP; i++) {
+    flushL2();
     if (gated) path.gate(GATE_NS);
     fn(i, ws, we);
   }
@@ -246,6 +252,7 @@ async function timed(
   const starts = Array.from({ length: iters }, timing);
   const ends = Array.from({ length: iters }, timing);
   for (let i = 0; i < iters; i++) {
+    flushL2();
     if (gated) path.gate(GATE_NS);
     fn(i, starts[i]!, ends[i]!);
   }
@@ -353,6 +360,7 @@ const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as numbe
   const ev = Array.from({ length: 8 * n }, timing);
   for (let i = 0; i < n; i++) {
     const e = ev.slice(8 * i, 8 * i + 8);
+    flushL2();
     path.gate(GATE_NS);
     e[0]!.record(stream);
     const d = dispatch(i, true);
@@ -361,6 +369,7 @@ const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as numbe
     e[2]!.record(stream);
     await d.hook!();
     e[3]!.record(stream);
+    flushL2();
     path.gate(GATE_NS);
     e[4]!.record(stream);
     const c = combine(i, d.handle, true);
@@ -392,6 +401,7 @@ const phaseSlowest = {
 // negative.
 const stampSegs: Record<string, number[]> = {};
 for (let i = 0; path instanceof LowLatencyPath && i < PHASE_ITERS; i++) {
+  flushL2();
   path.gate(GATE_NS);
   const d = dispatch(i);
   path.gate(0);
