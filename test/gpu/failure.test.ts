@@ -34,15 +34,13 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
   test(`${ranks} ranks: malformed GPU calls raise ValidationError before any launch; the next dispatch is exact`, {
     skip: skipFor(ranks),
     timeout: 180_000,
-  }, async () => {
+  }, async (t) => {
     const seed = Math.floor(seededRandom(`failure bad ${ranks}`)() * 2 ** 31);
     const run = await launchRanks(ranks, fixture, [String(seed), 'bad'], 150);
     process.stdout.write(`# failure-check ${seed} bad:\n${indent(run.stdout)}\n`);
     const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
     assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
-    // The other-GPU cases need two GPUs in the process (the fixture says when it skips them).
     const cases = [
-      ...(visibleGpus > 1 ? ['x on another GPU', 'topkIdx on another GPU'] : []),
       'x in host memory',
       'non-contiguous x',
       'non-contiguous topkIdx',
@@ -59,6 +57,21 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
         );
       assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] failure-check ok rank ${r}$`, 'm'), detail);
     }
+    // Tensors on another GPU need two GPUs in the process (the fixture says when it leaves them out).
+    await t.test(
+      'tensors on another GPU of the process',
+      { skip: visibleGpus > 1 ? false : `needs two GPUs visible to each rank; ${visibleGpus} visible` },
+      () => {
+        for (let r = 0; r < ranks; r++) {
+          for (const c of ['x on another GPU', 'topkIdx on another GPU'])
+            assert.match(
+              run.stdout,
+              new RegExp(`^\\[rank ${r}\\] bad input refused, next call exact: ${c} `, 'm'),
+              detail,
+            );
+        }
+      },
+    );
   });
 
   test(`${ranks} ranks: a rank killed mid-dispatch makes tsep launch fail naming it`, {
