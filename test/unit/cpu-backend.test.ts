@@ -1,6 +1,7 @@
 // Normal-mode property tests: the CPU backend, driven through the public EpBuffer API on 4 simulated
 // ranks at once, against the reference oracle on random inputs — plus checks that do not use the
-// oracle at all (rows arrive intact and in order, weights come back, combine sums copies).
+// oracle at all (rows arrive intact and in order with their scales, local ids and weights, padding rows are
+// empty, weights come back, combine follows its definition and sums copies).
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
@@ -206,6 +207,8 @@ async function check(seed: number, sc: Scenario): Promise<void> {
     assert.deepEqual(cached.numRecvTokensPerExpert, d.numRecvTokensPerExpert);
   }
   checkRowsArriveIntact(inputs, out);
+  checkRowMetadata(inputs, out, sc);
+  checkCombineFromDefinition(inputs, out, ys, sc);
   if (!sc.worstCase) checkExpertCounts(inputs, out, sc);
 
   const prefix = asHost(out[0]!.d.handle.rankPrefixMatrix);
@@ -256,6 +259,100 @@ function checkRowsArriveIntact(inputs: RankInput[], out: RankOutcome[]): void {
       0,
     );
     assert.equal(total, routed, `rank ${r} received ${total} rows, ${routed} were routed to it`);
+  }
+}
+
+/**
+ * Without the oracle: each received row's scales are its source token's (logical [row, j], whatever the
+ * strides), its top-k ids are the local ids of this rank's experts (global − r·E_l) and −1 elsewhere, its
+ * weights the token's where the expert is local and 0 elsewhere; worst-case padding rows hold zeros and −1.
+ */
+function checkRowMetadata(inputs: RankInput[], out: RankOutcome[], sc: Scenario): void {
+  const El = sc.numExperts / R;
+  const K = sc.numTopk;
+  const prefix = values(out[0]!.d.handle.rankPrefixMatrix);
+  for (let r = 0; r < R; r++) {
+    const { d } = out[r]!;
+    const src = values(d.handle.recvSrcIdx);
+    const ids = d.recvTopkIdx ? values(d.recvTopkIdx) : undefined;
+    const ws = d.recvTopkWeights ? values(d.recvTopkWeights) : undefined;
+    const scales = d.recvScales ? asHost(d.recvScales) : undefined;
+    const rows = d.handle.numRecvRows;
+    const total = prefix[(R - 1) * R + r]!;
+    for (let i = 0; i < rows; i++) {
+      let s = -1; // the source whose block holds row i
+      if (i < total) for (s = 0; i >= prefix[s * R + r]!; s++);
+      const t = i < total ? src[i]! : -1;
+      const inp = s >= 0 ? inputs[s]! : undefined;
+      if (scales) {
+        const S = scales.shape[1]!;
+        for (let j = 0; j < S; j++) {
+          const got: number = Number(scales.data[scales.offsetOf(i, j)]);
+          const want: number = inp ? Number(inp.scales!.data[inp.scales!.offsetOf(t, j)]) : 0;
+          assert.equal(got, want, `rank ${r} row ${i} scale ${j}`);
+        }
+      }
+      const srcIds = inp ? values(inp.topkIdx).slice(t * K, t * K + K) : new Array<number>(K).fill(-1);
+      const srcW = inp?.topkWeights ? values(inp.topkWeights).slice(t * K, t * K + K) : undefined;
+      for (let k = 0; k < K; k++) {
+        const e = srcIds[k]!;
+        const local = e >= 0 && Math.floor(e / El) === r;
+        if (ids) assert.equal(ids[i * K + k], local ? e - r * El : -1, `rank ${r} row ${i} id ${k}`);
+        if (ws) assert.equal(ws[i * K + k], local ? srcW![k] : 0, `rank ${r} row ${i} weight ${k}`);
+      }
+      if (i >= total) {
+        assert.equal(src[i], -1, `rank ${r} padding row ${i} source index`);
+        const H = sc.hidden;
+        const x = values(d.recvX).slice(i * H, i * H + H);
+        assert.ok(
+          x.every((v) => v === 0),
+          `rank ${r} padding row ${i} of recvX is not zeros`,
+        );
+      }
+    }
+  }
+}
+
+/**
+ * Without the oracle, from the definition: owner s's token t = bf16(f32(bias0 + bias1) + Σ over the ranks it
+ * reached, ascending, of that rank's expert output row for it), each add rounded to float32; the rows are
+ * found through the handle's prefix matrix and source indices.
+ */
+function checkCombineFromDefinition(
+  inputs: RankInput[],
+  out: RankOutcome[],
+  ys: HostTensor[],
+  sc: Scenario,
+): void {
+  const H = sc.hidden;
+  const prefix = values(out[0]!.d.handle.rankPrefixMatrix);
+  // rowOf[r][s]: source s's token -> its row at rank r.
+  const rowOf = out.map((o, r) => {
+    const src = values(o.d.handle.recvSrcIdx);
+    return inputs.map((_, s) => {
+      const m = new Map<number, number>();
+      for (let i = s > 0 ? prefix[(s - 1) * R + r]! : 0; i < prefix[s * R + r]!; i++) m.set(src[i]!, i);
+      return m;
+    });
+  });
+  const y = ys.map((t) => t.data as Uint16Array);
+  for (let s = 0; s < R; s++) {
+    const inp = inputs[s]!;
+    const got = asHost(out[s]!.combined.combinedX).data as Uint16Array;
+    const bias = inp.bias.map((b) => b.data as Uint16Array);
+    for (let t = 0; t < sc.tokens[s]!; t++) {
+      for (let c = 0; c < H; c++) {
+        let acc = Math.fround(
+          (bias[0] ? bf16ToF32(bias[0][t * H + c]!) : 0) + (bias[1] ? bf16ToF32(bias[1][t * H + c]!) : 0),
+        );
+        for (let r = 0; r < R; r++) {
+          const row = rowOf[r]![s]!.get(t);
+          if (row !== undefined) acc = Math.fround(acc + bf16ToF32(y[r]![row * H + c]!));
+        }
+        if (got[t * H + c] !== f32ToBf16(acc))
+          assert.fail(`owner ${s} token ${t} channel ${c}: combine differs`);
+      }
+    }
   }
 }
 
