@@ -2,9 +2,9 @@
 //   tsep bench soak [-n R] [-- --iters 10000 --tokens 128 --hidden 2048 --topk 8 --sample 1000 --seed S]
 // Alternates normal-mode (fresh dispatch + combine) and low-latency (BF16 dispatch + combine) round trips
 // with fresh random routing and token counts every iteration; every output is compared with the CPU
-// reference bit for bit (the experts are the identity: each rank sends back what it received). Device
-// memory in use is sampled every `sample` iterations; the run fails on any mismatch or if memory in use
-// grows by more than 1 MiB between the first and the last sample.
+// reference bit for bit, each poisoned before the call that fills it (the experts are the identity: each
+// rank sends back what it received). Device memory in use is sampled every `sample` iterations; the run
+// fails on any mismatch or if memory in use grows by more than 1 MiB between the first and the last sample.
 
 import { parseArgs } from 'node:util';
 import { Rng } from '../src/cpu/random.ts';
@@ -23,7 +23,7 @@ import { trimPool } from '../src/device/memory.ts';
 import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
 import { EpBuffer } from '../src/ep/buffer.ts';
-import { host, Mismatch, sameTensor } from '../test/gpu/fixtures/ep-compare.ts';
+import { checkLowLatencyDispatch, host, Mismatch, sameTensor } from '../test/gpu/fixtures/ep-compare.ts';
 import { randomBf16, randomRouting, randomWeights, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { writeResult } from './stats.ts';
 
@@ -147,7 +147,7 @@ async function lowLatencyRound(i: number): Promise<void> {
   const c = buffer.lowLatencyCombine({ x: ll.recvX, topkIdx: topk, topkWeights: w, handle: ll.handle });
   try {
     await c.event.wait();
-    sameTensor(`iteration ${i} LL recvCount`, host(ll.recvCount), llReceived[me]!.recvCount);
+    checkLowLatencyDispatch(`iteration ${i} LL dispatch`, ll, llReceived[me]!);
     // Only this rank's combined tokens are checked here, so only they are computed (a quarter of the work).
     const want = HostTensor.zeros('bf16', [mine.x.shape[0]!, H]);
     fillLowLatencyCombine(
@@ -164,6 +164,17 @@ async function lowLatencyRound(i: number): Promise<void> {
     sameTensor(`iteration ${i} LL combinedX`, host(c.combinedX), want);
   } finally {
     for (const t of [x, topk, w]) t.dispose();
+    // The outputs are views into the buffer's ring of two output sets: poisoned now, a call two rounds on
+    // that writes too little into the same set shows instead of passing on this round's values.
+    const stream = buffer.stream!;
+    for (const t of [
+      ll.recvX,
+      ll.recvCount,
+      ll.handle.packedRecvSrcInfo,
+      ll.handle.packedRecvLayoutRange,
+      c.combinedX,
+    ])
+      (t as DeviceTensor).fillBytes(0xff, stream);
   }
 }
 
