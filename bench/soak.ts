@@ -134,8 +134,9 @@ async function normalRound(i: number): Promise<void> {
 }
 
 // The low-latency reference's outputs have the fixed shape [E_l, R·T_max, H] per rank (64 MiB at the soak's
-// shape): allocated once and refilled every round. A refill rewrites every count, range and the rows and
-// source indices inside the ranges, which is all that the combine reference and the checks below read.
+// shape): allocated once and refilled every round. A refill rewrites every count, range and source index
+// (-1 past the count) and the rows inside the ranges, which is all that the combine reference and the
+// checks below read (rows past the count are not compared).
 const llReceived = Array.from({ length: R }, () => allocLowLatencyReceived(R, H, llConfig));
 
 async function lowLatencyRound(i: number): Promise<void> {

@@ -72,7 +72,10 @@ export function allocLowLatencyReceived(
   return out;
 }
 
-/** Fills `out` (from allocLowLatencyReceived) with what rank `rank` receives. */
+/**
+ * Fills `out` (from allocLowLatencyReceived, possibly filled before) with what rank `rank` receives: every
+ * count, layout range and source index (-1 past the count) and the rows and scales inside the counts.
+ */
 export function fillLowLatencyDispatch(
   out: LowLatencyReceived,
   sources: readonly LowLatencySource[],
@@ -125,6 +128,8 @@ export function fillLowLatencyDispatch(
       out.packedRecvLayoutRange.data[e * R + s] = (BigInt(begin) << 32n) | BigInt(count - begin);
     }
     out.recvCount.data[e] = count;
+    // Past the count: -1, so a refilled output (the soak reuses one) matches a fresh one in full.
+    out.packedRecvSrcInfo.data.fill(-1, e * slots + count, (e + 1) * slots);
   }
 }
 

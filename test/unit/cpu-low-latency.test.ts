@@ -5,7 +5,12 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { Rng } from '../../src/cpu/random.ts';
-import { referenceLowLatencyCombine, referenceLowLatencyDispatch } from '../../src/cpu/reference.ts';
+import {
+  allocLowLatencyReceived,
+  fillLowLatencyDispatch,
+  referenceLowLatencyCombine,
+  referenceLowLatencyDispatch,
+} from '../../src/cpu/reference.ts';
 import {
   bf16ArrayToF32,
   bf16ToF32,
@@ -307,4 +312,28 @@ describe('CPU backend, low-latency mode, against the reference', () => {
       await forSeeds(2, (_rng, seed) => check(seed, base(overrides)));
     });
   }
+});
+
+describe('the low-latency reference refilled', () => {
+  it('an output filled for one routing, then refilled for another, equals a fresh one in full', async () => {
+    await forSeeds(5, (rng) => {
+      const config = { numExperts: 16, maxTokensPerRank: 6, fp8: true, roundScale: false, ue8m0: false };
+      const sources = () =>
+        Array.from({ length: R }, () => {
+          const T = 1 + rng.int(6);
+          return {
+            x: randomBf16(rng, T, 256),
+            topkIdx: routingTensor('i32', T, 4, randomRouting(rng, T, 4, 16, { dropRate: 0.3 })),
+          };
+        });
+      const [first, second] = [sources(), sources()];
+      const reused = allocLowLatencyReceived(R, 256, config);
+      fillLowLatencyDispatch(reused, first, 1, config);
+      fillLowLatencyDispatch(reused, second, 1, config);
+      const fresh = referenceLowLatencyDispatch(second, config)[1]!;
+      assertTensorEqual(reused.recvCount, fresh.recvCount, 'recvCount');
+      assertTensorEqual(reused.packedRecvLayoutRange, fresh.packedRecvLayoutRange, 'layout ranges');
+      assertTensorEqual(reused.packedRecvSrcInfo, fresh.packedRecvSrcInfo, 'source info, -1 past the count');
+    });
+  });
 });
