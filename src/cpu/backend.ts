@@ -270,7 +270,7 @@ class CpuBackend implements EpBackend {
   }
 
   refuseCall(call: EpDataCall, error: unknown): void {
-    this.exchanger.refuse(call, error);
+    this.track(this.exchanger.refuse(call, error)); // destroy() waits for it like any exchange
   }
 
   cleanLowLatencyBuffer(): void {

@@ -37,16 +37,19 @@ export class Exchanger {
       markIssued = resolve;
     });
     // Settle the payload at once, so a failure waiting behind earlier exchanges is never "unhandled".
-    const prepared = Promise.resolve(payload).then(
-      (parts) => ({ bytes: encodeMessage({ ...parts.meta, call: what }, parts.tensors), failure: undefined }),
-      (error: unknown) => ({
-        bytes: encodeMessage(
-          { call: what, failed: error instanceof Error ? error.message : String(error) },
-          {},
-        ),
-        failure: { error },
-      }),
-    );
+    // Encoding runs before the settle, so its failure (e.g. out of memory) is this rank's marker too.
+    const prepared = Promise.resolve(payload)
+      .then((parts) => encodeMessage({ ...parts.meta, call: what }, parts.tensors))
+      .then(
+        (bytes) => ({ bytes, failure: undefined }),
+        (error: unknown) => ({
+          bytes: encodeMessage(
+            { call: what, failed: error instanceof Error ? error.message : String(error) },
+            {},
+          ),
+          failure: { error },
+        }),
+      );
     return (async () => {
       await previous;
       const { bytes, failure } = await prepared;
@@ -67,11 +70,13 @@ export class Exchanger {
           },
         );
       }
-      const other = messages.findIndex((m) => m.meta.call !== what);
+      // Against rank 0's call, so every rank throws the same error.
+      const first = String(messages[0]!.meta.call);
+      const other = messages.findIndex((m) => m.meta.call !== first);
       if (other >= 0) {
         throw new ValidationError(
           'call order',
-          `${String(messages[other]!.meta.call)} on rank ${other} but ${what} on rank ${this.group.rank}`,
+          `${String(messages[other]!.meta.call)} on rank ${other} but ${first} on rank 0`,
           'the same EpBuffer calls in the same order on every rank',
         );
       }
@@ -80,11 +85,12 @@ export class Exchanger {
   }
 
   /**
-   * Takes part in the exchange of a call this rank refused (its arguments failed validation), sending
+   * Takes part in the exchange of a call this rank refused (it threw before its exchange was issued), sending
    * `error`'s message as a failure marker, so the peers' same call fails with a RendezvousError naming
    * this rank and the calls after it still pair up.
    */
-  refuse(what: EpDataCall, error: unknown): void {
-    this.exchange(what, Promise.reject(error)).catch(() => undefined);
+  refuse(what: EpDataCall, error: unknown): Promise<unknown> {
+    // Settled either way (the caller already has the error): for destroy() to wait on, never "unhandled".
+    return this.exchange(what, Promise.reject(error)).catch(() => undefined);
   }
 }

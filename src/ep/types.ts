@@ -345,9 +345,10 @@ export interface EpBackend {
   /** GPU backends with TSEP_PROFILE=1: device milliseconds of each kernel of the latest call. */
   phaseTimes?(): Promise<Record<string, number> | undefined>;
   /**
-   * This rank refused `call` before it reached the backend (its arguments failed validation). The CPU
-   * backend still takes part in the call's exchange with a failure marker, so its peers fail at once and
-   * later calls stay paired; on the GPU the peers' device waits time out instead (EpTimeoutError).
+   * This rank's `call` threw before its exchange was issued (its arguments failed validation, in the buffer
+   * or in the backend's synchronous part). The CPU backend still takes part in the call's exchange with a
+   * failure marker, so its peers fail at once and later calls stay paired; on the GPU the peers' device
+   * waits time out instead (EpTimeoutError).
    */
   refuseCall?(call: EpDataCall, error: unknown): void;
   /** Waits for work in flight, then releases what the backend holds. */

@@ -309,6 +309,24 @@ describe('a call refused on one rank', () => {
     await destroyWorld(buffers);
   });
 
+  it('destroy() waits for the exchange of a refused call', async () => {
+    const inputs = makeInputs(11);
+    const buffers = await createWorld(R, OPTIONS);
+    const bad = i32([3, 3], [0, 1, 99, 2, 3, 4, 5, 6, 7]);
+    // Rank 0 refuses alone: its marker waits for the peers' same call, which comes after destroy() began.
+    await assert.rejects(buffers[0]!.dispatch({ ...inputs[0]!, topkIdx: bad }), ValidationError);
+    let destroyed = false;
+    const destroying = buffers[0]!.destroy().then(() => {
+      destroyed = true;
+    });
+    await tick();
+    assert.equal(destroyed, false, 'destroy() returned while the refused call was still exchanging');
+    const peers = await Promise.allSettled(buffers.slice(1).map((b, i) => b.dispatch(inputs[i + 1]!)));
+    for (const p of peers) assert.ok((p as PromiseRejectedResult).reason instanceof RendezvousError);
+    await destroying;
+    await Promise.all(buffers.slice(1).map((b) => b.destroy()));
+  });
+
   it('different calls on different ranks fail everywhere with the same ValidationError', async () => {
     const inputs = makeInputs(10);
     const buffers = await createWorld(R, OPTIONS);
@@ -322,7 +340,13 @@ describe('a call refused on one rank', () => {
       assert.ok(reason instanceof ValidationError, `rank ${r}: ${String(reason)}`);
       assert.equal(reason.argument, 'call order');
       assert.match(reason.message, /the same EpBuffer calls in the same order on every rank/);
+      // The same error on every rank, naming the odd rank against rank 0.
+      assert.equal(reason.message, (outcomes[0] as PromiseRejectedResult).reason.message, `rank ${r}`);
     }
+    assert.match(
+      (outcomes[0] as PromiseRejectedResult).reason.message,
+      /got lowLatencyDispatch on rank 3 but dispatch on rank 0/,
+    );
     const ds = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
     const expected = expectedDispatch(inputs);
     for (let r = 0; r < R; r++) assertTensorEqual(ds[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
