@@ -18,7 +18,7 @@ import {
   fillLowLatencyDispatch,
   type LowLatencyConfig,
 } from '../src/cpu/reference.ts';
-import { DeviceTensor } from '../src/device/device-tensor.ts';
+import { DeviceTensor, POISON_BYTE } from '../src/device/device-tensor.ts';
 import { trimPool } from '../src/device/memory.ts';
 import { HostTensor } from '../src/device/tensor.ts';
 import { initProcessGroup } from '../src/dist/init.ts';
@@ -27,7 +27,7 @@ import { checkLowLatencyDispatch, host, Mismatch, sameTensor } from '../test/gpu
 import { randomBf16, randomRouting, randomWeights, routingTensor } from '../test/unit/helpers/inputs.ts';
 import { writeResult } from './stats.ts';
 
-// Pool outputs start as 0xff bytes (read at the first allocation), so an element no kernel wrote shows.
+// Pool outputs start as POISON_BYTE bytes (read at the first allocation), so an element no kernel wrote shows.
 process.env.TSEP_POISON_OUTPUTS ??= '1';
 
 const { values: opt } = parseArgs({
@@ -175,7 +175,7 @@ async function lowLatencyRound(i: number): Promise<void> {
       ll.handle.packedRecvLayoutRange,
       c.combinedX,
     ])
-      (t as DeviceTensor).fillBytes(0xff, stream);
+      (t as DeviceTensor).fillBytes(POISON_BYTE, stream);
   }
 }
 

@@ -22,6 +22,12 @@ import {
 /** TSEP_POISON_OUTPUTS, read at the first pool allocation (a script may set it before its first call). */
 let poisonPool: boolean | undefined;
 
+/**
+ * The byte tests fill outputs with before a call: neither 0 nor 0xff, so it matches neither the zeros nor
+ * the -1 (all bytes 0xff) that outputs hold as padding, in any dtype (as bf16 or f32 a small negative number).
+ */
+export const POISON_BYTE = 0xa5;
+
 export class DeviceTensor<D extends DType = DType> implements TensorMeta {
   readonly dtype: D;
   readonly shape: readonly number[];
@@ -69,7 +75,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
   /**
    * A new row-major tensor from the stream-ordered pool (see DeviceBuffer.allocAsync): cheap, and ready
    * for `stream`'s later work; `dispose()` frees it on `freeOn` (default: that stream). With
-   * TSEP_POISON_OUTPUTS=1 (the GPU tests set it) it starts as 0xff bytes, in stream order, so a kernel that
+   * TSEP_POISON_OUTPUTS=1 (the GPU tests set it) it starts as POISON_BYTE bytes, in stream order, so a kernel that
    * leaves an element unwritten shows instead of passing on fresh pool memory that happens to be zero.
    */
   static emptyOn<D extends DType>(
@@ -82,7 +88,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorMeta {
     const bytes = numel(shape) * dtypeSize(dtype);
     const buf = DeviceBuffer.allocAsync(bytes, stream, freeOn);
     poisonPool ??= process.env.TSEP_POISON_OUTPUTS === '1';
-    if (poisonPool && bytes > 0) buf.fill(0xff, stream);
+    if (poisonPool && bytes > 0) buf.fill(POISON_BYTE, stream);
     return new DeviceTensor(dtype, shape, buf.ptr, { owner: buf });
   }
 

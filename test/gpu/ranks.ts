@@ -45,7 +45,7 @@ export type RankRun = LaunchRun;
 
 /**
  * Runs `node <fixture> ...args` on `ranks` ranks through `tsep launch` with a job time limit. The ranks run
- * with TSEP_POISON_OUTPUTS=1: every pool tensor starts as 0xff bytes, so an output element no kernel wrote
+ * with TSEP_POISON_OUTPUTS=1: every pool tensor starts as POISON_BYTE (0xa5) bytes, so an output element no kernel wrote
  * fails the comparison instead of matching by luck (fresh pool memory is often zero).
  */
 export function launchRanks(
