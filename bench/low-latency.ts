@@ -770,4 +770,5 @@ if (me === 0) {
 
 for (const s of sets) for (const t of [s.x, s.topk, s.weights]) t.dispose();
 y.dispose();
+flush.dispose();
 await group.destroy();

@@ -264,7 +264,7 @@ export function registerDemo(program: Command): void {
     .option('--hidden <n>', 'hidden size (a multiple of 128)', integerArg(1, 1 << 20), 2048)
     .option('--experts <n>', 'experts (a multiple of --ranks)', integerArg(1, 1 << 20), 32)
     .option('--topk <n>', 'experts per token', integerArg(1, 1 << 20), 8)
-    .option('--seed <n>', 'random seed (default: time-based)', integerArg(1, 2 ** 31 - 1))
+    .option('--seed <n>', 'random seed (default: time-based)', integerArg(1, 2 ** 31))
     .option('--backend <kind>', "'auto', 'cpu' or 'gpu'", 'auto')
     .action(async (opts: Omit<DemoOptions, 'seed'> & { seed?: number }) => {
       const seed = opts.seed ?? (Date.now() % 2 ** 31) + 1;

@@ -333,7 +333,7 @@ export class NcclLowLatencyPath {
     if (this.failure !== undefined) {
       throw new TsepError(
         'TSEP_UNSUPPORTED',
-        `${this.failure} Over NCCL, clean() cannot rejoin the ranks: call await buffer.reset() on every rank.`,
+        `${this.failure} Over NCCL, cleanLowLatencyBuffer() cannot rejoin the ranks: call await buffer.reset() on every rank.`,
       );
     }
   }
