@@ -112,14 +112,14 @@ __device__ __forceinline__ void fence_sc_sys() { asm volatile("fence.sc.sys;" ::
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
+// "a is at or past b" for wrapping u32 sequence numbers (numbers may pass 2^32).
+__device__ __forceinline__ bool seq_reached(u32 a, u32 b) { return (int)(a - b) >= 0; }
+
 // ---------------------------------------------------------------- block scan
 
 // Block-wide exclusive prefix of `flag` over threads in order (blockDim.x a multiple of 32, at most 1024);
 // returns this thread's offset and sets `total`. Every thread calls it. Uses `scratch`, one int of shared
 // memory per warp.
-// "a is at or past b" for wrapping u32 sequence numbers (numbers may pass 2^32).
-__device__ __forceinline__ bool seq_reached(u32 a, u32 b) { return (int)(a - b) >= 0; }
-
 __device__ __forceinline__ int block_exclusive_scan(bool flag, int *scratch, int &total) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const u32 ballot = __ballot_sync(0xffffffffu, flag);

@@ -28,7 +28,8 @@ export type ElementArray<D extends DType> = D extends 'f32'
         ? Uint16Array
         : Uint8Array;
 
-// The TypedArray kind of each dtype's raw elements (ElementArray<D>; elementView makes them), for checks.
+// The TypedArray kind of each dtype's raw elements (ElementArray<D>): what elementView makes and the
+// checks expect.
 const ARRAY_OF = {
   f32: Float32Array,
   i32: Int32Array,
@@ -46,19 +47,13 @@ export function elementView<D extends DType>(
   byteOffset: number,
   length: number,
 ): ElementArray<D> {
-  switch (dtype) {
-    case 'f32':
-      return new Float32Array(buffer, byteOffset, length) as ElementArray<D>;
-    case 'i32':
-      return new Int32Array(buffer, byteOffset, length) as ElementArray<D>;
-    case 'i64':
-      return new BigInt64Array(buffer, byteOffset, length) as ElementArray<D>;
-    case 'bf16':
-    case 'f16':
-      return new Uint16Array(buffer, byteOffset, length) as ElementArray<D>;
-    default:
-      return new Uint8Array(buffer, byteOffset, length) as ElementArray<D>;
-  }
+  // Every kind takes (buffer, byteOffset, length); TypeScript cannot call a union of constructors.
+  const View = ARRAY_OF[dtype] as unknown as new (
+    buffer: ArrayBufferLike,
+    byteOffset: number,
+    length: number,
+  ) => ElementArray<D>;
+  return new View(buffer, byteOffset, length);
 }
 
 /** Whether `data` is the typed array kind that holds `dtype`'s raw elements (a bf16 tensor's is a Uint16Array). */

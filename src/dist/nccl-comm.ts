@@ -72,8 +72,9 @@ export class NcclCommunicator {
   }
 
   /**
-   * Collective: the communicator of all ranks of `group`, this rank on `device`. Throws ValidationError when two ranks use one GPU (NCCL refuses that; said here with the
-   * ranks named, before NCCL fails with a bare "invalid usage").
+   * Collective: the communicator of all ranks of `group`, this rank on `device`. Throws ValidationError when
+   * two ranks use one GPU (NCCL refuses that; said here with the ranks named, before NCCL fails with a bare
+   * "invalid usage").
    */
   static async create(group: Group, device: Device): Promise<NcclCommunicator> {
     checkNcclVersion();

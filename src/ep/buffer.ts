@@ -99,27 +99,25 @@ export class EpBuffer {
   /** Normal-mode dispatch; resolves once the received row count is known (at once with worstCaseTokens). */
   async dispatch(args: DispatchArgs): Promise<DispatchResult> {
     this.checkAlive('dispatch');
-    let work: Promise<DispatchResult>;
+    // Only a synchronous throw is caught (the promise is returned, not awaited): its exchange never started.
     try {
-      work = this.impl.dispatch(
+      return this.impl.dispatch(
         validateDispatch(args, this.ctx, (topkIdx) => this.impl.getDispatchLayout(topkIdx)),
       );
     } catch (e) {
       throw this.refused('dispatch', e);
     }
-    return work;
   }
 
   /** Normal-mode combine: the unweighted sum of each token's returned rows (+ bias). */
   async combine(args: CombineArgs): Promise<CombineResult> {
     this.checkAlive('combine');
-    let work: Promise<CombineResult>;
+    // Only a synchronous throw is caught (the promise is returned, not awaited): its exchange never started.
     try {
-      work = this.impl.combine(validateCombine(args, this.ctx));
+      return this.impl.combine(validateCombine(args, this.ctx));
     } catch (e) {
       throw this.refused('combine', e);
     }
-    return work;
   }
 
   /** Low-latency dispatch into [E_l, R·T_max, H]; returns at once (outputs ready when `event` is). */

@@ -27,7 +27,7 @@ import type {
   LowLatencyDispatchResult,
   RecvHook,
 } from '../types.ts';
-import { deviceTimeoutNs } from './device-error.ts';
+import { deviceTimeoutNs, hostWaitMs } from './device-error.ts';
 import type { GpuEvent, GpuEventOptions } from './event.ts';
 import {
   combineRecvGrid,
@@ -86,6 +86,8 @@ export class NcclLowLatencyPath {
   /** Host-mapped i32 [flag, rank, tag found, 0 dispatch / 1 combine]: a call found a block of another call. */
   private readonly stale: HostBuffer;
   private readonly staleWords: Int32Array;
+  /** TSEP_TIMEOUT_S, read when the path is made. */
+  private readonly timeoutNs = deviceTimeoutNs();
   private readonly timeoutMs: number;
   /** Every call's event: bounded by TSEP_TIMEOUT_S on the host (NCCL transfers have no bound of their own). */
   private readonly eventOptions: GpuEventOptions;
@@ -114,7 +116,7 @@ export class NcclLowLatencyPath {
     this.k = kernels;
     this.tuning = defaultLlGrids(rt.smCount, layout.localExperts);
     this.smem = llSharedBytes(layout);
-    this.timeoutMs = Number(deviceTimeoutNs() / 1_000_000n);
+    this.timeoutMs = Number(this.timeoutNs / 1_000_000n);
     this.eventOptions = {
       bound: { ms: this.timeoutMs, expire: () => this.expire() },
       check: () => this.throwIfFailed(),
@@ -354,7 +356,7 @@ export class NcclLowLatencyPath {
     // Every rank counts calls from here again, so the tags agree even if one rank skipped a call before.
     this.calls.dispatch = this.calls.combine = 0;
     await this.rt.stream.synchronize({
-      timeoutMs: this.timeoutMs + 5000,
+      timeoutMs: hostWaitMs(this.timeoutNs),
       what: 'the low-latency calls of this rank after its NCCL communicator was aborted',
     });
     this.comm = await NcclCommunicator.create(this.rt.group, this.rt.device);
