@@ -45,7 +45,7 @@ import { chooseTransport } from '../src/ep/transport.ts';
 import type { EpEvent, LowLatencyHandle, TransportKind } from '../src/ep/types.ts';
 import { resolveOptions } from '../src/ep/validate.ts';
 import { loadKernelModule } from '../src/jit/compile.ts';
-import { gbPerS, printTable, summarize, writeResult } from './stats.ts';
+import { gbPerS, l2Flusher, printTable, slowestPerIteration, summarize, writeResult } from './stats.ts';
 
 const { values } = parseArgs({
   options: {
@@ -222,16 +222,20 @@ async function settle(what: string): Promise<void> {
 // ------------------------------------------------------------------------------------------ timing
 
 const timing = () => Event.create(dev, { timing: true });
-// 256 MiB of memset before each iteration (and before a hook-mode combine send) flushes L2.
-const flush = DeviceBuffer.alloc(2 ** 28, dev);
-const flushL2 = () => flush.fill(me & 0xff, stream);
+// A memset before each iteration (and before a hook-mode combine send) flushes L2.
+const l2 = l2Flusher(dev, me);
 const GATE_NS = Number(process.env.TSEP_BENCH_GATE_US ?? 20) * 1000;
+/** An iteration's start: L2 flushed, then (gated) path.gate's spin and barrier of the ranks. */
+const startIteration = (gated = true): void => {
+  l2.flush(stream);
+  if (gated) path.gate(GATE_NS);
+};
 
 /**
- * Timed iterations. Each is preceded by an L2 flush and path.gate(): a ~20 us spin (the host enqueues the iteration while
- * the GPU is busy, so host time is not timed) and a device-side barrier of the ranks (every rank starts
- * the iteration together, so no rank's time includes another's host lateness). `fn(i, start, end)`
- * records start/end around what it times.
+ * Timed iterations. Each starts with startIteration(): an L2 flush, then path.gate(): a ~20 us spin (the
+ * host enqueues the iteration while the GPU is busy, so host time is not timed) and a device-side barrier of
+ * the ranks (every rank starts the iteration together, so no rank's time includes another's host lateness).
+ * `fn(i, start, end)` records start/end around what it times.
  */
 async function timed(
   iters: number,
@@ -241,8 +245,7 @@ async function timed(
 ): Promise<number[]> {
   const [ws, we] = [timing(), timing()];
   for (let i = 0; i < WARMUP; i++) {
-    flushL2();
-    if (gated) path.gate(GATE_NS);
+    startIteration(gated);
     fn(i, ws, we);
   }
   await settle(`${what} warm-up`);
@@ -252,8 +255,7 @@ async function timed(
   const starts = Array.from({ length: iters }, timing);
   const ends = Array.from({ length: iters }, timing);
   for (let i = 0; i < iters; i++) {
-    flushL2();
-    if (gated) path.gate(GATE_NS);
+    startIteration(gated);
     fn(i, starts[i]!, ends[i]!);
   }
   await settle(what);
@@ -263,12 +265,7 @@ async function timed(
 }
 
 /** Per iteration, the slowest rank's time. */
-async function slowest(ms: number[]): Promise<number[]> {
-  const all = (await group.allGather(new Uint8Array(Float64Array.from(ms).buffer))).map(
-    (b) => new Float64Array(b.slice().buffer),
-  );
-  return ms.map((_, i) => Math.max(...all.map((r) => r[i]!)));
-}
+const slowest = (ms: number[]) => slowestPerIteration(group, ms);
 
 const timeDispatch = (gated = true) =>
   timed(
@@ -360,8 +357,7 @@ const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as numbe
   const ev = Array.from({ length: 8 * n }, timing);
   for (let i = 0; i < n; i++) {
     const e = ev.slice(8 * i, 8 * i + 8);
-    flushL2();
-    path.gate(GATE_NS);
+    startIteration();
     e[0]!.record(stream);
     const d = dispatch(i, true);
     e[1]!.record(stream);
@@ -369,8 +365,7 @@ const phase = { dsend: [] as number[], drecv: [] as number[], csend: [] as numbe
     e[2]!.record(stream);
     await d.hook!();
     e[3]!.record(stream);
-    flushL2();
-    path.gate(GATE_NS);
+    startIteration();
     e[4]!.record(stream);
     const c = combine(i, d.handle, true);
     e[5]!.record(stream);
@@ -401,8 +396,7 @@ const phaseSlowest = {
 // negative.
 const stampSegs: Record<string, number[]> = {};
 for (let i = 0; path instanceof LowLatencyPath && i < PHASE_ITERS; i++) {
-  flushL2();
-  path.gate(GATE_NS);
+  startIteration();
   const d = dispatch(i);
   path.gate(0);
   combine(i, d.handle);
@@ -620,28 +614,24 @@ const rows = [
 ] as const satisfies readonly (readonly [string, ReturnType<typeof us>, number | undefined])[];
 const HOST_PARTS = ['entryToReturn', 'entryToLaunch', 'launch', 'launchToReturn'] as const;
 const hostModes = ['backToBack', 'isolated'] as const;
-const hostMedians = hostModes.flatMap((m) =>
-  hostKinds.flatMap((k) => host[m][k].map((v) => summarize(v).median)),
+/** Per mode, call kind and part (HOST_PARTS order): every rank's median in us (gathered as JSON, one call). */
+const hostMedians = Object.fromEntries(
+  hostModes.map((m) => [
+    m,
+    Object.fromEntries(hostKinds.map((k) => [k, host[m][k].map((v) => summarize(v).median)])),
+  ]),
+) as Record<(typeof hostModes)[number], Record<HostKind, number[]>>;
+const allHost = (await group.allGather(new TextEncoder().encode(JSON.stringify(hostMedians)))).map(
+  (b) => JSON.parse(new TextDecoder().decode(b)) as typeof hostMedians,
 );
-const allHost = (await group.allGather(new Uint8Array(Float64Array.from(hostMedians).buffer))).map(
-  (b) => new Float64Array(b.slice().buffer),
-);
-/** Per mode, call kind and part (HOST_PARTS order): every rank's median in us. */
-const hostByRank = { backToBack: {}, isolated: {} } as Record<
-  (typeof hostModes)[number],
-  Record<HostKind, number[][]>
->;
-{
-  let i = 0;
-  for (const m of hostModes) {
-    for (const k of hostKinds) {
-      hostByRank[m][k] = host[m][k].map(() => {
-        const j = i++;
-        return allHost.map((h) => h[j]!);
-      });
-    }
-  }
-}
+const hostByRank = Object.fromEntries(
+  hostModes.map((m) => [
+    m,
+    Object.fromEntries(
+      hostKinds.map((k) => [k, hostMedians[m][k].map((_, p) => allHost.map((r) => r[m][k][p]!))]),
+    ),
+  ]),
+) as Record<(typeof hostModes)[number], Record<HostKind, number[][]>>;
 /** One mode's line: per call kind the max over ranks of the medians, split at the launch. */
 const hostLine = (m: (typeof hostModes)[number]) => {
   const max = (k: HostKind) => hostByRank[m][k].map((v) => Math.max(...v).toFixed(2));
@@ -770,5 +760,5 @@ if (me === 0) {
 
 for (const s of sets) for (const t of [s.x, s.topk, s.weights]) t.dispose();
 y.dispose();
-flush.dispose();
+l2.dispose();
 await group.destroy();

@@ -28,7 +28,15 @@ import { HierNormalPath } from '../src/ep/gpu/hier-normal.ts';
 import { chunkCounts, smShares } from '../src/ep/gpu/normal-kernels.ts';
 import type { DispatchHandle, TransportKind } from '../src/ep/types.ts';
 import { randomBf16, randomFp8, randomRouting, routingTensor } from '../test/unit/helpers/inputs.ts';
-import { gbPerS, printTable, summarize, timeEvents, writeResult } from './stats.ts';
+import {
+  gbPerS,
+  l2Flusher,
+  printTable,
+  slowestPerIteration,
+  summarize,
+  timeEvents,
+  writeResult,
+} from './stats.ts';
 
 const { values: opt } = parseArgs({
   options: {
@@ -89,9 +97,9 @@ const xBf16 = up(randomBf16(rng, T, H));
 const fp8 = randomFp8(rng, T, H, 'f32');
 const xFp8 = up(fp8.x);
 const scales = up(fp8.scales);
-// 256 MiB of memset before each timed call flushes L2 (50 MiB), as DeepEP's bench does.
-const flush = DeviceBuffer.alloc(2 ** 28, dev);
-const beforeEach = (on = stream) => flush.fill(rank & 0xff, on);
+// A memset before each timed call flushes L2, as DeepEP's bench does.
+const l2 = l2Flusher(dev, rank);
+const beforeEach = (on = stream) => l2.flush(on);
 
 /** Frees the device tensors of a call's result (stream-ordered: safe while the stream still uses them). */
 function release(result: unknown): void {
@@ -154,10 +162,7 @@ async function crossHostReport() {
 }
 
 /** Slowest rank's time per iteration. */
-async function slowest(ms: number[]): Promise<number[]> {
-  const all = (await group.allGather(new Uint8Array(Float64Array.from(ms).buffer))).map(f64);
-  return ms.map((_, i) => Math.max(...all.map((r) => r[i]!)));
-}
+const slowest = (ms: number[]) => slowestPerIteration(group, ms);
 
 async function meanAcrossRanks(v: number): Promise<number> {
   const all = await group.allGather(new Uint8Array(Float64Array.of(v).buffer));

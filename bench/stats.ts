@@ -11,7 +11,10 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { Device } from '../src/device/context.ts';
+import { DeviceBuffer } from '../src/device/memory.ts';
 import { Event, type Stream } from '../src/device/stream.ts';
+import type { Group } from '../src/dist/group.ts';
 
 // ---------------------------------------------------------------- order statistics
 
@@ -73,6 +76,25 @@ export function gbPerS(bytes: number, ms: number): number {
 
 // ---------------------------------------------------------------- CUDA-event timing
 
+/** Collective: per iteration, the slowest rank's time (every rank passes its own times, same length). */
+export async function slowestPerIteration(group: Group, ms: readonly number[]): Promise<number[]> {
+  // A copy of each rank's bytes: the received arrays need not be 8-byte aligned.
+  const all = (await group.allGather(new Uint8Array(Float64Array.from(ms).buffer))).map(
+    (b) => new Float64Array(b.slice().buffer),
+  );
+  return ms.map((_, i) => Math.max(...all.map((r) => r[i]!)));
+}
+
+/**
+ * 256 MiB that a memset before each timed iteration writes, flushing L2 (50 MiB on H200), as DeepEP's bench
+ * does; enqueued outside the timed interval, it also keeps the GPU busy while the host enqueues the
+ * iteration. `byte`: what the memset writes (e.g. the rank, so ranks' flushes differ).
+ */
+export function l2Flusher(device: Device, byte: number): { flush(stream: Stream): void; dispose(): void } {
+  const buf = DeviceBuffer.alloc(2 ** 28, device);
+  return { flush: (stream) => buf.fill(byte & 0xff, stream), dispose: () => buf.dispose() };
+}
+
 export interface TimeEventsOptions {
   /** Untimed iterations first (JIT, NCCL connection setup, caches); default max(2, ⌈iters/10⌉). */
   warmup?: number;
@@ -80,7 +102,7 @@ export interface TimeEventsOptions {
    * `() => group.barrier()` so every rank starts the timed loop together. */
   afterWarmup?: () => Promise<void> | void;
   /** Enqueued on the stream before each timed iteration's start event, outside the timed interval: e.g.
-   * `() => l2Flush.fill(0, stream)` to start each iteration with a cold L2 (as DeepEP's bench does); it
+   * `() => l2.flush(stream)` (l2Flusher) to start each iteration with a cold L2 (as DeepEP's bench does); it
    * also keeps the GPU busy while the host enqueues the iteration, so host launch time is not timed. */
   beforeEach?: () => void;
   /** Bound on the wait for the GPU (ms); default 120,000. */

@@ -11,13 +11,12 @@ import { parseArgs } from 'node:util';
 import { Rng } from '../../src/cpu/random.ts';
 import { referenceLayout } from '../../src/cpu/ref-layout.ts';
 import { DeviceTensor } from '../../src/device/device-tensor.ts';
-import { DeviceBuffer } from '../../src/device/memory.ts';
 import { initProcessGroup } from '../../src/dist/init.ts';
 import { EpBuffer } from '../../src/ep/buffer.ts';
 import type { DispatchLayout } from '../../src/ep/types.ts';
 import { host as hostOf, sameTensor } from '../../test/gpu/fixtures/ep-compare.ts';
 import { type RoutingShape, randomRouting, routingTensor } from '../../test/unit/helpers/inputs.ts';
-import { summarize, timeEvents } from '../stats.ts';
+import { l2Flusher, summarize, timeEvents } from '../stats.ts';
 
 const { values: opt } = parseArgs({
   options: {
@@ -45,7 +44,7 @@ const buffer = await EpBuffer.create(group, {
   mode: 'normal',
 });
 const stream = buffer.stream!;
-const flush = DeviceBuffer.alloc(2 ** 28, stream.device);
+const l2 = l2Flusher(stream.device, rank);
 const rng = new Rng(Number(opt.seed) + rank);
 
 const sets: [string, RoutingShape][] = [
@@ -77,7 +76,7 @@ for (let turn = 0; turn < R; turn++) {
         {
           beforeEach: () => {
             release();
-            flush.fill(rank & 0xff, stream);
+            l2.flush(stream);
           },
         },
       );
@@ -98,6 +97,6 @@ for (let turn = 0; turn < R; turn++) {
   }
 }
 await group.barrier();
-flush.dispose();
+l2.dispose();
 await buffer.destroy();
 await group.destroy();
