@@ -2,28 +2,41 @@
 // machine without a GPU reports a skip with the reason, never a pass.
 
 import { Device } from '../../src/device/context.ts';
+import { LibraryNotFoundError } from '../../src/errors.ts';
 
-let detail = '';
+/** Comment lines (`#   `) for the test output, as node:test prints diagnostics. */
+export function indent(text: string): string {
+  return text
+    .trimEnd()
+    .split('\n')
+    .map((l) => `#   ${l}`)
+    .join('\n');
+}
 
-function probe(): string | false {
+/** Why no GPU test can run here (one line for each skip, the whole error once), or false. */
+function probe(): { reason: string; detail: string } | false {
   try {
     const n = Device.count();
-    return n > 0 ? false : 'no GPU is visible (cuDeviceGetCount returned 0; check CUDA_VISIBLE_DEVICES)';
+    return n > 0
+      ? false
+      : { reason: 'no GPU is visible (cuDeviceGetCount returned 0; check CUDA_VISIBLE_DEVICES)', detail: '' };
   } catch (e) {
-    // One line per test: the first line, how many places were searched and the hint; the whole message once.
-    const lines = (e as Error).message.split('\n');
-    const searched = lines.filter((l) => l.startsWith('  - ')).length;
-    const hint = lines.length > 1 && !lines.at(-1)!.startsWith('  - ') ? ` ${lines.at(-1)}` : '';
-    detail = lines.map((l) => `#   ${l}`).join('\n');
-    const first = lines[0]!.replace(/\.?\s*Searched:$/, '');
-    return `no usable GPU: ${first}${searched ? ` (searched ${searched} places; tsep doctor lists them)` : ''}.${hint}`;
+    const message = (e as Error).message;
+    if (!(e instanceof LibraryNotFoundError))
+      return { reason: `no usable GPU: ${message.split('\n')[0]}`, detail: '' };
+    const hint = message.slice(message.lastIndexOf('\n') + 1); // "Install it, or set …"
+    const where = e.searched.length ? ` (searched ${e.searched.length} places; tsep doctor lists them)` : '';
+    return { reason: `no usable GPU: Could not load ${e.library}${where}. ${hint}`, detail: indent(message) };
   }
 }
 
-/** False when a GPU is usable, else the reason to skip. */
-export const gpuSkip: string | false = probe();
+const found = probe();
 
-if (gpuSkip) process.stdout.write(`# GPU tests skipped: ${gpuSkip}\n${detail ? `${detail}\n` : ''}`);
+/** False when a GPU is usable, else the reason to skip. */
+export const gpuSkip: string | false = found ? found.reason : false;
+
+if (found)
+  process.stdout.write(`# GPU tests skipped: ${found.reason}\n${found.detail ? `${found.detail}\n` : ''}`);
 
 /** A seeded generator (mulberry32); the seed is printed so a failure can be replayed with TSEP_TEST_SEED. */
 export function seededRandom(label: string): () => number {

@@ -11,6 +11,8 @@ import { Device } from '../../src/device/context.ts';
 import { freePort, type LaunchRun, startLaunch } from '../unit/helpers/launch.ts';
 import { gpuSkip } from './gpu.ts';
 
+export { indent } from './gpu.ts';
+
 export const visibleGpus = gpuSkip ? 0 : Device.count();
 
 /** Whether ranks may share GPUs here (TSEP_TEST_SHARE_GPUS=1). */
@@ -91,13 +93,4 @@ export async function launchVirtualHosts(
     ]);
   });
   return Promise.all(runs);
-}
-
-/** Output as TAP comment lines, so node:test prints it under the test. */
-export function indent(text: string): string {
-  return text
-    .trimEnd()
-    .split('\n')
-    .map((l) => `#   ${l}`)
-    .join('\n');
 }

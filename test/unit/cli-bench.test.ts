@@ -1,11 +1,9 @@
 // `tsep bench` before it launches anything: the usage of a script, and the refusals that need no GPU.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { BENCHES, runBench } from '../../src/cli/bench.ts';
+import { tempDir } from './helpers/temp.ts';
 
 /** runBench with its messages captured and no GPU visible. */
 async function run(options: Omit<Parameters<typeof runBench>[0], 'say' | 'print'>, gpus = 0) {
@@ -38,13 +36,8 @@ describe('tsep bench', () => {
     const tooMany = await run({ name: 'low-latency', ranks: 4 }, 2);
     assert.equal(tooMany.code, 1);
     assert.match(tooMany.said, /-n 4 asks for 4 ranks, one per GPU, but only 2 GPU\(s\) are visible/);
-    const empty = mkdtempSync(join(tmpdir(), 'tsep-bench-'));
-    try {
-      const missing = await run({ name: 'soak', benchDir: empty });
-      assert.equal(missing.code, 1);
-      assert.match(missing.said, /the 'soak' benchmark does not exist yet: there is no .*soak\.ts/);
-    } finally {
-      rmSync(empty, { recursive: true, force: true });
-    }
+    const missing = await run({ name: 'soak', benchDir: tempDir('tsep-bench-') });
+    assert.equal(missing.code, 1);
+    assert.match(missing.said, /the 'soak' benchmark does not exist yet: there is no .*soak\.ts/);
   });
 });

@@ -271,9 +271,13 @@ function checkRowMetadata(inputs: RankInput[], out: RankOutcome[], sc: Scenario)
   const El = sc.numExperts / R;
   const K = sc.numTopk;
   const prefix = values(out[0]!.d.handle.rankPrefixMatrix);
+  // Each source's routing and weights, read once (not per received row).
+  const srcIdsOf = inputs.map((inp) => values(inp.topkIdx));
+  const srcWeightsOf = inputs.map((inp) => (inp.topkWeights ? values(inp.topkWeights) : undefined));
   for (let r = 0; r < R; r++) {
     const { d } = out[r]!;
     const src = values(d.handle.recvSrcIdx);
+    const recvX = values(d.recvX);
     const ids = d.recvTopkIdx ? values(d.recvTopkIdx) : undefined;
     const ws = d.recvTopkWeights ? values(d.recvTopkWeights) : undefined;
     const scales = d.recvScales ? asHost(d.recvScales) : undefined;
@@ -292,8 +296,8 @@ function checkRowMetadata(inputs: RankInput[], out: RankOutcome[], sc: Scenario)
           assert.equal(got, want, `rank ${r} row ${i} scale ${j}`);
         }
       }
-      const srcIds = inp ? values(inp.topkIdx).slice(t * K, t * K + K) : new Array<number>(K).fill(-1);
-      const srcW = inp?.topkWeights ? values(inp.topkWeights).slice(t * K, t * K + K) : undefined;
+      const srcIds = s >= 0 ? srcIdsOf[s]!.slice(t * K, t * K + K) : new Array<number>(K).fill(-1);
+      const srcW = s >= 0 ? srcWeightsOf[s]?.slice(t * K, t * K + K) : undefined;
       for (let k = 0; k < K; k++) {
         const e = srcIds[k]!;
         const local = e >= 0 && Math.floor(e / El) === r;
@@ -303,7 +307,7 @@ function checkRowMetadata(inputs: RankInput[], out: RankOutcome[], sc: Scenario)
       if (i >= total) {
         assert.equal(src[i], -1, `rank ${r} padding row ${i} source index`);
         const H = sc.hidden;
-        const x = values(d.recvX).slice(i * H, i * H + H);
+        const x = recvX.slice(i * H, i * H + H);
         assert.ok(
           x.every((v) => v === 0),
           `rank ${r} padding row ${i} of recvX is not zeros`,
