@@ -1,8 +1,11 @@
 // Diagnostic tool (bench/RESULTS.md, 2026-11-28 regression diagnosis): NVLink all-to-all between the GPUs
 // of one host in one process with peer access, as a floor for the normal mode. Build and run on the GPU
 // machine: nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/peer-bandwidth bench/tools/peer-bandwidth.cu &&
-// /tmp/peer-bandwidth [row bytes, default 7168] [only: the fan-out/metadata runs]
+// /tmp/peer-bandwidth [row bytes, default 7168] [fan: only the fan-out/metadata runs | ce: only the copy-engine runs]
 // Every GPU moves N rows of RB bytes; row i goes to GPU i % G (own GPU included), as EP dispatch does.
+// The copy-engine runs (no SMs) move the same bytes as G contiguous blocks, one cudaMemcpyAsync per
+// destination (and pieces of it), on one stream or one stream per destination, with and without a
+// 16-SM local copy kernel beside them (a combine's reduce would run there).
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -130,6 +133,12 @@ __global__ void tma_push(const char *__restrict__ src, Peers dst, int G, int me,
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// A local HBM copy on the SMs, beside the copy engines (what a reduce kernel would do meanwhile).
+__global__ void local_copy(const int4 *__restrict__ src, int4 *__restrict__ dst, size_t n, int reps) {
+  for (int r = 0; r < reps; ++r)
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) dst[i] = src[i];
+}
+
 int G;
 std::vector<cudaStream_t> st;
 std::vector<char *> srcb, dstb;
@@ -174,6 +183,66 @@ int main(int argc, char **argv) {
     fflush(stdout);
   };
   printf("G=%d RB=%d N=%d bytes/GPU=%.1f MB\n", G, RB, N, bytes / 1e6);
+  if (argc > 2 && argv[2][0] == 'c') {
+    // Streams per destination and fork/join events, per GPU; a scratch area for the SM copy beside.
+    std::vector<std::vector<cudaStream_t>> cs(G, std::vector<cudaStream_t>(G));
+    std::vector<std::vector<cudaEvent_t>> done(G, std::vector<cudaEvent_t>(G));
+    std::vector<char *> scratch(G);
+    std::vector<cudaStream_t> ks(G);  // the SM copy's own stream, so the copies do not queue behind it
+    std::vector<cudaEvent_t> kfork(G), kjoin(G);
+    const size_t sbytes = 256u << 20;
+    for (int g = 0; g < G; ++g) {
+      CK(cudaSetDevice(g));
+      for (int d = 0; d < G; ++d) {
+        CK(cudaStreamCreateWithFlags(&cs[g][d], cudaStreamNonBlocking));
+        CK(cudaEventCreateWithFlags(&done[g][d], cudaEventDisableTiming));
+      }
+      CK(cudaMalloc(&scratch[g], 2 * sbytes));
+      CK(cudaStreamCreateWithFlags(&ks[g], cudaStreamNonBlocking));
+      CK(cudaEventCreateWithFlags(&kfork[g], cudaEventDisableTiming));
+      CK(cudaEventCreateWithFlags(&kjoin[g], cudaEventDisableTiming));
+    }
+    const size_t block = bytes / G;  // bytes from each GPU to each GPU
+    for (int beside : {0, 1}) {
+      for (int multi : {0, 1}) {
+        for (int pieces : {1, 4, 16}) {
+          float ms = timeit([&](int g) {
+            if (beside) {
+              CK(cudaEventRecord(kfork[g], st[g]));
+              CK(cudaStreamWaitEvent(ks[g], kfork[g], 0));
+              local_copy<<<16, 1024, 0, ks[g]>>>((const int4 *)scratch[g], (int4 *)(scratch[g] + sbytes), sbytes / 16, 1);
+              CK(cudaEventRecord(kjoin[g], ks[g]));
+            }
+            for (int k = 0; k < G; ++k) {
+              const int d = (g + 1 + k) % G;  // peers first, in a different order on each GPU; own block last
+              cudaStream_t s = st[g];
+              if (multi) {
+                s = cs[g][d];
+                CK(cudaEventRecord(done[g][d], st[g]));
+                CK(cudaStreamWaitEvent(s, done[g][d], 0));
+              }
+              const size_t piece = block / pieces;
+              for (int p = 0; p < pieces; ++p)
+                CK(cudaMemcpyAsync(dstb[d] + (size_t)g * bytes + d * block + p * piece, srcb[g] + d * block + p * piece,
+                                   p + 1 == pieces ? block - p * piece : piece, cudaMemcpyDeviceToDevice, s));
+              if (multi) {
+                CK(cudaEventRecord(done[g][d], s));
+                CK(cudaStreamWaitEvent(st[g], done[g][d], 0));
+              }
+            }
+            if (beside) CK(cudaStreamWaitEvent(st[g], kjoin[g], 0));
+          });
+          printf("ce %s pieces %2d%s  %8.1f us  egress %6.1f GB/s  logical %6.1f GB/s\n", multi ? "stream/dest" : "one stream ",
+                 pieces, beside ? " + 16-SM local copy" : "", ms * 1e3, remote / ms / 1e6, bytes / ms / 1e6);
+          fflush(stdout);
+        }
+      }
+    }
+    // The SM copy alone, for the "beside" rows.
+    float ms = timeit([&](int g) { local_copy<<<16, 1024, 0, st[g]>>>((const int4 *)scratch[g], (int4 *)(scratch[g] + sbytes), sbytes / 16, 1); });
+    printf("16-SM local copy of %zu MB alone: %.1f us\n", sbytes >> 20, ms * 1e3);
+    return 0;
+  }
   const size_t moff = bytes * G;
   for (int sms : {16, 24, 48}) {
     for (int fan : {1, 3}) for (int meta : {0, 1}) {
