@@ -71,7 +71,8 @@ struct Ctrl {
   int abort;                   // private: set by the first timed-out wait; every kernel then stops (tsep::Fail)
   u32 dispatch_seq;            // private: dispatches so far (tags the chunk words of the current one)
   u32 combine_seq;             // private: combines so far
-  int pad[20];
+  int combine_chunks_from[8][2];  // [expert rank][combine seq & 1]: chunks that rank cuts its rows for me into
+  int pad[4];
   int count_matrix[8][8];      // [src][dst] tokens src sends to dst, written by src into every rank
   int expert_counts[8][1024];  // [src][local expert] tokens src sends to each of this rank's experts
 };
@@ -178,6 +179,9 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
     }
     *recv_count = total;
     host[1] = total;
+    // Rows from each source (the copy-engine combine sizes its copies with them), after the experts.
+    for (int src = 0; src < R; ++src)
+      host[2 + EL + src] = rank_prefix[src * R + me] - (src > 0 ? rank_prefix[(src - 1) * R + me] : 0);
     ++mine->dispatch_seq;
   }
   for (int e = threadIdx.x; e < EL; e += blockDim.x) {
@@ -192,12 +196,21 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
 
 // A cached dispatch or a combine starts with this: every rank has finished with its buffer's data areas
 // (stream order puts the previous receive or reduce before it), so peers may write into them.
-extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, u64 timeout_ns, tsep::ErrorRecord *err,
-                                        int *abort) {
+// A combine's (which = 1) also tells every owner how many chunks this rank cuts the rows it returns into
+// (`chunks`: the SM send's count, or the copy engines' pieces), in the slot of this combine's sequence
+// number: the owner's reduce reads it after the barrier, and the slot is rewritten only two combines later,
+// after the owner has passed the next barrier (its reduce is done).
+extern "C" __global__ void tsep_prepare(const u64 *peers, int me, int which, int chunks, u64 timeout_ns,
+                                        tsep::ErrorRecord *err, int *abort) {
   const tsep::Fail fail{err, abort};
   if (threadIdx.x != 0) return;
-  if (tsep::aborted(fail) || !barrier_all(peers, me, timeout_ns, fail, KERNEL_BARRIER)) return;
+  if (tsep::aborted(fail)) return;
   Ctrl *mine = ctrl_of(peers, me);
+  if (which == 1) {
+    const u32 next = mine->combine_seq + 1;
+    for (int p = 0; p < R; ++p) tsep::st_relaxed_sys(&ctrl_of(peers, p)->combine_chunks_from[me][next & 1], chunks);
+  }
+  if (!barrier_all(peers, me, timeout_ns, fail, KERNEL_BARRIER)) return;
   if (which == 0) ++mine->dispatch_seq;
   else ++mine->combine_seq;
 }
@@ -389,16 +402,16 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
 }
 
 // ------------------------------------------------------------------------------------------ combine
-// Expert side: row i of x came from source rank s (the block of the rank prefix column it falls in) and
-// was that rank's token src_idx[i]; it goes back to rank s's buffer at [me][token]. Warps take (chunk,
+// Expert side: row q of the block of x that came from source rank s (the rank prefix column's block) goes
+// back to rank s's stage at [me][q], where s finds its token t at q = send_pos[t][me]. Warps take (chunk,
 // source) items, chunk-major so every link carries traffic at once and every owner's tokens arrive in
 // order; a chunk is per_chunk(rows from that source, num_chunks) consecutive rows of one source's block,
-// announced when written (empty chunks are not: nobody waits for them).
+// announced when written (empty chunks are not: nobody waits for them). The copy-engine combine moves the
+// same blocks with the host's copies instead (src/ep/gpu/normal.ts).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
-                                                                   const int *src_idx, const int *rank_prefix,
-                                                                   const float *weights, Areas areas,
-                                                                   int num_chunks, tsep::ErrorRecord *err,
-                                                                   int *abort) {
+                                                                   const int *rank_prefix, const float *weights,
+                                                                   Areas areas, int num_chunks,
+                                                                   tsep::ErrorRecord *err, int *abort) {
   if (warp_aborted(tsep::Fail{err, abort})) return;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
@@ -413,8 +426,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
     u8 *base = reinterpret_cast<u8 *>(peers[s]);
     for (int q = k * chunk_tokens; q < k1; ++q) {
       const int i = start + q;
-      const int t = src_idx[i];
-      const size_t slot = (size_t)me * TSEP_TMAX + t;
+      const size_t slot = (size_t)me * TSEP_TMAX + q;
       int4 *const dst[1] = {reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES)};
       copy_row(reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES), dst, lane);
 #if TSEP_WEIGHTS
@@ -430,28 +442,32 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
 }
 
 // Owner side: one warp per token; out = bf16(bias0 + bias1 + Σ_{ranks r, ascending} row[r][t]) in float32.
-// NVLink (areas.combine_chunks set, `row_base` null): the row of token t from rank r is stage row
-// r·T_max + t, put there by combine_send; the warp first waits for the chunk holding it, chunk
-// send_pos[t][r] / per_chunk(rows this rank sent to r, num_chunks) (a warp's tokens ascend, so it waits
-// once per new chunk). NCCL:
-// row_base[r] + send_pos[t][r] (rank r's rows arrived as one block in token order, before this kernel).
+// The row of token t from rank r is stage row row_base(r) + send_pos[t][r]: rank r returns the rows of
+// this rank's block in order. NVLink (areas.combine_chunks set, `row_base` null): row_base(r) = r·T_max,
+// and the warp first waits for the chunk holding the row, chunk send_pos[t][r] / per_chunk(rows this rank
+// sent to r, chunks rank r cut them into: its combine_chunks_from entry) (a warp's tokens ascend, so it
+// waits once per new chunk). NCCL: row_base[r] (rank r's block arrived whole, before this kernel).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
                                                                      const u8 *in_rank, const u16 *bias0,
                                                                      const u16 *bias1, u16 *out, float *out_weights,
                                                                      const int *send_pos, const int *row_base,
-                                                                     const int *rank_prefix, Areas areas, int num_chunks,
+                                                                     const int *rank_prefix, Areas areas,
                                                                      u64 timeout_ns, tsep::ErrorRecord *err,
                                                                      int *abort) {
   const tsep::Fail fail{err, abort};
   if (warp_aborted(fail)) return;
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
   const bool wait = areas.combine_chunks != 0;
+  const Ctrl *mine = ctrl_of(peers, me);
+  const u32 seq = wait ? (u32)tsep::ld_volatile((const int *)&mine->combine_seq) : 0u;
   int chunk_rows[R];  // rows per chunk of what this rank sent to rank r, as rank r cut them
+  int num_chunks[R];  // chunks rank r cut them into (the stride of its words)
 #pragma unroll
-  for (int r = 0; r < R; ++r)
-    chunk_rows[r] = wait ? per_chunk(rank_prefix[me * R + r] - (me > 0 ? rank_prefix[(me - 1) * R + r] : 0), num_chunks)
+  for (int r = 0; r < R; ++r) {
+    num_chunks[r] = wait ? max(1, tsep::ld_volatile(&mine->combine_chunks_from[r][seq & 1])) : 1;
+    chunk_rows[r] = wait ? per_chunk(rank_prefix[me * R + r] - (me > 0 ? rank_prefix[(me - 1) * R + r] : 0), num_chunks[r])
                          : 1;
-  const u32 seq = wait ? (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq) : 0u;
+  }
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.combine_chunks);
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
@@ -467,13 +483,13 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
     for (int r = 0; r < R; ++r) {
       mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
       const int pos = send_pos[(size_t)t * R + r];
-      stage_row[r] = row_base != nullptr ? (size_t)row_base[r] + pos : (size_t)r * TSEP_TMAX + t;
+      stage_row[r] = (row_base != nullptr ? (size_t)row_base[r] : (size_t)r * TSEP_TMAX) + pos;
       if (wait && ((mask >> r) & 1) && pos >= 0 && pos / chunk_rows[r] != seen[r]) {
         seen[r] = pos / chunk_rows[r];
         int ok = 1;
         u64 word;
         if (lane == 0)
-          ok = tsep::wait_tag(words + (size_t)r * num_chunks + seen[r], seq, COMBINE_TAG_BITS, &word, timeout_ns, fail,
+          ok = tsep::wait_tag(words + (size_t)r * num_chunks[r] + seen[r], seq, COMBINE_TAG_BITS, &word, timeout_ns, fail,
                               me, KERNEL_REDUCE, seen[r], r);
         if (!__shfl_sync(0xffffffffu, ok, 0)) return;
         __syncwarp();  // orders the other lanes' reads of the rows after lane 0's acquire

@@ -562,7 +562,6 @@ export class NcclNormalPath {
       sendPos: h.sendPos.ptr,
       rowBase: h.sendOffsets.ptr,
       rankPrefix: 0n, // no chunk waits: the stage has no chunk words (the rows came with NCCL)
-      numChunks: 0,
       areas: this.stageAreas,
       timeoutNs: this.timeoutNs,
       fail: this.fail,

@@ -70,6 +70,17 @@ export function smShares(): { recvPct: number; reducePct: number } {
   };
 }
 
+/**
+ * The combine's transfer: 0 (default) = the SM send kernel; P > 0 = the copy engines, each source's
+ * block of rows in P copies (each followed by its chunk word), so no SM sends and the reduce gets all of
+ * numSms (TSEP_NORMAL_COMBINE_PIECES, at most the combine chunk count). Exact-size handles only: a
+ * worst-case handle's counts are on the device, and its combine uses the send kernel. Owners learn each
+ * expert rank's choice on the device, so ranks need not agree.
+ */
+export function combinePieces(chunks: ChunkCounts): number {
+  return Math.min(intSetting('TSEP_NORMAL_COMBINE_PIECES', 0, 0, 1024), chunks.combine);
+}
+
 /** Threads and tokens per tile of the layout kernel (passed to kernels/layout.cu as defines). */
 const LAYOUT_THREADS = 256;
 const LAYOUT_TILE = 32;
@@ -325,13 +336,24 @@ export class NormalKernels {
       ]);
   }
 
+  /**
+   * The barrier before a cached dispatch (`which` 0) or a combine (1); a combine first tells every owner
+   * the number of chunks (`chunks`) this rank cuts the rows it returns into.
+   */
   prepare(
     stream: Stream,
-    a: { peers: bigint; me: number; which: 0 | 1; timeoutNs: bigint; fail: FailArgs },
+    a: { peers: bigint; me: number; which: 0 | 1; chunks: number; timeoutNs: bigint; fail: FailArgs },
   ): void {
     this.mod
-      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'u64', ...FAIL_KINDS])
-      .launch({ grid: 1, block: 32, stream }, [a.peers, a.me, a.which, a.timeoutNs, ...failArgs(a.fail)]);
+      .kernel('tsep_prepare', ['ptr', 'i32', 'i32', 'i32', 'u64', ...FAIL_KINDS])
+      .launch({ grid: 1, block: 32, stream }, [
+        a.peers,
+        a.me,
+        a.which,
+        a.chunks,
+        a.timeoutNs,
+        ...failArgs(a.fail),
+      ]);
   }
 
   /**
@@ -447,7 +469,6 @@ export class NormalKernels {
       peers: bigint;
       me: number;
       x: bigint;
-      srcIdx: bigint;
       rankPrefix: bigint;
       weights: bigint;
       areas: NormalAreas;
@@ -456,22 +477,11 @@ export class NormalKernels {
     },
   ): void {
     this.mod
-      .kernel('tsep_combine_send', [
-        'ptr',
-        'i32',
-        'ptr',
-        'ptr',
-        'ptr',
-        'ptr',
-        ...AREA_KINDS,
-        'i32',
-        ...FAIL_KINDS,
-      ])
+      .kernel('tsep_combine_send', ['ptr', 'i32', 'ptr', 'ptr', 'ptr', ...AREA_KINDS, 'i32', ...FAIL_KINDS])
       .launch({ grid: blocks, block: SEND_THREADS, stream }, [
         a.peers,
         a.me,
         a.x,
-        a.srcIdx,
         a.rankPrefix,
         a.weights,
         ...areaArgs(a.areas),
@@ -481,8 +491,9 @@ export class NormalKernels {
   }
 
   /**
-   * `rowBase` 0n (NVLink): stage row r·T_max + t, waiting for the chunk of rank r that holds it (rows per
-   * chunk from `rankPrefix`); else rowBase[r] + sendPos[t][r] (NCCL: the rows are all there).
+   * Token t's row from rank r is stage row base(r) + sendPos[t][r]. `rowBase` 0n (NVLink): base(r) =
+   * r·T_max, waiting for the chunk of rank r that holds the row (rows per chunk from `rankPrefix` and the
+   * chunk count rank r published in its prepare); else base(r) = rowBase[r] (NCCL: the rows are all there).
    */
   reduce(
     stream: Stream,
@@ -499,7 +510,6 @@ export class NormalKernels {
       rowBase: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
-      numChunks: number;
       timeoutNs: bigint;
       fail: FailArgs;
     },
@@ -518,7 +528,6 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
-        'i32',
         'u64',
         ...FAIL_KINDS,
       ])
@@ -535,7 +544,6 @@ export class NormalKernels {
         a.rowBase,
         a.rankPrefix,
         ...areaArgs(a.areas),
-        a.numChunks,
         a.timeoutNs,
         ...failArgs(a.fail),
       ]);

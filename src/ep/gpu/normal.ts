@@ -10,6 +10,7 @@
 // then waits for it. Calls are serialized on the host, in call order, like the stream they use.
 
 import { DeviceTensor } from '../../device/device-tensor.ts';
+import { DeviceBuffer } from '../../device/memory.ts';
 import { pollUntil } from '../../device/poll.ts';
 import { Event, Stream } from '../../device/stream.ts';
 import { SymmetricBuffer } from '../../dist/symmetric.ts';
@@ -27,6 +28,7 @@ import { clearDeviceError, deviceTimeoutNs, hostWaitMs, throwIfDeviceError } fro
 import {
   CallQueue,
   chunkCounts,
+  combinePieces,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
@@ -60,6 +62,8 @@ export interface GpuDispatchHandle extends DispatchHandle {
   readonly sendPos: DeviceTensor;
   /** [1] i32: rows actually received (≤ numRecvRows in worst-case mode). */
   readonly recvCount: DeviceTensor;
+  /** Exact-size dispatch: rows received from each rank, known on the host (the copy-engine combine's sizes). */
+  readonly recvPerSource?: readonly number[];
 }
 
 /** Checks shared by both transports: ranks and local experts the control block and kernels support. */
@@ -104,7 +108,18 @@ export class NormalPath {
   private readonly recvStream: Stream;
   private readonly forkEvent: Event;
   private readonly joinEvent: Event;
+  /**
+   * Copy-engine combine (TSEP_NORMAL_COMBINE_PIECES > 0): pieces per source block, one stream per
+   * destination rank (copies to different ranks run at once) and the events that join them back.
+   */
+  private readonly pieces: number;
+  private readonly copyStreams: Stream[] = [];
+  private readonly copyJoins: Event[] = [];
   private seq = 0;
+  /** Combines since the last reset(): the device's combine sequence number, which tags the chunk words. */
+  private combineSeq = 0;
+  /** Combines whose rows went over the copy engines (diagnostics and tests). */
+  copyEngineCombines = 0;
   /**
    * SMs (blocks) a dispatch or a combine uses, its send kernel and the receive or reduce kernel beside it
    * together (see split()); the same on every rank.
@@ -133,6 +148,13 @@ export class NormalPath {
     this.recvStream = Stream.create(rt.device, { priority: 'high' });
     this.forkEvent = Event.create(rt.device);
     this.joinEvent = Event.create(rt.device);
+    this.pieces = combinePieces(numChunks);
+    if (this.pieces > 0) {
+      for (let r = 0; r < rt.group.size; r++) {
+        this.copyStreams.push(Stream.create(rt.device, { priority: 'high' }));
+        this.copyJoins.push(Event.create(rt.device));
+      }
+    }
   }
 
   /** Makes the receive stream wait for the work enqueued on the call's stream so far. */
@@ -228,6 +250,7 @@ export class NormalPath {
       await this.rt.group.barrier();
       this.sym.local.fill(0, this.rt.stream, 0, this.areas.x);
       await this.rt.stream.synchronize();
+      this.combineSeq = 0;
       clearDeviceError(this.sym.signal, ERROR_RECORD);
       await this.rt.group.barrier();
     });
@@ -268,6 +291,7 @@ export class NormalPath {
     let isTokenInRank: DeviceTensor;
     let rows: number;
     let perExpert: number[];
+    let recvPerSource: number[] | undefined;
     const fresh = req.kind === 'fresh';
     // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile. The
     // receive stream forks here: its kernel may start once notify or prepare has run.
@@ -329,6 +353,7 @@ export class NormalPath {
         );
         rows = Atomics.load(sig, SIGNAL_ROWS);
         perExpert = Array.from(sig.subarray(SIGNAL_EXPERTS, SIGNAL_EXPERTS + this.EL));
+        recvPerSource = Array.from(sig.subarray(SIGNAL_EXPERTS + this.EL, SIGNAL_EXPERTS + this.EL + R));
       }
     } else {
       const h = req.handle as GpuDispatchHandle;
@@ -342,6 +367,7 @@ export class NormalPath {
         peers: this.peers,
         me: this.me,
         which: 0,
+        chunks: 0,
         timeoutNs: this.timeoutNs,
         fail: this.fail,
       });
@@ -381,6 +407,7 @@ export class NormalPath {
       recvSrcIdx,
       sendPos,
       recvCount,
+      ...(recvPerSource ? { recvPerSource } : {}),
       // The layout's isTokenInRank stays the caller's; the rest was allocated for this handle.
       dispose: () => {
         for (const t of [rankPrefix, recvSrcIdx, sendPos, recvCount]) t.dispose();
@@ -408,7 +435,6 @@ export class NormalPath {
     const x = rt.onDevice('x', req.x);
     const weights = req.topkWeights ? rt.onDevice('topkWeights', req.topkWeights) : undefined;
     const bias = req.bias.map((b, i) => rt.onDevice(`bias[${i}]`, b));
-    const recvSrcIdx = rt.onDevice('handle.recvSrcIdx', h.recvSrcIdx);
     const rankPrefix = rt.onDevice('handle.rankPrefixMatrix', h.rankPrefixMatrix);
     const isTokenInRank = rt.onDevice('handle.isTokenInRank', h.isTokenInRank);
     const K = weights ? weights.shape[1]! : 0;
@@ -422,33 +448,41 @@ export class NormalPath {
     const T = h.numTokens;
     const stream = rt.stream;
     const G = this.split(this.shares.reducePct);
+    // Copy engines only where the host knows every block's size (an exact-size handle).
+    const perSource = this.pieces > 0 ? h.recvPerSource : undefined;
+    const seq = ++this.combineSeq;
     rt.after(req.previousEvent);
     rt.markStart();
     kernels.prepare(stream, {
       peers: this.peers,
       me: this.me,
       which: 1,
+      chunks: perSource ? this.pieces : this.numChunks.combine,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
     rt.mark('barrier');
     // The reduce runs beside the sends, on the receive stream, summing each token once its rows are in.
     this.fork();
-    kernels.combineSend(stream, G.send, {
-      peers: this.peers,
-      me: this.me,
-      x: x.ptr,
-      srcIdx: recvSrcIdx.ptr,
-      rankPrefix: rankPrefix.ptr,
-      weights: weights?.ptr ?? 0n,
-      areas: this.areas,
-      numChunks: this.numChunks.combine,
-      fail: this.fail,
-    });
-    rt.mark('combine send');
+    if (perSource) {
+      this.copyBlocks(x, weights, perSource, seq);
+      this.copyEngineCombines++;
+    } else {
+      kernels.combineSend(stream, G.send, {
+        peers: this.peers,
+        me: this.me,
+        x: x.ptr,
+        rankPrefix: rankPrefix.ptr,
+        weights: weights?.ptr ?? 0n,
+        areas: this.areas,
+        numChunks: this.numChunks.combine,
+        fail: this.fail,
+      });
+    }
+    rt.mark(perSource ? 'copies' : 'combine send');
     const combinedX = DeviceTensor.emptyOn('bf16', [T, rt.options.hidden], this.recvStream, stream);
     const combinedW = weights ? DeviceTensor.emptyOn('f32', [T, K], this.recvStream, stream) : undefined;
-    kernels.reduce(this.recvStream, G.recv, {
+    kernels.reduce(this.recvStream, perSource ? G.send + G.recv : G.recv, {
       peers: this.peers,
       me: this.me,
       T,
@@ -460,7 +494,6 @@ export class NormalPath {
       rowBase: 0n,
       rankPrefix: rankPrefix.ptr,
       areas: this.areas,
-      numChunks: this.numChunks.combine,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
@@ -473,11 +506,71 @@ export class NormalPath {
     };
   }
 
+  /**
+   * The copy-engine combine's transfer, after prepare (the fork event marks it): the block of x that came
+   * from rank s goes back to s's stage at [me][0..), in `pieces` copies on s's copy stream, each followed by
+   * the chunk word s's reduce waits for (a stream write: the driver fences before it, so the rows are there
+   * when s sees the word); weights ride along in the same pieces.
+   */
+  private copyBlocks(
+    x: DeviceTensor,
+    weights: DeviceTensor | undefined,
+    perSource: readonly number[],
+    seq: number,
+  ) {
+    const R = this.R;
+    const me = this.me;
+    const T = this.rt.options.maxTokensPerRank;
+    const rowBytes = 2 * this.rt.options.hidden;
+    const K = weights ? weights.shape[1]! : 0;
+    const tag = BigInt(seq >>> 0) << 32n;
+    const starts = perSource.map((_, s) => perSource.slice(0, s).reduce((a, b) => a + b, 0));
+    for (let k = 1; k <= R; k++) {
+      const s = (me + k) % R; // peers first, each rank starting at its next one; its own block last
+      const count = perSource[s]!;
+      if (count === 0) continue; // s sent this rank nothing, so waits for nothing from it
+      const on = this.copyStreams[s]!;
+      on.waitEvent(this.forkEvent);
+      const peer = this.sym.peers[s]!;
+      const perPiece = Math.max(1, Math.ceil(count / this.pieces));
+      for (let p = 0, q = 0; q < count; p++, q += perPiece) {
+        const n = Math.min(perPiece, count - q);
+        const row = BigInt(me * T + q);
+        const from = BigInt(starts[s]! + q);
+        DeviceBuffer.copyAsync(
+          peer + BigInt(this.areas.x) + row * BigInt(rowBytes),
+          x.ptr + from * BigInt(rowBytes),
+          n * rowBytes,
+          on,
+        );
+        if (weights) {
+          DeviceBuffer.copyAsync(
+            peer + BigInt(this.areas.weights) + row * BigInt(4 * K),
+            weights.ptr + from * BigInt(4 * K),
+            n * 4 * K,
+            on,
+          );
+        }
+        on.writeValue64(peer + BigInt(this.areas.combineChunks) + BigInt(8 * (me * this.pieces + p)), tag);
+      }
+      this.copyJoins[s]!.record(on);
+      this.rt.stream.waitEvent(this.copyJoins[s]!);
+    }
+  }
+
   async destroy(): Promise<void> {
     await this.queue.idle();
     await this.rt.stream.synchronize();
     await this.recvStream.synchronize();
-    for (const r of [this.forkEvent, this.joinEvent, this.recvStream, this.layoutKernels.scratch])
+    for (const s of this.copyStreams) await s.synchronize();
+    for (const r of [
+      this.forkEvent,
+      this.joinEvent,
+      this.recvStream,
+      this.layoutKernels.scratch,
+      ...this.copyStreams,
+      ...this.copyJoins,
+    ])
       r.dispose();
     await this.sym.destroy();
   }
