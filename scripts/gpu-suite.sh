@@ -5,6 +5,8 @@
 #   scripts/device.sh run -- scripts/gpu-suite.sh tests3       2 virtual hosts × 2 ranks (needs 4 GPUs)
 #   scripts/device.sh run -- scripts/gpu-suite.sh benches      normal (NVLink + NCCL-transport columns, per-
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
+#   scripts/device.sh run -- scripts/gpu-suite.sh copy-engines the copy engines' all-to-all (bench/tools/peer-bandwidth.cu)
+#                                                               and bench normal with the copy-engine combine, P = 0, 4, 16
 #   scripts/device.sh run -- scripts/gpu-suite.sh soak         soak (10,000 iterations, alternating modes)
 #   scripts/device.sh run -- scripts/gpu-suite.sh sanitize     compute-sanitizer memcheck and racecheck, 2 ranks
 #   scripts/device.sh run -- scripts/gpu-suite.sh shared       one-GPU machine: the multi-rank tests with ranks
@@ -57,6 +59,15 @@ case "${1:-}" in
     done
     step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
     ;;
+  copy-engines)
+    step peer-bandwidth-ce 150 bash -c "nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/peer-bandwidth bench/tools/peer-bandwidth.cu && /tmp/peer-bandwidth 14336 ce"
+    grep -E "^(ce|16-SM|G=)" "$out/peer-bandwidth-ce.log"
+    for p in 0 4 16; do
+      step "bench-normal-pieces-$p" 120 env TSEP_PROFILE=1 TSEP_NORMAL_COMBINE_PIECES="$p" \
+        TSEP_BENCH_OUT="$out/normal-pieces-$p.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 110 -- \
+        --sms 24,32 --iters 20 --no-nccl-transport
+    done
+    ;;
   soak)
     # 10,000 iterations took 180 s on x4 (2026-11-28, run 8); the limit leaves room for slower machines.
     step soak 585 env TSEP_BENCH_OUT="$out/soak.json" node src/cli/main.ts bench soak -n "$gpus" --timeout 575
@@ -74,7 +85,7 @@ case "${1:-}" in
     step virtual-hosts 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
     ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests2|tests3|benches|soak|sanitize|shared" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests2|tests3|benches|copy-engines|soak|sanitize|shared" >&2
     exit 2
     ;;
 esac
