@@ -81,6 +81,15 @@ struct Areas {  // byte offsets of the data areas inside every buffer
   u64 x, scales, src_idx, topk, weights, chunks, combine_chunks;
 };
 
+// This rank's dispatch outputs (row-major like the buffer's areas; a null area is not written), when the
+// send may write its own rows there itself (x non-null): they skip the buffer and the receive's copy.
+struct Own {
+  u8 *x, *scales;
+  int *src_idx;
+  idx_t *topk;
+  float *weights;
+};
+
 // A dispatch chunk's word, written by the sender into every receiver's chunks area at [sender][chunk]:
 // bits 40..63 the dispatch sequence number, 20..39 the first and 0..19 one past the last row position
 // (within the sender's block) the chunk's tokens took at that receiver. Every chunk is announced every
@@ -243,12 +252,13 @@ __device__ __forceinline__ void copy_row(const int4 *src, int4 *const (&dst)[N],
 // Warps take chunks of C = per_chunk(T, num_chunks) tokens (chunk c = tokens [c·C, c·C + C)); each token's row is read once
 // and stored to every destination rank's buffer. With `chunks_off` non-zero, a chunk's warp then tells
 // every receiver which rows the chunk filled there (chunk_word, tagged with this dispatch's sequence
-// number); every chunk in [0, num_chunks) is announced, empty or not. The NCCL transport packs with the
-// same kernel (its "peers" are staging regions) and passes chunks_off = 0.
+// number); every chunk in [0, num_chunks) is announced, empty or not. With `own.x` set, rows for this
+// rank go straight into its outputs (same row numbers as in the buffer) instead of the buffer. The NCCL
+// transport packs with the same kernel (its "peers" are staging regions) and passes chunks_off = 0.
 extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
     const u64 *peers, int me, int num_tokens, const u8 *x, const u8 *scales, long long scale_s0,
     long long scale_s1, const idx_t *topk, const float *weights, const int *send_pos, const int *rank_prefix,
-    Areas areas, int num_chunks, tsep::ErrorRecord *err, int *abort) {
+    Areas areas, Own own, int num_chunks, tsep::ErrorRecord *err, int *abort) {
   const tsep::Fail fail{err, abort};
   // After a timed-out notify the prefix matrix was never written: send nothing (peers time out too).
   if (warp_aborted(fail)) return;
@@ -281,27 +291,34 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
       if (n == 0) continue;
       int4 *dst[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        dst[r] = row[r] < 0 ? nullptr : reinterpret_cast<int4 *>(dst_base[r] + areas.x + (size_t)row[r] * ROW_BYTES);
+      for (int r = 0; r < R; ++r) {
+        const bool direct = r == me && own.x != nullptr;
+        u8 *rows_at = direct ? own.x : dst_base[r] + areas.x;
+        dst[r] = row[r] < 0 ? nullptr : reinterpret_cast<int4 *>(rows_at + (size_t)row[r] * ROW_BYTES);
+      }
       copy_row(reinterpret_cast<const int4 *>(x + (size_t)t * ROW_BYTES), dst, lane);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (row[r] < 0) continue;
+        const bool direct = r == me && own.x != nullptr;
 #if TSEP_SW > 0
+        int *sc = direct ? reinterpret_cast<int *>(own.scales) : reinterpret_cast<int *>(dst_base[r] + areas.scales);
         for (int j = lane; j < TSEP_SW; j += 32) {
           const int w = *reinterpret_cast<const int *>(scales + 4 * ((long long)t * scale_s0 + (long long)j * scale_s1));
-          reinterpret_cast<int *>(dst_base[r] + areas.scales)[(size_t)row[r] * TSEP_SW + j] = w;
+          sc[(size_t)row[r] * TSEP_SW + j] = w;
         }
 #endif
-        if (lane == 0) reinterpret_cast<int *>(dst_base[r] + areas.src_idx)[row[r]] = t;
+        int *si = direct ? own.src_idx : reinterpret_cast<int *>(dst_base[r] + areas.src_idx);
+        if (lane == 0 && si != nullptr) si[row[r]] = t;
 #if TSEP_K > 0
-        if (lane < K) {
+        idx_t *tk = direct ? own.topk : reinterpret_cast<idx_t *>(dst_base[r] + areas.topk);
+        if (lane < K && tk != nullptr) {
           const long long e = topk[(size_t)t * K + lane];
           const bool local = e >= 0 && e / EL == r;
-          reinterpret_cast<idx_t *>(dst_base[r] + areas.topk)[(size_t)row[r] * K + lane] = local ? (idx_t)(e - r * EL) : (idx_t)-1;
+          tk[(size_t)row[r] * K + lane] = local ? (idx_t)(e - r * EL) : (idx_t)-1;
 #if TSEP_WEIGHTS
-          reinterpret_cast<float *>(dst_base[r] + areas.weights)[(size_t)row[r] * K + lane] =
-              local ? weights[(size_t)t * K + lane] : 0.0f;
+          float *wt = direct ? own.weights : reinterpret_cast<float *>(dst_base[r] + areas.weights);
+          if (wt != nullptr) wt[(size_t)row[r] * K + lane] = local ? weights[(size_t)t * K + lane] : 0.0f;
 #endif
         }
 #endif
@@ -347,11 +364,12 @@ __device__ __forceinline__ void warp_copy_words(u32 *dst, const u32 *src, size_t
 // Receiver, concurrent with the send kernels: warps take (chunk, source) items in the order senders
 // produce them, wait for the chunk's word, then copy its rows (already in final order) from the buffer
 // into the outputs (rows [N, rows) of a worst-case output were filled by the host's memsets before this
-// kernel). `out_src_idx` is null for a cached dispatch (the handle keeps its copy).
+// kernel). `out_src_idx` is null for a cached dispatch (the handle keeps its copy). With `own_direct`
+// this rank's own rows are in the outputs already (the send wrote them there): only peers' are copied.
 extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
     const u64 *peers, int me, const int *rank_prefix, const int *recv_count, int rows, u8 *out_x, u8 *out_scales,
-    int *out_src_idx, idx_t *out_topk, float *out_weights, Areas areas, int num_chunks, u64 timeout_ns,
-    tsep::ErrorRecord *err, int *abort) {
+    int *out_src_idx, idx_t *out_topk, float *out_weights, Areas areas, int own_direct, int num_chunks,
+    u64 timeout_ns, tsep::ErrorRecord *err, int *abort) {
   const tsep::Fail fail{err, abort};
   if (warp_aborted(fail)) return;
   Ctrl *mine = ctrl_of(peers, me);
@@ -361,8 +379,10 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.chunks);
-  for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < num_chunks * R; j += warps) {
-    const int c = j / R, s = j % R;
+  // Items (chunk, source), chunk-major; with own_direct this rank's own source is left out.
+  const int srcs = own_direct ? R - 1 : R;
+  for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < num_chunks * srcs; j += warps) {
+    const int c = j / srcs, s = own_direct ? (me + 1 + j % srcs) % R : j % R;
     u64 word = 0;
     int ok = 1;
     if (lane == 0)
@@ -406,8 +426,9 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
 // back to rank s's stage at [me][q], where s finds its token t at q = send_pos[t][me]. Warps take (chunk,
 // source) items, chunk-major so every link carries traffic at once and every owner's tokens arrive in
 // order; a chunk is per_chunk(rows from that source, num_chunks) consecutive rows of one source's block,
-// announced when written (empty chunks are not: nobody waits for them). The copy-engine combine moves the
-// same blocks with the host's copies instead (src/ep/gpu/normal.ts).
+// announced when written (empty chunks are not: nobody waits for them). The block from this rank itself
+// stays where it is (the reduce reads it in x). The copy-engine combine moves the same blocks with the
+// host's copies instead (src/ep/gpu/normal.ts).
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *peers, int me, const u8 *x,
                                                                    const int *rank_prefix, const float *weights,
                                                                    Areas areas, int num_chunks,
@@ -418,6 +439,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
   const u32 seq = (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq);
   for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < R * num_chunks; j += warps) {
     const int s = j % R, k = j / R;
+    if (s == me) continue;  // this rank's own rows: its reduce reads them in x itself
     const int start = s > 0 ? rank_prefix[(s - 1) * R + me] : 0;
     const int count = rank_prefix[s * R + me] - start;
     const int chunk_tokens = per_chunk(count, num_chunks);
@@ -447,11 +469,14 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
 // and the warp first waits for the chunk holding the row, chunk send_pos[t][r] / per_chunk(rows this rank
 // sent to r, chunks rank r cut them into: its combine_chunks_from entry) (a warp's tokens ascend, so it
 // waits once per new chunk). NCCL: row_base[r] (rank r's block arrived whole, before this kernel).
+// With `own_x` (NVLink), the rows this rank returns to itself are read where they are: row
+// own_start + send_pos[t][me] of own_x (the combine's input; weights in own_weights), no wait.
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
                                                                      const u8 *in_rank, const u16 *bias0,
                                                                      const u16 *bias1, u16 *out, float *out_weights,
                                                                      const int *send_pos, const int *row_base,
                                                                      const int *rank_prefix, Areas areas,
+                                                                     const u8 *own_x, const float *own_weights,
                                                                      u64 timeout_ns, tsep::ErrorRecord *err,
                                                                      int *abort) {
   const tsep::Fail fail{err, abort};
@@ -469,6 +494,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
                          : 1;
   }
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.combine_chunks);
+  const int own_start = own_x != nullptr && me > 0 ? rank_prefix[(me - 1) * R + me] : 0;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   constexpr int HV = H / 8;  // 8 bf16 per 16-byte vector
@@ -478,12 +504,21 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
   for (int r = 0; r < R; ++r) seen[r] = -1;
   for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < num_tokens; t += warps) {
     unsigned mask = 0;
-    size_t stage_row[R];
+    const uint4 *row_at[R];  // token t's row from rank r
+    [[maybe_unused]] const float *weights_at[R];  // read only with TSEP_WEIGHTS
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       mask |= (unsigned)in_rank[(size_t)t * R + r] << r;
       const int pos = send_pos[(size_t)t * R + r];
-      stage_row[r] = (row_base != nullptr ? (size_t)row_base[r] : (size_t)r * TSEP_TMAX) + pos;
+      if (r == me && own_x != nullptr) {
+        const size_t i = (size_t)own_start + pos;
+        row_at[r] = reinterpret_cast<const uint4 *>(own_x + i * ROW_BYTES);
+        weights_at[r] = own_weights + i * K;
+        continue;
+      }
+      const size_t stage_row = (row_base != nullptr ? (size_t)row_base[r] : (size_t)r * TSEP_TMAX) + pos;
+      row_at[r] = reinterpret_cast<const uint4 *>(base + areas.x + stage_row * ROW_BYTES);
+      weights_at[r] = reinterpret_cast<const float *>(base + areas.weights) + stage_row * K;
       if (wait && ((mask >> r) & 1) && pos >= 0 && pos / chunk_rows[r] != seen[r]) {
         seen[r] = pos / chunk_rows[r];
         int ok = 1;
@@ -506,7 +541,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
 #pragma unroll
         for (int u = 0; u < U; ++u)
           if (v0 + 32 * u < HV)
-            in[r][u] = reinterpret_cast<const uint4 *>(base + areas.x + stage_row[r] * ROW_BYTES)[v0 + 32 * u];
+            in[r][u] = row_at[r][v0 + 32 * u];
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -546,7 +581,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
 #pragma unroll
       for (int r = 0; r < R; ++r)
         if ((mask >> r) & 1)
-          w = __fadd_rn(w, reinterpret_cast<const float *>(base + areas.weights)[stage_row[r] * K + lane]);
+          w = __fadd_rn(w, weights_at[r][lane]);
       out_weights[(size_t)t * K + lane] = w;
     }
 #endif

@@ -66,7 +66,7 @@ int main() {
       for (int g = 0; g < G; ++g) {
         CK(cudaSetDevice(g)); CK(cudaEventRecord(e0[g], st[g]));
         tsep_dispatch_send<<<sms, threads, 0, st[g]>>>(peers[g], g, T, (const u8 *)x[g], (const u8 *)sc[g], 56, 1, tk[g],
-                                                  (const float *)wt[g], sp[g], pre[g], areas, T, rec[g],
+                                                  (const float *)wt[g], sp[g], pre[g], areas, Own{}, T, rec[g],
                                                   hosterr ? aborth[g] : abortd[g]);
         CK(cudaGetLastError()); CK(cudaEventRecord(e1[g], st[g]));
       }

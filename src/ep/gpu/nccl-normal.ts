@@ -32,6 +32,7 @@ import {
   CallQueue,
   checkSamePayload,
   type DispatchInputs,
+  type DispatchOutputs,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
@@ -374,7 +375,7 @@ export class NcclNormalPath {
   }
 
   /** The arrays a dispatch moves: bytes per row, staging/stage area, output tensor, fill of unused rows. */
-  private dispatchArrays(inp: DispatchInputs, out: ReturnType<typeof dispatchOutputs>) {
+  private dispatchArrays(inp: DispatchInputs, out: DispatchOutputs) {
     return (
       [
         [this.rt.options.hidden * inp.elt, 'x', out.recvX, 0],
@@ -399,7 +400,7 @@ export class NcclNormalPath {
     kernels: NormalKernels,
     inp: DispatchInputs,
     recvFrom: DeviceTensor,
-    out: ReturnType<typeof dispatchOutputs>,
+    out: DispatchOutputs,
     rows: number,
   ): void {
     const T = this.rt.options.maxTokensPerRank;
@@ -454,11 +455,7 @@ export class NcclNormalPath {
   }
 
   /** Every staging block to its rank, every source's block into the outputs at the source's offset. */
-  private exchangeDispatch(
-    inp: DispatchInputs,
-    counts: NcclCounts,
-    out: ReturnType<typeof dispatchOutputs>,
-  ): void {
+  private exchangeDispatch(inp: DispatchInputs, counts: NcclCounts, out: DispatchOutputs): void {
     const a = this.stagingAreas;
     const recvAt = prefix(counts.recv);
     const transfers = [];
@@ -562,6 +559,8 @@ export class NcclNormalPath {
       sendPos: h.sendPos.ptr,
       rowBase: h.sendOffsets.ptr,
       rankPrefix: 0n, // no chunk waits: the stage has no chunk words (the rows came with NCCL)
+      ownX: 0n, // every block, this rank's own too, is in the stage
+      ownWeights: 0n,
       areas: this.stageAreas,
       timeoutNs: this.timeoutNs,
       fail: this.fail,

@@ -25,6 +25,8 @@ export const RECV_THREADS = 1024;
 
 /** Kernel parameter kinds of an `Areas` struct passed by value (seven u64 offsets). */
 const AREA_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64', 'u64', 'u64'] as const;
+/** kernels/normal.cu `Own`: a rank's five dispatch output pointers (0 = none). */
+const OWN_KINDS = ['u64', 'u64', 'u64', 'u64', 'u64'] as const;
 
 export function areaArgs(a: NormalAreas): bigint[] {
   return [a.x, a.scales, a.srcIdx, a.topk, a.weights, a.chunks, a.combineChunks].map(BigInt);
@@ -256,11 +258,13 @@ export function dispatchOutputs(
   };
 }
 
+export type DispatchOutputs = ReturnType<typeof dispatchOutputs>;
+
 /**
  * Fills worst-case-size dispatch outputs whole on `stream` before the rows are copied in: zeros, and -1
  * (every byte 0xff) in source indices and expert ids, which is what rows past the received ones keep.
  */
-export function padDispatchOutputs(out: ReturnType<typeof dispatchOutputs>, stream: Stream): void {
+export function padDispatchOutputs(out: DispatchOutputs, stream: Stream): void {
   out.recvX.fillBytes(0, stream);
   out.recvScales?.fillBytes(0, stream);
   out.recvSrcIdx?.fillBytes(0xff, stream);
@@ -370,11 +374,13 @@ export class NormalKernels {
       sendPos: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
+      /** This rank's outputs, when its own rows go straight there (the receive then skips them). */
+      own?: DispatchOutputs;
       numChunks: number;
       fail: FailArgs;
     },
   ): void {
-    const { inp } = a;
+    const { inp, own } = a;
     this.mod
       .kernel('tsep_dispatch_send', [
         'ptr',
@@ -389,6 +395,7 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
+        ...OWN_KINDS,
         'i32',
         ...FAIL_KINDS,
       ])
@@ -405,6 +412,11 @@ export class NormalKernels {
         a.sendPos,
         a.rankPrefix,
         ...areaArgs(a.areas),
+        own?.recvX.ptr ?? 0n,
+        own?.recvScales?.ptr ?? 0n,
+        own?.recvSrcIdx?.ptr ?? 0n,
+        own?.recvTopkIdx?.ptr ?? 0n,
+        own?.recvTopkWeights?.ptr ?? 0n,
         a.numChunks,
         ...failArgs(a.fail),
       ]);
@@ -420,8 +432,10 @@ export class NormalKernels {
       rankPrefix: bigint;
       recvCount: bigint;
       rows: number;
-      out: ReturnType<typeof dispatchOutputs>;
+      out: DispatchOutputs;
       areas: NormalAreas;
+      /** The send wrote this rank's own rows into `out` already. */
+      ownDirect: boolean;
       numChunks: number;
       timeoutNs: bigint;
       fail: FailArgs;
@@ -441,6 +455,7 @@ export class NormalKernels {
         'ptr',
         ...AREA_KINDS,
         'i32',
+        'i32',
         'u64',
         ...FAIL_KINDS,
       ])
@@ -456,6 +471,7 @@ export class NormalKernels {
         a.out.recvTopkIdx?.ptr ?? 0n,
         a.out.recvTopkWeights?.ptr ?? 0n,
         ...areaArgs(a.areas),
+        a.ownDirect ? 1 : 0,
         a.numChunks,
         a.timeoutNs,
         ...failArgs(a.fail),
@@ -494,6 +510,8 @@ export class NormalKernels {
    * Token t's row from rank r is stage row base(r) + sendPos[t][r]. `rowBase` 0n (NVLink): base(r) =
    * r·T_max, waiting for the chunk of rank r that holds the row (rows per chunk from `rankPrefix` and the
    * chunk count rank r published in its prepare); else base(r) = rowBase[r] (NCCL: the rows are all there).
+   * `ownX` (NVLink: the combine's input) holds the rows this rank returns to itself, read in place
+   * (weights in `ownWeights`); 0n for none.
    */
   reduce(
     stream: Stream,
@@ -510,6 +528,8 @@ export class NormalKernels {
       rowBase: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
+      ownX: bigint;
+      ownWeights: bigint;
       timeoutNs: bigint;
       fail: FailArgs;
     },
@@ -528,6 +548,8 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
+        'ptr',
+        'ptr',
         'u64',
         ...FAIL_KINDS,
       ])
@@ -544,6 +566,8 @@ export class NormalKernels {
         a.rowBase,
         a.rankPrefix,
         ...areaArgs(a.areas),
+        a.ownX,
+        a.ownWeights,
         a.timeoutNs,
         ...failArgs(a.fail),
       ]);

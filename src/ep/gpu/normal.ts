@@ -293,6 +293,14 @@ export class NormalPath {
     let perExpert: number[];
     let recvPerSource: number[] | undefined;
     const fresh = req.kind === 'fresh';
+    // A cached exact-size dispatch knows its outputs' size before any kernel: they are allocated here, on
+    // the call's stream (the send writes into them; the receive stream forks after), and the send puts this
+    // rank's own rows straight there, so they skip the buffer and the receive's copy. (Fresh dispatches
+    // learn the size after the send is enqueued; worst-case outputs are padded on the receive stream.)
+    const own =
+      !fresh && req.handle.worstCaseTokens === 0
+        ? dispatchOutputs(inp, req.handle.numRecvRows, rt.options.hidden, stream, false)
+        : undefined;
     // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile. The
     // receive stream forks here: its kernel may start once notify or prepare has run.
     const send = (positions: DeviceTensor, prefix: DeviceTensor) => {
@@ -304,6 +312,7 @@ export class NormalPath {
         sendPos: positions.ptr,
         rankPrefix: prefix.ptr,
         areas: this.areas,
+        ...(own ? { own } : {}),
         numChunks: this.numChunks.dispatch,
         fail: this.fail,
       });
@@ -375,7 +384,7 @@ export class NormalPath {
       send(sendPos, rankPrefix);
     }
     // Made for the receive kernel, freed on the call's stream (which joins it) after the caller's work.
-    const out = dispatchOutputs(inp, rows, rt.options.hidden, this.recvStream, fresh, stream);
+    const out = own ?? dispatchOutputs(inp, rows, rt.options.hidden, this.recvStream, fresh, stream);
     // Padded (worst-case) outputs: rows past the received ones stay 0 with -1 ids; the memsets run on the
     // receive stream's SMs beside the sends, before any chunk is copied over the first rows.
     if (worst > 0) padDispatchOutputs(out, this.recvStream);
@@ -387,6 +396,7 @@ export class NormalPath {
       rows,
       out,
       areas: this.areas,
+      ownDirect: own !== undefined,
       numChunks: this.numChunks.dispatch,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
@@ -494,6 +504,8 @@ export class NormalPath {
       rowBase: 0n,
       rankPrefix: rankPrefix.ptr,
       areas: this.areas,
+      ownX: x.ptr,
+      ownWeights: weights?.ptr ?? 0n,
       timeoutNs: this.timeoutNs,
       fail: this.fail,
     });
@@ -508,7 +520,8 @@ export class NormalPath {
 
   /**
    * The copy-engine combine's transfer, after prepare (the fork event marks it): the block of x that came
-   * from rank s goes back to s's stage at [me][0..), in `pieces` copies on s's copy stream, each followed by
+   * from peer s goes back to s's stage at [me][0..) (this rank's own block stays in x, where its reduce reads
+   * it), in `pieces` copies on s's copy stream, each followed by
    * the chunk word s's reduce waits for (a stream write: the driver fences before it, so the rows are there
    * when s sees the word); weights ride along in the same pieces.
    */
@@ -525,8 +538,8 @@ export class NormalPath {
     const K = weights ? weights.shape[1]! : 0;
     const tag = BigInt(seq >>> 0) << 32n;
     const starts = perSource.map((_, s) => perSource.slice(0, s).reduce((a, b) => a + b, 0));
-    for (let k = 1; k <= R; k++) {
-      const s = (me + k) % R; // peers first, each rank starting at its next one; its own block last
+    for (let k = 1; k < R; k++) {
+      const s = (me + k) % R; // each rank starting at its next one
       const count = perSource[s]!;
       if (count === 0) continue; // s sent this rank nothing, so waits for nothing from it
       const on = this.copyStreams[s]!;
