@@ -463,12 +463,25 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
   }
 }
 
+// Copy-engine combine: the host copied piece `piece` of the rows this rank returns to rank `dst` (stream
+// order puts the copy before this launch); announce it with the word the send kernel would write. The tag
+// is read here, on the device, so a captured graph's replays tag each combine right.
+extern "C" __global__ void tsep_combine_signal(const u64 *peers, int me, int dst, int piece, Areas areas,
+                                               int num_chunks, tsep::ErrorRecord *err, int *abort) {
+  if (threadIdx.x != 0 || tsep::aborted(tsep::Fail{err, abort})) return;
+  const u32 seq = (u32)tsep::ld_volatile((const int *)&ctrl_of(peers, me)->combine_seq);
+  u64 *word = reinterpret_cast<u64 *>(reinterpret_cast<u8 *>(peers[dst]) + areas.combine_chunks) +
+              (size_t)me * num_chunks + piece;
+  __threadfence_system();
+  tsep::st_release_sys_u64(word, (u64)seq << 32);
+}
+
 // Owner side: one warp per token; out = bf16(bias0 + bias1 + Σ_{ranks r, ascending} row[r][t]) in float32.
 // The row of token t from rank r is stage row row_base(r) + send_pos[t][r]: rank r returns the rows of
 // this rank's block in order. NVLink (areas.combine_chunks set, `row_base` null): row_base(r) = r·T_max,
 // and the warp first waits for the chunk holding the row, chunk send_pos[t][r] / per_chunk(rows this rank
-// sent to r, chunks rank r cut them into: its combine_chunks_from entry) (a warp's tokens ascend, so it
-// waits once per new chunk). NCCL: row_base[r] (rank r's block arrived whole, before this kernel).
+// sent to r, chunks rank r cut them into: its combine_chunks_from entry), word [r][chunk] (words
+// num_chunks apart whatever the cut) (a warp's tokens ascend, so it waits once per new chunk). NCCL: row_base[r] (rank r's block arrived whole, before this kernel).
 // With `own_x` (NVLink), the rows this rank returns to itself are read where they are: row
 // own_start + send_pos[t][me] of own_x (the combine's input; weights in own_weights), no wait.
 extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 *peers, int me, int num_tokens,
@@ -476,22 +489,21 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
                                                                      const u16 *bias1, u16 *out, float *out_weights,
                                                                      const int *send_pos, const int *row_base,
                                                                      const int *rank_prefix, Areas areas,
-                                                                     const u8 *own_x, const float *own_weights,
-                                                                     u64 timeout_ns, tsep::ErrorRecord *err,
-                                                                     int *abort) {
+                                                                     int num_chunks, const u8 *own_x,
+                                                                     const float *own_weights, u64 timeout_ns,
+                                                                     tsep::ErrorRecord *err, int *abort) {
   const tsep::Fail fail{err, abort};
   if (warp_aborted(fail)) return;
   const u8 *base = reinterpret_cast<const u8 *>(peers[me]);
   const bool wait = areas.combine_chunks != 0;
   const Ctrl *mine = ctrl_of(peers, me);
   const u32 seq = wait ? (u32)tsep::ld_volatile((const int *)&mine->combine_seq) : 0u;
-  int chunk_rows[R];  // rows per chunk of what this rank sent to rank r, as rank r cut them
-  int num_chunks[R];  // chunks rank r cut them into (the stride of its words)
+  int chunk_rows[R];  // rows per chunk of what this rank sent to rank r, as rank r cut them (into the
+                      // chunk count it published; its words are still num_chunks apart)
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    num_chunks[r] = wait ? max(1, tsep::ld_volatile(&mine->combine_chunks_from[r][seq & 1])) : 1;
-    chunk_rows[r] = wait ? per_chunk(rank_prefix[me * R + r] - (me > 0 ? rank_prefix[(me - 1) * R + r] : 0), num_chunks[r])
-                         : 1;
+    const int cut = wait ? max(1, tsep::ld_volatile(&mine->combine_chunks_from[r][seq & 1])) : 1;
+    chunk_rows[r] = wait ? per_chunk(rank_prefix[me * R + r] - (me > 0 ? rank_prefix[(me - 1) * R + r] : 0), cut) : 1;
   }
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.combine_chunks);
   const int own_start = own_x != nullptr && me > 0 ? rank_prefix[(me - 1) * R + me] : 0;
@@ -524,7 +536,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
         int ok = 1;
         u64 word;
         if (lane == 0)
-          ok = tsep::wait_tag(words + (size_t)r * num_chunks[r] + seen[r], seq, COMBINE_TAG_BITS, &word, timeout_ns, fail,
+          ok = tsep::wait_tag(words + (size_t)r * num_chunks + seen[r], seq, COMBINE_TAG_BITS, &word, timeout_ns, fail,
                               me, KERNEL_REDUCE, seen[r], r);
         if (!__shfl_sync(0xffffffffu, ok, 0)) return;
         __syncwarp();  // orders the other lanes' reads of the rows after lane 0's acquire

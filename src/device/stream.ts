@@ -100,15 +100,6 @@ export class Stream {
     cu('cuStreamWaitEvent', this.handle, event.handle, 0);
   }
 
-  /**
-   * Stores the 64-bit `value` at device address `addr` (a peer's mapped memory too) in stream order, after
-   * the work before it: the driver fences first, so whoever sees the value sees that work's writes. No
-   * kernel, no SM.
-   */
-  writeValue64(addr: bigint, value: bigint): void {
-    cu('cuStreamWriteValue64_v2', this.handle, addr, value, 0);
-  }
-
   dispose(): void {
     if (this.h >= 0n && this.owned) {
       this.device.makeCurrent();

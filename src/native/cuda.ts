@@ -52,8 +52,6 @@ const DECLS = {
   cuStreamSynchronize: 'int cuStreamSynchronize(uint64_t stream)',
   cuStreamQuery: 'int cuStreamQuery(uint64_t stream)',
   cuStreamWaitEvent: 'int cuStreamWaitEvent(uint64_t stream, uint64_t event, unsigned int flags)',
-  cuStreamWriteValue64_v2:
-    'int cuStreamWriteValue64_v2(uint64_t stream, uint64_t addr, uint64_t value, unsigned int flags)',
   cuStreamBeginCapture_v2: 'int cuStreamBeginCapture_v2(uint64_t stream, int mode)',
   cuStreamEndCapture: 'int cuStreamEndCapture(uint64_t stream, uint64_t *graph)',
   cuCtxGetStreamPriorityRange: 'int cuCtxGetStreamPriorityRange(int *least, int *greatest)',

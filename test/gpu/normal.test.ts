@@ -1,8 +1,10 @@
 // Normal-mode dispatch and combine on the GPU backend, R = 2, 4 (and all visible GPUs), against the CPU
 // reference, bit for bit: layout, fresh, cached and worst-case dispatch (BF16, FP8 with f32 row- and
 // column-major scales and UE8M0), combine with 0-2 biases and weights, and 50 graph replays with new
-// routing — over NVLink ('auto' here) and over NCCL. The cases and checks are in fixtures/normal-check.ts.
-// TSEP_TEST_SEED replays a seed.
+// routing — over NVLink ('auto' here) and over NCCL; over NVLink also a captured cached exact-size
+// dispatch + combine replayed 30 times with new data, and the copy-engine combine
+// (TSEP_NORMAL_COMBINE_PIECES). The cases and checks are in fixtures/normal-check.ts. TSEP_TEST_SEED
+// replays a seed.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';

@@ -559,6 +559,7 @@ export class NcclNormalPath {
       sendPos: h.sendPos.ptr,
       rowBase: h.sendOffsets.ptr,
       rankPrefix: 0n, // no chunk waits: the stage has no chunk words (the rows came with NCCL)
+      numChunks: 0,
       ownX: 0n, // every block, this rank's own too, is in the stage
       ownWeights: 0n,
       areas: this.stageAreas,

@@ -507,6 +507,35 @@ export class NormalKernels {
   }
 
   /**
+   * Copy-engine combine: announces piece `piece` of the rows this rank returns to `dst` (one thread; the
+   * copy before it on `stream` is done when it runs), tagged with the device's combine sequence number.
+   */
+  combineSignal(
+    stream: Stream,
+    a: {
+      peers: bigint;
+      me: number;
+      dst: number;
+      piece: number;
+      areas: NormalAreas;
+      numChunks: number;
+      fail: FailArgs;
+    },
+  ): void {
+    this.mod
+      .kernel('tsep_combine_signal', ['ptr', 'i32', 'i32', 'i32', ...AREA_KINDS, 'i32', ...FAIL_KINDS])
+      .launch({ grid: 1, block: 32, stream }, [
+        a.peers,
+        a.me,
+        a.dst,
+        a.piece,
+        ...areaArgs(a.areas),
+        a.numChunks,
+        ...failArgs(a.fail),
+      ]);
+  }
+
+  /**
    * Token t's row from rank r is stage row base(r) + sendPos[t][r]. `rowBase` 0n (NVLink): base(r) =
    * r·T_max, waiting for the chunk of rank r that holds the row (rows per chunk from `rankPrefix` and the
    * chunk count rank r published in its prepare); else base(r) = rowBase[r] (NCCL: the rows are all there).
@@ -528,6 +557,8 @@ export class NormalKernels {
       rowBase: bigint;
       rankPrefix: bigint;
       areas: NormalAreas;
+      /** Words per source in the combine word array (their stride; the buffer's combine chunk count). */
+      numChunks: number;
       ownX: bigint;
       ownWeights: bigint;
       timeoutNs: bigint;
@@ -548,6 +579,7 @@ export class NormalKernels {
         'ptr',
         'ptr',
         ...AREA_KINDS,
+        'i32',
         'ptr',
         'ptr',
         'u64',
@@ -566,6 +598,7 @@ export class NormalKernels {
         a.rowBase,
         a.rankPrefix,
         ...areaArgs(a.areas),
+        a.numChunks,
         a.ownX,
         a.ownWeights,
         a.timeoutNs,

@@ -29,12 +29,14 @@ import {
   CallQueue,
   chunkCounts,
   combinePieces,
+  type DispatchOutputs,
   dispatchInputs,
   dispatchOutputs,
   type FailArgs,
   type LayoutKernels,
   launchLayout,
   loadLayoutKernels,
+  type NormalKernels,
   NormalModules,
   normalSms,
   padDispatchOutputs,
@@ -116,9 +118,7 @@ export class NormalPath {
   private readonly copyStreams: Stream[] = [];
   private readonly copyJoins: Event[] = [];
   private seq = 0;
-  /** Combines since the last reset(): the device's combine sequence number, which tags the chunk words. */
-  private combineSeq = 0;
-  /** Combines whose rows went over the copy engines (diagnostics and tests). */
+  /** Combines that took the copy-engine path (diagnostics and tests). */
   copyEngineCombines = 0;
   /**
    * SMs (blocks) a dispatch or a combine uses, its send kernel and the receive or reduce kernel beside it
@@ -250,7 +250,6 @@ export class NormalPath {
       await this.rt.group.barrier();
       this.sym.local.fill(0, this.rt.stream, 0, this.areas.x);
       await this.rt.stream.synchronize();
-      this.combineSeq = 0;
       clearDeviceError(this.sym.signal, ERROR_RECORD);
       await this.rt.group.barrier();
     });
@@ -293,14 +292,9 @@ export class NormalPath {
     let perExpert: number[];
     let recvPerSource: number[] | undefined;
     const fresh = req.kind === 'fresh';
-    // A cached exact-size dispatch knows its outputs' size before any kernel: they are allocated here, on
-    // the call's stream (the send writes into them; the receive stream forks after), and the send puts this
-    // rank's own rows straight there, so they skip the buffer and the receive's copy. (Fresh dispatches
-    // learn the size after the send is enqueued; worst-case outputs are padded on the receive stream.)
-    const own =
-      !fresh && req.handle.worstCaseTokens === 0
-        ? dispatchOutputs(inp, req.handle.numRecvRows, rt.options.hidden, stream, false)
-        : undefined;
+    // A cached exact-size dispatch's outputs (allocated below, before its kernels): the send puts this
+    // rank's own rows straight there, so they skip the buffer and the receive's copy.
+    let own: DispatchOutputs | undefined;
     // Rows go out as soon as the routing is known; a fresh dispatch then reads the counts meanwhile. The
     // receive stream forks here: its kernel may start once notify or prepare has run.
     const send = (positions: DeviceTensor, prefix: DeviceTensor) => {
@@ -372,6 +366,10 @@ export class NormalPath {
       recvCount = h.recvCount;
       rows = h.numRecvRows;
       perExpert = [...h.numRecvTokensPerExpert];
+      // The size is known before any kernel, so the outputs are made now, on the call's stream (the send
+      // writes into them; the receive stream forks after). Fresh dispatches learn the size after the send
+      // is enqueued; worst-case outputs are padded on the receive stream.
+      if (worst === 0) own = dispatchOutputs(inp, rows, rt.options.hidden, stream, false);
       kernels.prepare(stream, {
         peers: this.peers,
         me: this.me,
@@ -460,7 +458,6 @@ export class NormalPath {
     const G = this.split(this.shares.reducePct);
     // Copy engines only where the host knows every block's size (an exact-size handle).
     const perSource = this.pieces > 0 ? h.recvPerSource : undefined;
-    const seq = ++this.combineSeq;
     rt.after(req.previousEvent);
     rt.markStart();
     kernels.prepare(stream, {
@@ -475,7 +472,7 @@ export class NormalPath {
     // The reduce runs beside the sends, on the receive stream, summing each token once its rows are in.
     this.fork();
     if (perSource) {
-      this.copyBlocks(x, weights, perSource, seq);
+      this.copyBlocks(kernels, x, weights, perSource);
       this.copyEngineCombines++;
     } else {
       kernels.combineSend(stream, G.send, {
@@ -504,6 +501,7 @@ export class NormalPath {
       rowBase: 0n,
       rankPrefix: rankPrefix.ptr,
       areas: this.areas,
+      numChunks: this.numChunks.combine,
       ownX: x.ptr,
       ownWeights: weights?.ptr ?? 0n,
       timeoutNs: this.timeoutNs,
@@ -520,23 +518,23 @@ export class NormalPath {
 
   /**
    * The copy-engine combine's transfer, after prepare (the fork event marks it): the block of x that came
-   * from peer s goes back to s's stage at [me][0..) (this rank's own block stays in x, where its reduce reads
-   * it), in `pieces` copies on s's copy stream, each followed by
-   * the chunk word s's reduce waits for (a stream write: the driver fences before it, so the rows are there
-   * when s sees the word); weights ride along in the same pieces.
+   * from peer s goes back to s's stage at [me][0..) (this rank's own block stays in x, where its reduce
+   * reads it), in `pieces` copies on s's copy stream, weights riding along, each followed by a one-thread
+   * kernel that writes the chunk word s's reduce waits for, tagged with the device's combine sequence
+   * number (so graph replays tag right). A copy is not stopped by the abort word as kernels are: after a
+   * timeout, reset() is due anyway.
    */
   private copyBlocks(
+    kernels: NormalKernels,
     x: DeviceTensor,
     weights: DeviceTensor | undefined,
     perSource: readonly number[],
-    seq: number,
-  ) {
+  ): void {
     const R = this.R;
     const me = this.me;
     const T = this.rt.options.maxTokensPerRank;
     const rowBytes = 2 * this.rt.options.hidden;
     const K = weights ? weights.shape[1]! : 0;
-    const tag = BigInt(seq >>> 0) << 32n;
     const starts = perSource.map((_, s) => perSource.slice(0, s).reduce((a, b) => a + b, 0));
     for (let k = 1; k < R; k++) {
       const s = (me + k) % R; // each rank starting at its next one
@@ -564,7 +562,15 @@ export class NormalPath {
             on,
           );
         }
-        on.writeValue64(peer + BigInt(this.areas.combineChunks) + BigInt(8 * (me * this.pieces + p)), tag);
+        kernels.combineSignal(on, {
+          peers: this.peers,
+          me,
+          dst: s,
+          piece: p,
+          areas: this.areas,
+          numChunks: this.numChunks.combine,
+          fail: this.fail,
+        });
       }
       this.copyJoins[s]!.record(on);
       this.rt.stream.waitEvent(this.copyJoins[s]!);
