@@ -1,7 +1,7 @@
 // Byte layout of a rank's normal-mode symmetric buffer; kernels/normal.cu's `Ctrl` and `Areas` mirror it.
 // The receive area holds R·T_max rows (every source's whole batch), so a dispatch never waits for space;
-// combine reuses the same rows as its [source rank][token] stage. The control block and the dispatch chunk
-// words come first: reset() zeroes everything before `x`.
+// combine reuses the same rows as its stage, [expert rank][row of my block at that rank]. The control
+// block and the dispatch chunk words come first: reset() zeroes everything before `x`.
 
 import { fp8ScaleCount } from '../../device/dtypes.ts';
 
