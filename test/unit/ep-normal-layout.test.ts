@@ -2,7 +2,13 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { checkSamePayload, chunkCounts, readCountRows, smShares } from '../../src/ep/gpu/normal-kernels.ts';
+import {
+  checkSamePayload,
+  chunkCounts,
+  combinePieces,
+  readCountRows,
+  smShares,
+} from '../../src/ep/gpu/normal-kernels.ts';
 import { CTRL_BYTES, normalAreas } from '../../src/ep/gpu/normal-layout.ts';
 import { intSetting } from '../../src/ep/gpu/settings.ts';
 import { ValidationError } from '../../src/errors.ts';
@@ -60,6 +66,20 @@ test('SM shares beside the sends: 33 % receive and 50 % reduce by default; setta
     process.env.TSEP_NORMAL_REDUCE_PCT = '40';
     assert.deepEqual(smShares(), { recvPct: 25, reducePct: 40 });
     refusesBadValues(names, ['0', '91', '12.5', 'half'], () => smShares());
+  });
+});
+
+test('copy-engine combine pieces: 0 (the SM send) by default, at most the combine chunk count; bad values refused', () => {
+  const names = ['TSEP_NORMAL_COMBINE_PIECES'];
+  withSettings(names, () => {
+    assert.equal(combinePieces({ dispatch: 4096, combine: 1024 }), 0);
+    process.env.TSEP_NORMAL_COMBINE_PIECES = '4';
+    assert.equal(combinePieces({ dispatch: 4096, combine: 1024 }), 4);
+    // The pieces' words sit in the combine word array: never more pieces than it has room for per source.
+    assert.equal(combinePieces({ dispatch: 3, combine: 3 }), 3);
+    refusesBadValues(names, ['-1', '2.5', 'all', '1025'], () =>
+      combinePieces({ dispatch: 4096, combine: 1024 }),
+    );
   });
 });
 
