@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's work in stages that each fit one device call (≤ 10 minutes), logs under $OUT (or /tmp):
-#   scripts/device.sh run -- scripts/gpu-suite.sh tests        smoke, process group, normal-mode tests
+#   scripts/device.sh run -- scripts/gpu-suite.sh tests        smoke, process group, normal-mode tests (SM send)
+#   scripts/device.sh run -- scripts/gpu-suite.sh tests-ce     normal-mode tests with the copy-engine combine
 #   scripts/device.sh run -- scripts/gpu-suite.sh tests2       low-latency (both transports), failure tests
 #   scripts/device.sh run -- scripts/gpu-suite.sh tests3       2 virtual hosts × 2 ranks (needs 4 GPUs)
 #   scripts/device.sh run -- scripts/gpu-suite.sh benches      normal (NVLink + NCCL-transport columns, per-
@@ -37,9 +38,14 @@ step() {
 case "${1:-}" in
   tests)
     step smoke-pg 120 node --test --test-reporter=spec test/gpu/smoke.test.ts test/gpu/process-group.test.ts
-    # TEST_PATTERN (e.g. "4 ranks") narrows the normal-mode tests to what still needs running.
+    # TEST_PATTERN (e.g. "4 ranks") narrows the normal-mode tests to what still needs running; the
+    # copy-engine cases have their own stage (the whole file takes longer than one device call).
     step normal 560 node --test --test-concurrency=1 --test-reporter=spec \
-      ${TEST_PATTERN:+--test-name-pattern="$TEST_PATTERN"} test/gpu/normal.test.ts
+      --test-name-pattern="${TEST_PATTERN:-^normal mode(,| over NCCL)}" test/gpu/normal.test.ts
+    ;;
+  tests-ce)
+    step normal-ce 560 node --test --test-concurrency=1 --test-reporter=spec \
+      --test-name-pattern="copy-engine combine${TEST_PATTERN:+.*$TEST_PATTERN}" test/gpu/normal.test.ts
     ;;
   tests2)
     step low-latency 440 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
@@ -76,16 +82,18 @@ case "${1:-}" in
     step sanitize 400 scripts/sanitize.sh 2
     ;;
   shared)
-    # Stage limits from the one-GPU runs of 2026-11-28/29: about 25, 50, 55 and 105 s.
+    # Stage limits from the one-GPU runs of 2026-11-28/29: about 20, 60, 72, 56 and 134 s.
     export TSEP_TEST_SHARE_GPUS=1
     step failure 90 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts
     step low-latency 120 node --test --test-concurrency=1 --test-reporter=spec test/gpu/low-latency.test.ts
-    step normal 120 node --test --test-concurrency=1 --test-reporter=spec --test-name-pattern="2 ranks" \
+    step normal 120 node --test --test-concurrency=1 --test-reporter=spec --test-name-pattern="^normal mode, 2 ranks" \
       test/gpu/normal.test.ts
+    step normal-ce 100 node --test --test-concurrency=1 --test-reporter=spec \
+      --test-name-pattern="copy-engine combine on even ranks, 2 ranks" test/gpu/normal.test.ts
     step virtual-hosts 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
     ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests2|tests3|benches|copy-engines|soak|sanitize|shared" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|copy-engines|soak|sanitize|shared" >&2
     exit 2
     ;;
 esac
