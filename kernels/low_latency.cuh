@@ -165,7 +165,7 @@ __device__ __forceinline__ bool wait_reached(const Ctx &c, const T *p, u32 targe
 
 // Publishes a word into rank d's buffer at `p` (computed from peers[d]) with release semantics: a store
 // through NVLink, or an NVSHMEM write to a peer on another host (after the caller's nvshmem_quiet when it
-// must follow the data).
+// must follow the data). Announcements after last_block's fence use announce() below.
 __device__ __forceinline__ void publish_u32(u32 *p, u32 v, int d, int rank) {
 #if LL_ENGINE
   if (remote(d, rank)) {
@@ -176,17 +176,6 @@ __device__ __forceinline__ void publish_u32(u32 *p, u32 v, int d, int rank) {
   (void)d;
   (void)rank;
   tsep::st_release_sys_u32(p, v);
-}
-__device__ __forceinline__ void publish_u64(u64 *p, u64 v, int d, int rank) {
-#if LL_ENGINE
-  if (remote(d, rank)) {
-    nvshmemx_signal_op(reinterpret_cast<uint64_t *>(p), v, NVSHMEM_SIGNAL_SET, d);
-    return;
-  }
-#endif
-  (void)d;
-  (void)rank;
-  tsep::st_release_sys_u64(p, v);
 }
 
 #if LL_ENGINE
@@ -251,13 +240,13 @@ __device__ __forceinline__ bool last_block(const Ctx &c, int counter) {
   return true;
 }
 
-// Announces a word (u32 or u64) to rank d after last_block's fence: a relaxed store through NVLink, or the
-// NVSHMEM write publish_* makes for a peer on another host.
+// Announces a word (u32 or u64) to rank d after last_block's fence: a relaxed store through NVLink, or an
+// NVSHMEM write (a u64 as a signal) for a peer on another host.
 template <typename T>
 __device__ __forceinline__ void announce(T *p, T v, int d, int rank) {
 #if LL_ENGINE
   if (remote(d, rank)) {
-    if constexpr (sizeof(T) == 8) publish_u64(p, v, d, rank);
+    if constexpr (sizeof(T) == 8) nvshmemx_signal_op(reinterpret_cast<uint64_t *>(p), v, NVSHMEM_SIGNAL_SET, d);
     else publish_u32(p, v, d, rank);
     return;
   }

@@ -107,6 +107,15 @@ __device__ __forceinline__ u64 chunk_word(u32 seq, u32 first, u32 end) {
 // chunks: each side computes it from counts it knows, so no sender needs the receiver's T.
 __device__ __forceinline__ int per_chunk(int n, int num_chunks) { return max(1, (n + num_chunks - 1) / num_chunks); }
 
+// In the rank prefix matrix (rank_prefix[src·R + dst]: rows ranks 0..src send to dst), where the block
+// from `src` starts among the rows `dst` receives, and how many rows it holds.
+__device__ __forceinline__ int block_start(const int *rank_prefix, int src, int dst) {
+  return src > 0 ? rank_prefix[(src - 1) * R + dst] : 0;
+}
+__device__ __forceinline__ int block_rows(const int *rank_prefix, int src, int dst) {
+  return rank_prefix[src * R + dst] - block_start(rank_prefix, src, dst);
+}
+
 // Warp-uniform: a lane must not leave while the others go on to a full-warp shuffle.
 __device__ __forceinline__ bool warp_aborted(const tsep::Fail &f) { return __any_sync(0xffffffffu, tsep::aborted(f)); }
 
@@ -190,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(256) tsep_notify(const u64 *peers, 
     host[1] = total;
     // Rows from each source (the copy-engine combine sizes its copies with them), after the experts.
     for (int src = 0; src < R; ++src)
-      host[2 + EL + src] = rank_prefix[src * R + me] - (src > 0 ? rank_prefix[(src - 1) * R + me] : 0);
+      host[2 + EL + src] = block_rows(rank_prefix, src, me);
     ++mine->dispatch_seq;
   }
   for (int e = threadIdx.x; e < EL; e += blockDim.x) {
@@ -281,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
         dst_base[r] = nullptr;
         row[r] = -1;
         if (pos >= 0) {
-          row[r] = (me > 0 && rank_prefix != nullptr ? rank_prefix[(me - 1) * R + r] : 0) + pos;
+          row[r] = (rank_prefix != nullptr ? block_start(rank_prefix, me, r) : 0) + pos;
           dst_base[r] = reinterpret_cast<u8 *>(peers[r]);
           if (end[r] == first[r]) first[r] = pos;
           end[r] = pos + 1;
@@ -395,7 +404,7 @@ extern "C" __global__ void __launch_bounds__(1024) tsep_dispatch_recv(
     const int first = (int)((word >> POS_BITS) & ((1u << POS_BITS) - 1)), end = (int)(word & ((1u << POS_BITS) - 1));
     if (end <= first) continue;
     // Rows of source s start at its block offset; a bad count must not send the copy astray.
-    const int r0 = (s > 0 ? rank_prefix[(s - 1) * R + me] : 0) + first;
+    const int r0 = block_start(rank_prefix, s, me) + first;
     const int cnt = min(end - first, n - r0);
     if (cnt <= 0 || r0 < 0) continue;
     warp_copy_vecs(reinterpret_cast<int4 *>(out_x + (size_t)r0 * ROW_BYTES),
@@ -440,8 +449,8 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
   for (int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); j < R * num_chunks; j += warps) {
     const int s = j % R, k = j / R;
     if (s == me) continue;  // this rank's own rows: its reduce reads them in x itself
-    const int start = s > 0 ? rank_prefix[(s - 1) * R + me] : 0;
-    const int count = rank_prefix[s * R + me] - start;
+    const int start = block_start(rank_prefix, s, me);
+    const int count = block_rows(rank_prefix, s, me);
     const int chunk_tokens = per_chunk(count, num_chunks);
     const int k1 = min(count, (k + 1) * chunk_tokens);
     if (k * chunk_tokens >= k1) continue;  // nobody waits for an empty chunk
@@ -503,10 +512,10 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int cut = wait ? max(1, tsep::ld_volatile(&mine->combine_chunks_from[r][seq & 1])) : 1;
-    chunk_rows[r] = wait ? per_chunk(rank_prefix[me * R + r] - (me > 0 ? rank_prefix[(me - 1) * R + r] : 0), cut) : 1;
+    chunk_rows[r] = wait ? per_chunk(block_rows(rank_prefix, me, r), cut) : 1;
   }
   const u64 *words = reinterpret_cast<const u64 *>(base + areas.combine_chunks);
-  const int own_start = own_x != nullptr && me > 0 ? rank_prefix[(me - 1) * R + me] : 0;
+  const int own_start = own_x != nullptr ? block_start(rank_prefix, me, me) : 0;
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x >> 5);
   constexpr int HV = H / 8;  // 8 bf16 per 16-byte vector

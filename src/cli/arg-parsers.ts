@@ -14,6 +14,9 @@ export function integerArg(min: number, max: number): (value: string) => number 
   };
 }
 
+/** A count (ranks, tokens, sizes): an integer in [1, 2^20]. */
+export const countArg = integerArg(1, 1 << 20);
+
 /** A positive, finite number of seconds. */
 export function secondsArg(value: string): number {
   const n = Number(value);

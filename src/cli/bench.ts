@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { Argument, type Command } from 'commander';
 import { Device } from '../device/context.ts';
 import { launch } from '../dist/launcher.ts';
-import { integerArg, secondsArg } from './arg-parsers.ts';
+import { countArg, secondsArg } from './arg-parsers.ts';
 
 /** The benchmarks `tsep bench` knows, each the script bench/<name>.ts. */
 export const BENCHES = ['nccl', 'normal', 'low-latency', 'soak'] as const;
@@ -131,11 +131,7 @@ export function registerBench(program: Command): void {
     )
     .addArgument(new Argument('<name>', 'which benchmark').choices(BENCHES))
     .argument('[args...]', "the benchmark's own arguments (after `--` they pass through untouched)")
-    .option(
-      '-n, --nproc <ranks>',
-      'ranks to run, one per GPU (default: every visible GPU)',
-      integerArg(1, 1 << 20),
-    )
+    .option('-n, --nproc <ranks>', 'ranks to run, one per GPU (default: every visible GPU)', countArg)
     .option('--out <file>', 'write the JSON result to this file')
     .option('--timeout <seconds>', 'stop the run after this many seconds (exit code 124)', secondsArg)
     // Flags tsep bench does not know (e.g. --iters 50) go to the script; `--` passes even -n/--out/--timeout.

@@ -11,7 +11,7 @@ import { LocalGroup } from '../dist/local-group.ts';
 import { EpBuffer } from '../ep/buffer.ts';
 import type { BackendKind, DispatchResult, LowLatencyDispatchResult, Tensor } from '../ep/types.ts';
 import { TsepError } from '../errors.ts';
-import { integerArg } from './arg-parsers.ts';
+import { countArg, integerArg } from './arg-parsers.ts';
 import { launchGpuDemo, runGpuDemoRank, visibleGpuCount } from './demo-gpu.ts';
 
 export interface DemoOptions {
@@ -259,11 +259,11 @@ export function registerDemo(program: Command): void {
   program
     .command('demo')
     .description('MoE dispatch/combine round trip on simulated ranks, checked against a direct computation')
-    .option('--ranks <n>', 'simulated ranks', integerArg(1, 1 << 20), 4)
-    .option('--tokens <n>', 'tokens per rank', integerArg(1, 1 << 20), 64)
-    .option('--hidden <n>', 'hidden size (a multiple of 128)', integerArg(1, 1 << 20), 2048)
-    .option('--experts <n>', 'experts (a multiple of --ranks)', integerArg(1, 1 << 20), 32)
-    .option('--topk <n>', 'experts per token', integerArg(1, 1 << 20), 8)
+    .option('--ranks <n>', 'simulated ranks', countArg, 4)
+    .option('--tokens <n>', 'tokens per rank', countArg, 64)
+    .option('--hidden <n>', 'hidden size (a multiple of 128)', countArg, 2048)
+    .option('--experts <n>', 'experts (a multiple of --ranks)', countArg, 32)
+    .option('--topk <n>', 'experts per token', countArg, 8)
     .option('--seed <n>', 'random seed (default: time-based)', integerArg(1, 2 ** 31))
     .option('--backend <kind>', "'auto', 'cpu' or 'gpu'", 'auto')
     .action(async (opts: Omit<DemoOptions, 'seed'> & { seed?: number }) => {

@@ -2,7 +2,7 @@
 
 import type { Command } from 'commander';
 import { launch } from '../dist/launcher.ts';
-import { integerArg, secondsArg } from './arg-parsers.ts';
+import { countArg, integerArg, secondsArg } from './arg-parsers.ts';
 
 interface LaunchFlags {
   nprocPerNode: number;
@@ -22,8 +22,8 @@ export function registerLaunch(program: Command): void {
         'MASTER_ADDR and MASTER_PORT set (as torchrun does), host the TCP store on node 0, prefix each ' +
         'output line with its rank, and stop every rank when one fails.',
     )
-    .requiredOption('-n, --nproc-per-node <count>', 'ranks to start on this node', integerArg(1, 1 << 20))
-    .option('--nnodes <count>', 'nodes in the job', integerArg(1, 1 << 20), 1)
+    .requiredOption('-n, --nproc-per-node <count>', 'ranks to start on this node', countArg)
+    .option('--nnodes <count>', 'nodes in the job', countArg, 1)
     .option(
       '--node-rank <index>',
       "this node's index, 0 to nnodes-1 (node 0 hosts the store)",

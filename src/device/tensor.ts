@@ -76,7 +76,7 @@ export function checkShape(argument: string, shape: readonly number[]): void {
 }
 
 /** Throws ValidationError unless `dtype` is one of DTYPES (callers from JavaScript pass any string). */
-export function checkDType(argument: string, dtype: unknown): asserts dtype is DType {
+function checkDType(argument: string, dtype: unknown): asserts dtype is DType {
   if (!isDType(dtype))
     throw new ValidationError(argument, JSON.stringify(dtype), `one of ${DTYPES.join(', ')}`);
 }

@@ -99,45 +99,31 @@ export class EpBuffer {
   /** Normal-mode dispatch; resolves once the received row count is known (at once with worstCaseTokens). */
   async dispatch(args: DispatchArgs): Promise<DispatchResult> {
     this.checkAlive('dispatch');
-    // Only a synchronous throw is caught (the promise is returned, not awaited): its exchange never started.
-    try {
-      return this.impl.dispatch(
-        validateDispatch(args, this.ctx, (topkIdx) => this.impl.getDispatchLayout(topkIdx)),
-      );
-    } catch (e) {
-      throw this.refused('dispatch', e);
-    }
+    return this.refusable('dispatch', () =>
+      this.impl.dispatch(validateDispatch(args, this.ctx, (topkIdx) => this.impl.getDispatchLayout(topkIdx))),
+    );
   }
 
   /** Normal-mode combine: the unweighted sum of each token's returned rows (+ bias). */
   async combine(args: CombineArgs): Promise<CombineResult> {
     this.checkAlive('combine');
-    // Only a synchronous throw is caught (the promise is returned, not awaited): its exchange never started.
-    try {
-      return this.impl.combine(validateCombine(args, this.ctx));
-    } catch (e) {
-      throw this.refused('combine', e);
-    }
+    return this.refusable('combine', () => this.impl.combine(validateCombine(args, this.ctx)));
   }
 
   /** Low-latency dispatch into [E_l, R·T_max, H]; returns at once (outputs ready when `event` is). */
   lowLatencyDispatch(args: LowLatencyDispatchArgs): LowLatencyDispatchResult {
     this.checkAlive('lowLatencyDispatch');
-    try {
-      return this.impl.lowLatencyDispatch(validateLowLatencyDispatch(args, this.ctx));
-    } catch (e) {
-      throw this.refused('lowLatencyDispatch', e);
-    }
+    return this.refusable('lowLatencyDispatch', () =>
+      this.impl.lowLatencyDispatch(validateLowLatencyDispatch(args, this.ctx)),
+    );
   }
 
   /** Low-latency combine: Σ_k w·y per token; returns at once (output ready when `event` is). */
   lowLatencyCombine(args: LowLatencyCombineArgs): LowLatencyCombineResult {
     this.checkAlive('lowLatencyCombine');
-    try {
-      return this.impl.lowLatencyCombine(validateLowLatencyCombine(args, this.ctx));
-    } catch (e) {
-      throw this.refused('lowLatencyCombine', e);
-    }
+    return this.refusable('lowLatencyCombine', () =>
+      this.impl.lowLatencyCombine(validateLowLatencyCombine(args, this.ctx)),
+    );
   }
 
   /** Resets low-latency signal state (needed on the GPU after normal calls used the same memory). */
@@ -211,13 +197,17 @@ export class EpBuffer {
   }
 
   /**
-   * A data call failed on this rank before its communication started (bad arguments): the backend hears
-   * of it, so peers making the same call fail too instead of pairing it with this rank's next call.
-   * Returns the error to rethrow.
+   * Runs a data call's start. When it throws here, before its communication started (bad arguments), the
+   * backend hears of it, so peers making the same call fail too instead of pairing it with this rank's
+   * next call. Only a synchronous throw is caught: an async call's promise is returned, not awaited.
    */
-  private refused(call: EpDataCall, error: unknown): unknown {
-    this.impl.refuseCall?.(call, error);
-    return error;
+  private refusable<T>(call: EpDataCall, start: () => T): T {
+    try {
+      return start();
+    } catch (e) {
+      this.impl.refuseCall?.(call, e);
+      throw e;
+    }
   }
 
   private checkAlive(call: string): void {

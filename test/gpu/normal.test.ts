@@ -13,36 +13,52 @@ import { indent, launchRanks, rankCounts, skipFor } from './ranks.ts';
 
 const JOB_TIMEOUT_S = 400;
 
+/**
+ * Runs fixtures/normal-check.ts (seed from the test's name, the full matrix) on `ranks` ranks over
+ * `transport` with `env` added, echoes its output, and asserts that it exited 0 with every rank's
+ * "normal all ok". Returns its stdout and the detail to append to further assertion messages.
+ */
+async function runNormalCheck(
+  name: string,
+  ranks: number,
+  transport: string,
+  env: Record<string, string> = {},
+): Promise<{ stdout: string; detail: string }> {
+  const seed = Math.floor(seededRandom(name)() * 2 ** 31);
+  const args = [String(seed), 'full', transport];
+  const run = await launchRanks(
+    ranks,
+    new URL('./fixtures/normal-check.ts', import.meta.url),
+    args,
+    JOB_TIMEOUT_S,
+    env,
+  );
+  const envText = Object.entries(env)
+    .map(([k, v]) => `${k}=${v} `)
+    .join('');
+  process.stdout.write(
+    `# ${envText}tsep launch -n ${ranks} normal-check ${args.join(' ')}:\n${indent(run.stdout)}\n`,
+  );
+  const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+  assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+  for (let r = 0; r < ranks; r++) {
+    assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] normal all ok rank ${r}$`, 'm'), detail);
+  }
+  return { stdout: run.stdout, detail };
+}
+
 // With TSEP_NORMAL_COMBINE_PIECES the exact-size combines move their rows with the copy engines; 'mixed'
 // leaves odd ranks on the SM send, so owners see senders of both kinds in one combine.
 for (const ranks of rankCounts) {
   for (const mixed of [false, true]) {
     const name = `normal mode with the copy-engine combine${mixed ? ' on even ranks' : ''}, ${ranks} ranks, against the CPU reference`;
     test(name, { skip: skipFor(ranks), timeout: (JOB_TIMEOUT_S + 30) * 1000 }, async () => {
-      const seed = Math.floor(seededRandom(name)() * 2 ** 31);
-      const args = [String(seed), 'full', 'auto'];
       const env = { TSEP_NORMAL_COMBINE_PIECES: '3', ...(mixed ? { TSEP_TEST_MIXED_COMBINE: '1' } : {}) };
-      const run = await launchRanks(
-        ranks,
-        new URL('./fixtures/normal-check.ts', import.meta.url),
-        args,
-        JOB_TIMEOUT_S,
-        env,
-      );
-      process.stdout.write(
-        `# ${Object.entries(env)
-          .map(([k, v]) => `${k}=${v}`)
-          .join(' ')} tsep launch -n ${ranks} normal-check ${args.join(' ')}:\n${indent(run.stdout)}\n`,
-      );
-      const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
-      assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+      const { stdout, detail } = await runNormalCheck(name, ranks, 'auto', env);
       for (let r = 0; r < ranks; r++) {
-        assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] normal all ok rank ${r}$`, 'm'), detail);
         // Every exact-size combine of a copy-engine rank went that way; none of an SM rank's did.
         const n = Number(
-          run.stdout.match(
-            new RegExp(`^\\[rank ${r}\\] normal-check copy-engine combines (\\d+)$`, 'm'),
-          )?.[1],
+          stdout.match(new RegExp(`^\\[rank ${r}\\] normal-check copy-engine combines (\\d+)$`, 'm'))?.[1],
         );
         if (mixed && r % 2 === 1) assert.equal(n, 0, `rank ${r} (SM send) used the copy engines${detail}`);
         else assert.ok(n > 0, `rank ${r} made no copy-engine combine${detail}`);
@@ -55,22 +71,7 @@ for (const ranks of rankCounts) {
       skip: skipFor(ranks, { nccl: transport === 'nccl' }),
       timeout: (JOB_TIMEOUT_S + 30) * 1000,
     }, async () => {
-      const seed = Math.floor(seededRandom(name)() * 2 ** 31);
-      const args = [String(seed), 'full', transport];
-      const run = await launchRanks(
-        ranks,
-        new URL('./fixtures/normal-check.ts', import.meta.url),
-        args,
-        JOB_TIMEOUT_S,
-      );
-      process.stdout.write(
-        `# tsep launch -n ${ranks} normal-check ${args.join(' ')}:\n${indent(run.stdout)}\n`,
-      );
-      const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
-      assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
-      for (let r = 0; r < ranks; r++) {
-        assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] normal all ok rank ${r}$`, 'm'), detail);
-      }
+      await runNormalCheck(name, ranks, transport);
     });
   }
 }

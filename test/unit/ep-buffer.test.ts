@@ -16,7 +16,7 @@ import { StoreClient, StoreServer } from '../../src/dist/store.ts';
 import { StoreGroup } from '../../src/dist/store-group.ts';
 import { EpBuffer } from '../../src/ep/buffer.ts';
 import { selectBackend } from '../../src/ep/select.ts';
-import type { EpBufferOptions, EpEvent } from '../../src/ep/types.ts';
+import type { EpBufferOptions, EpEvent, Tensor } from '../../src/ep/types.ts';
 import { RendezvousError, TsepError, ValidationError } from '../../src/errors.ts';
 import { assertNamesFailedRank, createWorld, destroyWorld, onAllRanks } from './helpers/ep-world.ts';
 import { randomBf16, randomFp8, randomRouting, randomWeights } from './helpers/inputs.ts';
@@ -54,6 +54,16 @@ function expectedLowLatency(inputs: ReturnType<typeof makeInputs>) {
     roundScale: false,
     ue8m0: false,
   });
+}
+
+/** Every rank's recvX equals the expected rank's (BF16 dispatch outputs of either mode). */
+function assertRecvX(got: readonly { recvX: Tensor }[], expected: readonly { recvX: Tensor }[]): void {
+  for (let r = 0; r < R; r++) assertTensorEqual(got[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+}
+
+/** A normal dispatch of `inputs` on every rank pairs up and is exact (e.g. after a failed call). */
+async function assertNextDispatchExact(buffers: EpBuffer[], inputs: ReturnType<typeof makeInputs>) {
+  assertRecvX(await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!)), expectedDispatch(inputs));
 }
 
 /** A topkIdx [3, 3] that validation refuses: expert 99 of 8. */
@@ -161,8 +171,7 @@ describe('events and hooks', () => {
       assert.ok(ll.event.query());
       return ll;
     });
-    const expected = expectedLowLatency(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(out[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    assertRecvX(out, expectedLowLatency(inputs));
     await destroyWorld(buffers);
   });
 
@@ -226,9 +235,7 @@ describe('previous events and call order', () => {
       const reason = assertNamesFailedRank((results[r] as PromiseRejectedResult).reason, 0, `rank ${r}`);
       assert.match(reason.message, /rank 0 .*upstream failure/);
     }
-    const ds = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
-    const expected = expectedDispatch(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(ds[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await assertNextDispatchExact(buffers, inputs);
     await destroyWorld(buffers);
   });
 });
@@ -243,9 +250,7 @@ describe('ranks that make mismatched calls', () => {
     );
     for (const res of mixed)
       assert.equal(((res as PromiseRejectedResult).reason as ValidationError).argument, 'handle');
-    const again = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
-    const expected = expectedDispatch(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(again[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await assertNextDispatchExact(buffers, inputs);
     await destroyWorld(buffers);
   });
 
@@ -275,9 +280,7 @@ describe('a call refused on one rank', () => {
       const reason = assertNamesFailedRank((results[r] as PromiseRejectedResult).reason, 1, `rank ${r}`);
       assert.match(reason.message, /dispatch: rank 1 failed before sending its part: Invalid topkIdx/);
     }
-    const ds = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
-    const expected = expectedDispatch(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(ds[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await assertNextDispatchExact(buffers, inputs);
     await destroyWorld(buffers);
   });
 
@@ -299,8 +302,7 @@ describe('a call refused on one rank', () => {
       await d.event.wait();
       return d;
     });
-    const expected = expectedLowLatency(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(ll[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    assertRecvX(ll, expectedLowLatency(inputs));
     await destroyWorld(buffers);
   });
 
@@ -341,9 +343,7 @@ describe('a call refused on one rank', () => {
       (outcomes[0] as PromiseRejectedResult).reason.message,
       /got lowLatencyDispatch on rank 3 but dispatch on rank 0/,
     );
-    const ds = await onAllRanks(buffers, (b, r) => b.dispatch(inputs[r]!));
-    const expected = expectedDispatch(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(ds[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    await assertNextDispatchExact(buffers, inputs);
     await destroyWorld(buffers);
   });
 });
@@ -505,8 +505,7 @@ describe('destroy', () => {
       await d.event.wait();
       return d;
     });
-    const expected = expectedLowLatency(inputs);
-    for (let r = 0; r < R; r++) assertTensorEqual(out[r]!.recvX, expected[r]!.recvX, `rank ${r}`);
+    assertRecvX(out, expectedLowLatency(inputs));
     await destroyWorld(buffers);
   });
 });

@@ -125,6 +125,9 @@ export class GpuLowLatencyHandle implements LowLatencyHandle {
   }
 }
 
+/** `T` with its readonly fields writable, to build a result field by field. */
+type Mutable<T> = { -readonly [K in keyof T]: T[K] };
+
 /** A dispatch's result: the outputs of its ring set, the handle over them, its event and hook. */
 export function llDispatchResult(
   path: object,
@@ -136,7 +139,7 @@ export function llDispatchResult(
 ): LowLatencyDispatchResult {
   // Optional fields are set only when present (the result has no undefined keys), without object spreads:
   // this runs on every call of the decode path.
-  const result: { -readonly [K in keyof LowLatencyDispatchResult]: LowLatencyDispatchResult[K] } = {
+  const result: Mutable<LowLatencyDispatchResult> = {
     recvX: views.recvX,
     recvCount: views.recvCount,
     handle: new GpuLowLatencyHandle(path, owner, T, views.srcInfo, views.range, views.kmask),
@@ -153,7 +156,7 @@ export function llCombineResult(
   event: EpEvent,
   hook: RecvHook | undefined,
 ): LowLatencyCombineResult {
-  const result: { -readonly [K in keyof LowLatencyCombineResult]: LowLatencyCombineResult[K] } = {
+  const result: Mutable<LowLatencyCombineResult> = {
     combinedX,
     event,
   };

@@ -422,17 +422,17 @@ export class LowLatencyPath {
 
   private checkUsable(): void {
     if (this.destroyed) throw new DisposedError('LowLatencyPath');
-    const msg = this.deviceError();
-    if (msg !== undefined) throw new EpTimeoutError(msg);
+    this.throwIfTimedOut();
   }
 
-  /** Every call's event checks for a reported timeout when it completes (one options object for all). */
-  private readonly eventOptions = {
-    check: (): void => {
-      const msg = this.deviceError();
-      if (msg !== undefined) throw new EpTimeoutError(msg);
-    },
+  /** Throws EpTimeoutError when a kernel of this path reported a timed-out wait. */
+  private readonly throwIfTimedOut = (): void => {
+    const msg = this.deviceError();
+    if (msg !== undefined) throw new EpTimeoutError(msg);
   };
+
+  /** Every call's event checks for a reported timeout when it completes (one options object for all). */
+  private readonly eventOptions = { check: this.throwIfTimedOut };
 
   private event(): GpuEvent {
     return this.rt.record(this.eventOptions);

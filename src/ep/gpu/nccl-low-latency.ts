@@ -88,7 +88,7 @@ export class NcclLowLatencyPath {
   private readonly staleWords: Int32Array;
   /** TSEP_TIMEOUT_S, read when the path is made. */
   private readonly timeoutNs = deviceTimeoutNs();
-  private readonly timeoutMs: number;
+  private readonly timeoutMs = Number(this.timeoutNs / 1_000_000n);
   /** Every call's event: bounded by TSEP_TIMEOUT_S on the host (NCCL transfers have no bound of their own). */
   private readonly eventOptions: GpuEventOptions;
   /**
@@ -116,7 +116,6 @@ export class NcclLowLatencyPath {
     this.k = kernels;
     this.tuning = defaultLlGrids(rt.smCount, layout.localExperts);
     this.smem = llSharedBytes(layout);
-    this.timeoutMs = Number(this.timeoutNs / 1_000_000n);
     this.eventOptions = {
       bound: { ms: this.timeoutMs, expire: () => this.expire() },
       check: () => this.throwIfFailed(),

@@ -35,6 +35,7 @@ import {
   type DispatchOutputs,
   dispatchInputs,
   dispatchOutputs,
+  exclusivePrefix,
   type FailArgs,
   type LayoutKernels,
   launchLayout,
@@ -68,16 +69,6 @@ export interface NcclDispatchHandle extends GpuDispatchHandle {
   /** [R] i32: first stage row of each rank's block in a combine (exact: prefix of send; worst: r·T_max). */
   readonly sendOffsets: DeviceTensor;
 }
-
-const prefix = (v: readonly number[]): number[] => {
-  const out: number[] = [];
-  let acc = 0;
-  for (const x of v) {
-    out.push(acc);
-    acc += x;
-  }
-  return out;
-};
 
 export class NcclNormalPath {
   private readonly rt: GpuRuntime;
@@ -295,7 +286,7 @@ export class NcclNormalPath {
         created = {
           rankPrefix: uploadI32(rt, [R, R], read.rankPrefix),
           recvCount: uploadI32(rt, [1], [counts.recv.reduce((x, y) => x + y, 0)]),
-          sendOffsets: uploadI32(rt, [R], prefix(counts.send)),
+          sendOffsets: uploadI32(rt, [R], exclusivePrefix(counts.send)),
         };
       }
     } else {
@@ -457,7 +448,7 @@ export class NcclNormalPath {
   /** Every staging block to its rank, every source's block into the outputs at the source's offset. */
   private exchangeDispatch(inp: DispatchInputs, counts: NcclCounts, out: DispatchOutputs): void {
     const a = this.stagingAreas;
-    const recvAt = prefix(counts.recv);
+    const recvAt = exclusivePrefix(counts.recv);
     const transfers = [];
     for (const [bytes, area, dst] of this.dispatchArrays(inp, out)) {
       for (let r = 0; r < this.R; r++) {
@@ -511,8 +502,8 @@ export class NcclNormalPath {
     if (h.counts) {
       // Rows received from source s sit at [prefix(recv)[s], +recv[s]) of x, in s's token order: send them
       // back as one block; rank r's block lands at prefix(send)[r] of the stage.
-      const fromAt = prefix(h.counts.recv);
-      const toAt = prefix(h.counts.send);
+      const fromAt = exclusivePrefix(h.counts.recv);
+      const toAt = exclusivePrefix(h.counts.send);
       for (const [bytes, src, area] of arrays) {
         if (!src || bytes === 0) continue;
         for (let r = 0; r < this.R; r++) {

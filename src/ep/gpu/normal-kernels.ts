@@ -260,6 +260,17 @@ export function dispatchOutputs(
 
 export type DispatchOutputs = ReturnType<typeof dispatchOutputs>;
 
+/** Where each block starts when blocks of these sizes lie back to back: [0, v0, v0 + v1, ...]. */
+export function exclusivePrefix(v: readonly number[]): number[] {
+  const out: number[] = [];
+  let acc = 0;
+  for (const x of v) {
+    out.push(acc);
+    acc += x;
+  }
+  return out;
+}
+
 /**
  * Fills worst-case-size dispatch outputs whole on `stream` before the rows are copied in: zeros, and -1
  * (every byte 0xff) in source indices and expert ids, which is what rows past the received ones keep.

@@ -59,7 +59,10 @@ export function normalAreas(
 
 /** Offsets in the host-mapped signal page. */
 export const SIGNAL_BYTES = 16 * 1024;
-/** int32 index of the sequence number, received rows and the first aligned per-expert count. */
+/**
+ * int32 index of the sequence number, received rows and the first aligned per-expert count; the rows
+ * received from each source follow the EL per-expert counts (at SIGNAL_EXPERTS + EL).
+ */
 export const SIGNAL_SEQ = 0;
 export const SIGNAL_ROWS = 1;
 export const SIGNAL_EXPERTS = 2;

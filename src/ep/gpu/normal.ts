@@ -32,6 +32,7 @@ import {
   type DispatchOutputs,
   dispatchInputs,
   dispatchOutputs,
+  exclusivePrefix,
   type FailArgs,
   type LayoutKernels,
   launchLayout,
@@ -535,7 +536,7 @@ export class NormalPath {
     const T = this.rt.options.maxTokensPerRank;
     const rowBytes = 2 * this.rt.options.hidden;
     const K = weights ? weights.shape[1]! : 0;
-    const starts = perSource.map((_, s) => perSource.slice(0, s).reduce((a, b) => a + b, 0));
+    const starts = exclusivePrefix(perSource);
     for (let k = 1; k < R; k++) {
       const s = (me + k) % R; // each rank starting at its next one
       const count = perSource[s]!;
