@@ -15,7 +15,7 @@
 //   TSEP_R ranks, TSEP_EL experts per rank, TSEP_H hidden, TSEP_ELT bytes per x element (1 fp8, 2 bf16),
 //   TSEP_SW scale words per row (0 = no scales), TSEP_K top-k slots (0 = no top-k), TSEP_IDX64 (int64 ids),
 //   TSEP_WEIGHTS (weights present), TSEP_TMAX (rows per source block in the combine stage), TSEP_UNROLL
-//   (loads per lane in flight in the row copies).
+//   (loads per lane in flight in the send kernels' row copies; the reduce's follow it).
 #include "ep_sync.cuh"
 
 #ifndef TSEP_R
@@ -46,7 +46,7 @@
 #define TSEP_TMAX 128
 #endif
 #ifndef TSEP_UNROLL
-#define TSEP_UNROLL 4  // 16-byte loads per lane in flight in the row copies
+#define TSEP_UNROLL 8  // 16-byte loads per lane in flight in the send kernels' row copies
 #endif
 static_assert(TSEP_UNROLL >= 1 && TSEP_UNROLL <= 16, "TSEP_UNROLL must be 1..16");
 
@@ -347,9 +347,10 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
   }
 }
 
-// One warp copies `n` 16-byte vectors, UNROLL loads per lane in flight.
+// One warp copies `n` 16-byte vectors, 8 loads per lane in flight: the most that fits the 64 registers a
+// thread of a 1024-thread block has (more spills), and what peer-bandwidth's fastest local copy uses.
 __device__ __forceinline__ void warp_copy_vecs(int4 *dst, const int4 *src, size_t n, int lane) {
-  constexpr int UNROLL = 2 * TSEP_UNROLL;
+  constexpr int UNROLL = 8;
   for (size_t v0 = 0; v0 < n; v0 += 32 * UNROLL) {
     int4 buf[UNROLL];
 #pragma unroll
@@ -552,8 +553,11 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_reduce(const u64 
       }
     }
     // U vectors per lane per step, every source row's loads issued before the sums: the reduce runs on a
-    // few SMs beside the sends, so it needs many bytes in flight per SM.
-    constexpr int U = 2;
+    // few SMs beside the sends, so it needs many bytes in flight per SM: with all R sources present about
+    // 2·UNROLL loads per lane (at most 16, and at least 2 per source: registers), so fewer ranks take
+    // longer steps (one rank: 214 -> 123 µs at 24 SMs with UNROLL 8, RESULTS).
+    constexpr int U_ALL = 2 * TSEP_UNROLL < 16 ? 2 * TSEP_UNROLL : 16;
+    constexpr int U = U_ALL / R > 2 ? U_ALL / R : 2;
     for (int v0 = lane; v0 < HV; v0 += 32 * U) {
       uint4 in[R][U];
 #pragma unroll

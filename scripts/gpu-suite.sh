@@ -8,6 +8,7 @@
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
 #   scripts/device.sh run -- scripts/gpu-suite.sh copy-engines the copy engines' all-to-all (bench/tools/peer-bandwidth.cu)
 #                                                               and bench normal with the copy-engine combine, P = 0, 4, 16
+#   scripts/device.sh run -- scripts/gpu-suite.sh unroll       bench normal with TSEP_NORMAL_UNROLL 4 and 16 (default 8)
 #   scripts/device.sh run -- scripts/gpu-suite.sh soak         soak (10,000 iterations, alternating modes)
 #   scripts/device.sh run -- scripts/gpu-suite.sh sanitize     compute-sanitizer memcheck and racecheck, 2 ranks
 #   scripts/device.sh run -- scripts/gpu-suite.sh shared       one-GPU machine: the multi-rank tests with ranks
@@ -74,6 +75,14 @@ case "${1:-}" in
         --sms 24,32 --iters 20 --no-nccl-transport
     done
     ;;
+  unroll)
+    # Loads per lane in flight in the send copies and the reduce (default 8; chosen at one rank, where the
+    # copies are local): does NVLink want more or fewer?
+    for u in 4 16; do
+      step "bench-normal-unroll-$u" 150 env TSEP_PROFILE=1 TSEP_NORMAL_UNROLL="$u" TSEP_BENCH_OUT="$out/normal-unroll-$u.json" \
+        node src/cli/main.ts bench normal -n "$gpus" --timeout 140 -- --sms 24,32 --iters 20 --no-nccl-transport
+    done
+    ;;
   soak)
     # 10,000 iterations took 180 s on x4 (2026-11-28, run 8); the limit leaves room for slower machines.
     step soak 585 env TSEP_BENCH_OUT="$out/soak.json" node src/cli/main.ts bench soak -n "$gpus" --timeout 575
@@ -93,7 +102,7 @@ case "${1:-}" in
     step virtual-hosts 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
     ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|copy-engines|soak|sanitize|shared" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|copy-engines|unroll|soak|sanitize|shared" >&2
     exit 2
     ;;
 esac

@@ -664,8 +664,13 @@ export function launchMoveBlocks(
 export class NormalModules {
   private readonly rt: GpuRuntime;
   private readonly cache = new Map<string, Promise<NormalKernels>>();
-  /** 16-byte loads per lane in flight in the send kernels' row copies (a tuning knob; TSEP_NORMAL_UNROLL). */
-  private readonly unroll = intSetting('TSEP_NORMAL_UNROLL', 4, 1, 16);
+  /**
+   * 16-byte loads per lane in flight in the send kernels' row copies, and (divided among the sources) in
+   * the combine reduce: a tuning knob, TSEP_NORMAL_UNROLL. 8 by default: at one rank 4 → 8 took a cached
+   * BF16 dispatch from 130.4 to 114.5 µs and the combine from 132.3 to 123.1 at 24 SMs (bench/RESULTS.md);
+   * 16 spills registers at 8 ranks.
+   */
+  private readonly unroll = intSetting('TSEP_NORMAL_UNROLL', 8, 1, 16);
 
   constructor(rt: GpuRuntime) {
     this.rt = rt;
