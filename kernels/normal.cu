@@ -281,6 +281,25 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
     for (int r = 0; r < R; ++r) first[r] = end[r] = 0;
     const int t1 = min(num_tokens, (c + 1) * chunk_tokens);
     for (int t = c * chunk_tokens; t < t1; ++t) {
+      // The token's side data (scales, ids, weights) is loaded with its positions, before the row, so the
+      // reads overlap instead of each costing a round trip after the row's stores (which the compiler
+      // cannot move them past: the pointers may alias). At one rank the FP8 send was latency-bound.
+#if TSEP_SW > 0
+      constexpr int SWL = (TSEP_SW + 31) / 32;  // scale words per lane
+      int sw[SWL];
+#pragma unroll
+      for (int i = 0; i < SWL; ++i) {
+        const int j = lane + 32 * i;
+        sw[i] = j < TSEP_SW ? *reinterpret_cast<const int *>(scales + 4 * ((long long)t * scale_s0 + (long long)j * scale_s1))
+                            : 0;
+      }
+#endif
+#if TSEP_K > 0
+      const long long e = lane < K ? (long long)topk[(size_t)t * K + lane] : -1;
+#if TSEP_WEIGHTS
+      const float w = lane < K && weights != nullptr ? weights[(size_t)t * K + lane] : 0.0f;
+#endif
+#endif
       u8 *dst_base[R];
       int row[R];
       int n = 0;
@@ -312,22 +331,20 @@ extern "C" __global__ void __launch_bounds__(512) tsep_dispatch_send(
         const bool direct = r == me && own.x != nullptr;
 #if TSEP_SW > 0
         int *sc = direct ? reinterpret_cast<int *>(own.scales) : reinterpret_cast<int *>(dst_base[r] + areas.scales);
-        for (int j = lane; j < TSEP_SW; j += 32) {
-          const int w = *reinterpret_cast<const int *>(scales + 4 * ((long long)t * scale_s0 + (long long)j * scale_s1));
-          sc[(size_t)row[r] * TSEP_SW + j] = w;
-        }
+#pragma unroll
+        for (int i = 0; i < SWL; ++i)
+          if (lane + 32 * i < TSEP_SW) sc[(size_t)row[r] * TSEP_SW + lane + 32 * i] = sw[i];
 #endif
         int *si = direct ? own.src_idx : reinterpret_cast<int *>(dst_base[r] + areas.src_idx);
         if (lane == 0 && si != nullptr) si[row[r]] = t;
 #if TSEP_K > 0
         idx_t *tk = direct ? own.topk : reinterpret_cast<idx_t *>(dst_base[r] + areas.topk);
         if (lane < K && tk != nullptr) {
-          const long long e = topk[(size_t)t * K + lane];
           const bool local = e >= 0 && e / EL == r;
           tk[(size_t)row[r] * K + lane] = local ? (idx_t)(e - r * EL) : (idx_t)-1;
 #if TSEP_WEIGHTS
           float *wt = direct ? own.weights : reinterpret_cast<float *>(dst_base[r] + areas.weights);
-          if (wt != nullptr) wt[(size_t)row[r] * K + lane] = local ? weights[(size_t)t * K + lane] : 0.0f;
+          if (wt != nullptr) wt[(size_t)row[r] * K + lane] = local ? w : 0.0f;
 #endif
         }
 #endif
@@ -459,11 +476,14 @@ extern "C" __global__ void __launch_bounds__(512) tsep_combine_send(const u64 *p
     for (int q = k * chunk_tokens; q < k1; ++q) {
       const int i = start + q;
       const size_t slot = (size_t)me * TSEP_TMAX + q;
+#if TSEP_WEIGHTS
+      // Loaded before the row, as in the dispatch send: its latency overlaps the row's loads.
+      const float w = weights != nullptr && lane < K ? weights[(size_t)i * K + lane] : 0.0f;
+#endif
       int4 *const dst[1] = {reinterpret_cast<int4 *>(base + areas.x + slot * ROW_BYTES)};
       copy_row(reinterpret_cast<const int4 *>(x + (size_t)i * ROW_BYTES), dst, lane);
 #if TSEP_WEIGHTS
-      if (weights != nullptr && lane < K)
-        reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = weights[(size_t)i * K + lane];
+      if (weights != nullptr && lane < K) reinterpret_cast<float *>(base + areas.weights)[slot * K + lane] = w;
 #endif
     }
     __syncwarp();
