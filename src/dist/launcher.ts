@@ -57,12 +57,22 @@ const MULTICAST_OFF = {
 const FORWARDED_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
 /**
+ * How long node 0 keeps the store after its own ranks exited cleanly, for the ranks of other nodes still
+ * finishing their last collective on it (torchrun's agents hold an exit barrier for the same reason, 300 s
+ * by default); --timeout, when sooner, ends it.
+ */
+export const STORE_LINGER_MS = 300_000;
+/** After this long with ranks of other nodes still connected, node 0's launcher says what it waits for. */
+const LINGER_NOTICE_MS = 2000;
+
+/**
  * Runs one node's share of a job and resolves when every local rank has exited. While it runs it owns
  * SIGINT/SIGTERM/SIGHUP of this process (forwarded to the ranks; a second one kills them at once).
  * Throws ValidationError for bad options and RendezvousError when the store cannot be hosted.
  */
 export async function launch(options: LaunchOptions): Promise<LaunchResult> {
   const o = validate(options);
+  const startedAt = Date.now();
   const stderr = options.stderr ?? process.stderr;
   const say = (text: string): void => {
     stderr.write(`tsep launch: ${text}\n`);
@@ -158,9 +168,35 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
   clearTimeout(timeoutTimer);
   clearTimeout(killTimer);
   for (const s of FORWARDED_SIGNALS) process.off(s, onSignal);
-  await server?.close();
+  if (server) {
+    if (outcome === 'success') await lingerForOtherNodes(server, o, startedAt, say);
+    await server.close();
+  }
   if (failure) say(summary(failure));
   return { exitCode, outcome, ...(failure ? { failure } : {}), ranks: exits };
+}
+
+/**
+ * Node 0's ranks may finish before the other nodes' ranks have left the store (their last barrier's
+ * bookkeeping, their goodbye): closing it then fails them with ECONNRESET. Waits until every connection
+ * is gone, at most STORE_LINGER_MS or what is left of --timeout; says so when it takes a while.
+ */
+async function lingerForOtherNodes(
+  server: StoreServer,
+  o: { nnodes: number; timeoutS?: number },
+  startedAt: number,
+  say: (text: string) => void,
+): Promise<void> {
+  if (o.nnodes === 1 || server.connectionCount === 0) return;
+  const left = o.timeoutS === undefined ? STORE_LINGER_MS : o.timeoutS * 1000 - (Date.now() - startedAt);
+  const limitMs = Math.max(0, Math.min(STORE_LINGER_MS, left));
+  if (await server.whenIdle(Math.min(limitMs, LINGER_NOTICE_MS))) return;
+  say(
+    `this node's ranks are done; waiting up to ${Math.round(limitMs / 1000)} s for the ` +
+      `${server.connectionCount} rank(s) of other nodes still connected to the store`,
+  );
+  if (await server.whenIdle(Math.max(0, limitMs - LINGER_NOTICE_MS))) return;
+  say(`closing the store with ${server.connectionCount} connection(s) still open; those ranks will fail`);
 }
 
 function failed(exit: RankExit): boolean {

@@ -106,6 +106,25 @@ test('2 nodes of 2 ranks: global ranks, world size and the store on node 0', asy
   await assertAllGone(readPids(dir), 2000);
 });
 
+test("node 0's launcher keeps the store until the other nodes' ranks have left it", async () => {
+  const dir = tempDir('tsep-launch-');
+  const port = await freePort();
+  const common = ['-n', '1', '--nnodes', '2', '--master-addr', '127.0.0.1', '--master-port', String(port)];
+  const node0 = launchFixture([...common, '--node-rank', '0'], 'dist-late-leaver.ts', [dir, '2500']);
+  const node1 = launchFixture([...common, '--node-rank', '1'], 'dist-late-leaver.ts', [dir, '2500']);
+  const [run0, run1] = await Promise.all([node0, node1]);
+  assert.equal(run1.code, 0, run1.stderr);
+  assert.equal(run0.code, 0, run0.stderr);
+  assert.match(run1.stdout, /^\[rank 1\] rank 1 ok$/m);
+  // Node 0's rank was done long before: its launcher said why it waited.
+  assert.match(
+    run0.stderr,
+    /waiting up to 300 s for the 1 rank\(s\) of other nodes still connected to the store/,
+  );
+  assert.ok(run0.ms >= 2000, `node 0's launcher exited after ${run0.ms} ms, before node 1's rank left`);
+  await assertAllGone(readPids(dir), 2000);
+});
+
 test('a rank exiting with code 3 stops the job within 5 s and is named with its stderr', async () => {
   const dir = tempDir('tsep-launch-');
   const run = await launchFixture(['-n', '4'], 'dist-fail.ts', [dir, 'exit3']);
