@@ -46,7 +46,7 @@
 #define TSEP_TMAX 128
 #endif
 #ifndef TSEP_UNROLL
-#define TSEP_UNROLL 8  // 16-byte loads per lane in flight in the send kernels' row copies
+#define TSEP_UNROLL 8  // 16-byte loads per lane in flight in the send copies (the reduce keeps 2x, at most 16)
 #endif
 static_assert(TSEP_UNROLL >= 1 && TSEP_UNROLL <= 16, "TSEP_UNROLL must be 1..16");
 

@@ -8,7 +8,7 @@
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
 #   scripts/device.sh run -- scripts/gpu-suite.sh copy-engines the copy engines' all-to-all (bench/tools/peer-bandwidth.cu)
 #                                                               and bench normal with the copy-engine combine, P = 0, 4, 16
-#   scripts/device.sh run -- scripts/gpu-suite.sh unroll       bench normal with TSEP_NORMAL_UNROLL 4 and 16 (default 8)
+#   scripts/device.sh run -- scripts/gpu-suite.sh unroll       bench normal with TSEP_NORMAL_UNROLL 4, 8 (default), 16
 #   scripts/device.sh run -- scripts/gpu-suite.sh soak         soak (10,000 iterations, alternating modes)
 #   scripts/device.sh run -- scripts/gpu-suite.sh sanitize     compute-sanitizer memcheck and racecheck, 2 ranks
 #   scripts/device.sh run -- scripts/gpu-suite.sh shared       one-GPU machine: the multi-rank tests with ranks
@@ -78,7 +78,7 @@ case "${1:-}" in
   unroll)
     # Loads per lane in flight in the send copies and the reduce (default 8; chosen at one rank, where the
     # copies are local): does NVLink want more or fewer?
-    for u in 4 16; do
+    for u in 4 8 16; do
       step "bench-normal-unroll-$u" 150 env TSEP_PROFILE=1 TSEP_NORMAL_UNROLL="$u" TSEP_BENCH_OUT="$out/normal-unroll-$u.json" \
         node src/cli/main.ts bench normal -n "$gpus" --timeout 140 -- --sms 24,32 --iters 20 --no-nccl-transport
     done
