@@ -6,6 +6,7 @@
 #   scripts/device.sh run -- scripts/gpu-suite.sh tests3       2 virtual hosts × 2 ranks (needs 4 GPUs)
 #   scripts/device.sh run -- scripts/gpu-suite.sh benches      normal (NVLink + NCCL-transport columns, per-
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
+#   scripts/device.sh run -- scripts/gpu-suite.sh splits       bench normal with other SM splits beside the sends
 #   scripts/device.sh run -- scripts/gpu-suite.sh copy-engines the copy engines' all-to-all (bench/tools/peer-bandwidth.cu)
 #                                                               and bench normal with the copy-engine combine, P = 0, 4, 16
 #   scripts/device.sh run -- scripts/gpu-suite.sh unroll       bench normal with TSEP_NORMAL_UNROLL 4, 8 (default), 16
@@ -57,14 +58,17 @@ case "${1:-}" in
     ;;
   benches)
     step bench-normal 240 env TSEP_PROFILE=1 TSEP_BENCH_OUT="$out/normal.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 230 -- --sms 24,32 --iters 20
-    # The SM split beside the sends (defaults 33 % receive, 50 % reduce) against two narrower ones.
-    for split in "25 33" "20 25"; do
+    step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
+    ;;
+  splits)
+    # The SM split beside the sends (defaults 33 % receive, 33 % reduce) against the old 50 % reduce and
+    # two narrower splits.
+    for split in "33 50" "25 25" "20 20"; do
       read -r rp dp <<<"$split"
       step "bench-normal-split-$rp-$dp" 120 env TSEP_NORMAL_RECV_PCT="$rp" TSEP_NORMAL_REDUCE_PCT="$dp" \
         TSEP_BENCH_OUT="$out/normal-split-$rp-$dp.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 110 -- \
         --sms 24,32 --iters 20 --no-nccl-transport
     done
-    step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
     ;;
   copy-engines)
     step peer-bandwidth-ce 150 bash -c "nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/peer-bandwidth bench/tools/peer-bandwidth.cu && /tmp/peer-bandwidth 14336 ce"
@@ -102,7 +106,7 @@ case "${1:-}" in
     step virtual-hosts 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
     ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|copy-engines|unroll|soak|sanitize|shared" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|splits|copy-engines|unroll|soak|sanitize|shared" >&2
     exit 2
     ;;
 esac

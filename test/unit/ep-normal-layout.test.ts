@@ -58,10 +58,10 @@ test('chunk counts: dispatch 4096 and combine 1024 by default, never more than T
   });
 });
 
-test('SM shares beside the sends: 33 % receive and 50 % reduce by default; settable; bad values refused by name', () => {
+test('SM shares beside the sends: 33 % receive and 33 % reduce by default; settable; bad values refused by name', () => {
   const names = ['TSEP_NORMAL_RECV_PCT', 'TSEP_NORMAL_REDUCE_PCT'];
   withSettings(names, () => {
-    assert.deepEqual(smShares(), { recvPct: 33, reducePct: 50 });
+    assert.deepEqual(smShares(), { recvPct: 33, reducePct: 33 });
     process.env.TSEP_NORMAL_RECV_PCT = '25';
     process.env.TSEP_NORMAL_REDUCE_PCT = '40';
     assert.deepEqual(smShares(), { recvPct: 25, reducePct: 40 });

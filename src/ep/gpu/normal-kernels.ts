@@ -63,12 +63,15 @@ export function chunkCounts(
 /**
  * Percent of a normal-mode call's SMs that the kernel beside the sends gets: the dispatch receive copy
  * (TSEP_NORMAL_RECV_PCT, default 33: plain local copies) and the combine reduce (TSEP_NORMAL_REDUCE_PCT,
- * default 50: it reads every source's row of a token). The rest send.
+ * default 33: it reads every source's row of a token, but with 4 loads per lane per source it sums the
+ * EP4 shape's 212 MB in 348 µs on 8 SMs alone, against ≈530 µs for 16 SMs to send the 159 MB over
+ * NVLink; at 50 % it had 12 SMs that were idle over half the time. bench/RESULTS.md, fifth session of
+ * 2026-11-29, run 8). The rest send.
  */
 export function smShares(): { recvPct: number; reducePct: number } {
   return {
     recvPct: intSetting('TSEP_NORMAL_RECV_PCT', 33, 1, 90),
-    reducePct: intSetting('TSEP_NORMAL_REDUCE_PCT', 50, 1, 90),
+    reducePct: intSetting('TSEP_NORMAL_REDUCE_PCT', 33, 1, 90),
   };
 }
 
