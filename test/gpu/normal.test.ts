@@ -75,3 +75,12 @@ for (const ranks of rankCounts) {
     });
   }
 }
+
+// One rank: every row is the rank's own (a cached dispatch writes them straight into its outputs, the
+// combine sends nothing and reduces on every SM), through the same matrix.
+test('normal mode, 1 rank, against the CPU reference', {
+  skip: skipFor(1),
+  timeout: (JOB_TIMEOUT_S + 30) * 1000,
+}, async () => {
+  await runNormalCheck('normal mode, 1 rank, against the CPU reference', 1, 'auto');
+});
