@@ -61,9 +61,9 @@ case "${1:-}" in
     step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
     ;;
   splits)
-    # The SM split beside the sends (defaults 33 % receive, 33 % reduce) against the old 50 % reduce and
-    # two narrower splits.
-    for split in "33 50" "25 25" "20 20"; do
+    # The SM split beside the sends: the defaults (33 % receive, 33 % reduce) against the old 50 % reduce
+    # and two narrower splits, in one call.
+    for split in "33 33" "33 50" "25 25" "20 20"; do
       read -r rp dp <<<"$split"
       step "bench-normal-split-$rp-$dp" 120 env TSEP_NORMAL_RECV_PCT="$rp" TSEP_NORMAL_REDUCE_PCT="$dp" \
         TSEP_BENCH_OUT="$out/normal-split-$rp-$dp.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 110 -- \
@@ -95,7 +95,8 @@ case "${1:-}" in
     step sanitize 400 scripts/sanitize.sh 2
     ;;
   shared)
-    # Step limits from the one-GPU runs of 2026-11-28/29: about 20, 55, 85 (1 and 2 ranks), 45 and 125 s
+    # Step limits from the one-GPU runs of 2026-11-28/29: about 20, 55, 85 (2 ranks ≈65; 1 rank ≈20, an
+    # estimate from its normal-check run), 45 and 125 s
     # (≈330 s in all; the limits are for a slow machine and add up to more than one device call).
     export TSEP_TEST_SHARE_GPUS=1
     step failure 90 node --test --test-concurrency=1 --test-reporter=spec test/gpu/failure.test.ts

@@ -66,8 +66,10 @@ export const STORE_LINGER_MS = 300_000;
 const LINGER_NOTICE_MS = 2000;
 
 /**
- * Runs one node's share of a job and resolves when every local rank has exited. While it runs it owns
- * SIGINT/SIGTERM/SIGHUP of this process (forwarded to the ranks; a second one kills them at once).
+ * Runs one node's share of a job and resolves when every local rank has exited (on node 0 of several,
+ * after a clean exit, once the other nodes' ranks have also left the store: at most STORE_LINGER_MS).
+ * While it runs it owns SIGINT/SIGTERM/SIGHUP of this process (forwarded to the ranks; a second one kills
+ * them at once; during that last wait one closes the store at once).
  * Throws ValidationError for bad options and RendezvousError when the store cannot be hosted.
  */
 export async function launch(options: LaunchOptions): Promise<LaunchResult> {
@@ -179,7 +181,8 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
 /**
  * Node 0's ranks may finish before the other nodes' ranks have left the store (their last barrier's
  * bookkeeping, their goodbye): closing it then fails them with ECONNRESET. Waits until every connection
- * is gone, at most STORE_LINGER_MS or what is left of --timeout; says so when it takes a while.
+ * is gone, at most STORE_LINGER_MS or what is left of --timeout, or until a signal; says so when it takes
+ * a while.
  */
 async function lingerForOtherNodes(
   server: StoreServer,
@@ -190,13 +193,26 @@ async function lingerForOtherNodes(
   if (o.nnodes === 1 || server.connectionCount === 0) return;
   const left = o.timeoutS === undefined ? STORE_LINGER_MS : o.timeoutS * 1000 - (Date.now() - startedAt);
   const limitMs = Math.max(0, Math.min(STORE_LINGER_MS, left));
-  if (await server.whenIdle(Math.min(limitMs, LINGER_NOTICE_MS))) return;
-  say(
-    `this node's ranks are done; waiting up to ${Math.round(limitMs / 1000)} s for the ` +
-      `${server.connectionCount} rank(s) of other nodes still connected to the store`,
-  );
-  if (await server.whenIdle(Math.max(0, limitMs - LINGER_NOTICE_MS))) return;
-  say(`closing the store with ${server.connectionCount} connection(s) still open; those ranks will fail`);
+  let interrupt = (): void => {};
+  const interrupted = new Promise<boolean>((resolve) => {
+    interrupt = () => resolve(false);
+  });
+  for (const s of FORWARDED_SIGNALS) process.once(s, interrupt);
+  const idleWithin = (ms: number): Promise<boolean> => Promise.race([server.whenIdle(ms), interrupted]);
+  try {
+    const first = Math.min(limitMs, LINGER_NOTICE_MS);
+    if (await idleWithin(first)) return;
+    if (limitMs > first) {
+      say(
+        `this node's ranks are done; waiting up to another ${Math.round((limitMs - first) / 1000)} s for ` +
+          `the ${server.connectionCount} rank(s) of other nodes still connected to the store`,
+      );
+      if (await idleWithin(limitMs - first)) return;
+    }
+    say(`closing the store with ${server.connectionCount} connection(s) still open; those ranks will fail`);
+  } finally {
+    for (const s of FORWARDED_SIGNALS) process.off(s, interrupt);
+  }
 }
 
 function failed(exit: RankExit): boolean {

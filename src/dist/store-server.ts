@@ -123,6 +123,8 @@ export class StoreServer {
   async close(): Promise<void> {
     for (const conn of this.connections) conn.socket.destroy();
     this.connections.clear();
+    for (const done of this.idleWaiters) done(); // nobody is left: their timers must not keep us alive
+    this.idleWaiters.clear();
     this.watchers.clear();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }

@@ -1,4 +1,4 @@
-// Normal-mode dispatch and combine on the GPU backend, R = 2, 4 (and all visible GPUs), against the CPU
+// Normal-mode dispatch and combine on the GPU backend, R = 1, 2, 4 (and all visible GPUs), against the CPU
 // reference, bit for bit: layout, fresh, cached and worst-case dispatch (BF16, FP8 with f32 row- and
 // column-major scales and UE8M0), combine with 0-2 biases and weights, and 50 graph replays with new
 // routing — over NVLink ('auto' here) and over NCCL; over NVLink also a captured cached exact-size

@@ -110,8 +110,8 @@ test("node 0's launcher keeps the store until the other nodes' ranks have left i
   const dir = tempDir('tsep-launch-');
   const port = await freePort();
   const common = ['-n', '1', '--nnodes', '2', '--master-addr', '127.0.0.1', '--master-port', String(port)];
-  const node0 = launchFixture([...common, '--node-rank', '0'], 'dist-late-leaver.ts', [dir, '2500']);
-  const node1 = launchFixture([...common, '--node-rank', '1'], 'dist-late-leaver.ts', [dir, '2500']);
+  const node0 = launchFixture([...common, '--node-rank', '0'], 'dist-late-leaver.ts', [dir, '4000']);
+  const node1 = launchFixture([...common, '--node-rank', '1'], 'dist-late-leaver.ts', [dir, '4000']);
   const [run0, run1] = await Promise.all([node0, node1]);
   assert.equal(run1.code, 0, run1.stderr);
   assert.equal(run0.code, 0, run0.stderr);
@@ -119,9 +119,9 @@ test("node 0's launcher keeps the store until the other nodes' ranks have left i
   // Node 0's rank was done long before: its launcher said why it waited.
   assert.match(
     run0.stderr,
-    /waiting up to 300 s for the 1 rank\(s\) of other nodes still connected to the store/,
+    /waiting up to another 298 s for the 1 rank\(s\) of other nodes still connected to the store/,
   );
-  assert.ok(run0.ms >= 2000, `node 0's launcher exited after ${run0.ms} ms, before node 1's rank left`);
+  assert.ok(run0.ms >= 3000, `node 0's launcher exited after ${run0.ms} ms, before node 1's rank left`);
   await assertAllGone(readPids(dir), 2000);
 });
 
