@@ -6,6 +6,7 @@
 #   scripts/device.sh run -- scripts/gpu-suite.sh tests3       2 virtual hosts × 2 ranks (needs 4 GPUs)
 #   scripts/device.sh run -- scripts/gpu-suite.sh benches      normal (NVLink + NCCL-transport columns, per-
 #                                                               kernel profile) and low-latency benches, EP=all GPUs
+#   scripts/device.sh run -- scripts/gpu-suite.sh decide       24 SMs: the defaults and one alternative per knob, + LL
 #   scripts/device.sh run -- scripts/gpu-suite.sh splits       bench normal with other SM splits beside the sends
 #   scripts/device.sh run -- scripts/gpu-suite.sh copy-engines the copy engines' all-to-all (bench/tools/peer-bandwidth.cu)
 #                                                               and bench normal with the copy-engine combine, P = 0, 4, 16
@@ -60,6 +61,19 @@ case "${1:-}" in
     step bench-normal 240 env TSEP_PROFILE=1 TSEP_BENCH_OUT="$out/normal.json" node src/cli/main.ts bench normal -n "$gpus" --timeout 230 -- --sms 24,32 --iters 20
     step bench-ll 120 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 110
     ;;
+  decide)
+    # One call for the defaults' open questions at 24 SMs (the issues' budget): the defaults with NCCL's
+    # columns and the per-kernel profile, then one alternative each — the old 50 % reduce share, a 25 %
+    # share, 16 loads per lane, the copy-engine combine — then the low-latency bench.
+    step decide-default 150 env TSEP_PROFILE=1 TSEP_BENCH_OUT="$out/normal.json" node src/cli/main.ts bench normal -n "$gpus" \
+      --timeout 140 -- --sms 24 --iters 20
+    for alt in TSEP_NORMAL_REDUCE_PCT=50 TSEP_NORMAL_REDUCE_PCT=25 TSEP_NORMAL_UNROLL=16 TSEP_NORMAL_COMBINE_PIECES=4; do
+      name=${alt#TSEP_NORMAL_}
+      step "decide-${name/=/-}" 90 env "$alt" node src/cli/main.ts bench normal -n "$gpus" --timeout 80 -- \
+        --sms 24 --iters 20 --no-nccl --no-nccl-transport
+    done
+    step decide-ll 90 env TSEP_BENCH_OUT="$out/low-latency.json" node src/cli/main.ts bench low-latency -n "$gpus" --timeout 80
+    ;;
   splits)
     # The SM split beside the sends: the defaults (33 % receive, 33 % reduce) against the old 50 % reduce
     # and two narrower splits, in one call.
@@ -108,7 +122,7 @@ case "${1:-}" in
     step virtual-hosts 240 node --test --test-concurrency=1 --test-reporter=spec test/gpu/virtual-hosts.test.ts
     ;;
   *)
-    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|splits|copy-engines|unroll|soak|sanitize|shared" >&2
+    echo "usage: scripts/gpu-suite.sh tests|tests-ce|tests2|tests3|benches|decide|splits|copy-engines|unroll|soak|sanitize|shared" >&2
     exit 2
     ;;
 esac
