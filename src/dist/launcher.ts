@@ -193,10 +193,8 @@ async function lingerForOtherNodes(
   if (o.nnodes === 1 || server.connectionCount === 0) return;
   const left = o.timeoutS === undefined ? STORE_LINGER_MS : o.timeoutS * 1000 - (Date.now() - startedAt);
   const limitMs = Math.max(0, Math.min(STORE_LINGER_MS, left));
-  let interrupt = (): void => {};
-  const interrupted = new Promise<boolean>((resolve) => {
-    interrupt = () => resolve(false);
-  });
+  const { promise: interrupted, resolve } = Promise.withResolvers<boolean>();
+  const interrupt = (): void => resolve(false);
   for (const s of FORWARDED_SIGNALS) process.once(s, interrupt);
   const idleWithin = (ms: number): Promise<boolean> => Promise.race([server.whenIdle(ms), interrupted]);
   try {

@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { seededRandom } from './gpu.ts';
-import { indent, launchRanks, rankCounts, skipFor, visibleGpus } from './ranks.ts';
+import { expectCleanExit, launchRanks, rankCounts, runDetail, skipFor, visibleGpus } from './ranks.ts';
 
 const TIMEOUT_S = 2;
 const fixture = new URL('./fixtures/failure-check.ts', import.meta.url);
@@ -21,9 +21,7 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
     const run = await launchRanks(ranks, fixture, [String(seed), 'skip'], 150, {
       TSEP_TIMEOUT_S: String(TIMEOUT_S),
     });
-    process.stdout.write(`# failure-check ${seed} skip:\n${indent(run.stdout)}\n`);
-    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
-    assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+    const detail = expectCleanExit(`failure-check ${seed} skip`, run);
     for (let r = 0; r < ranks; r++) {
       assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] failure-check ok rank ${r}$`, 'm'), detail);
       if (r !== 1)
@@ -37,9 +35,7 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
   }, async (t) => {
     const seed = Math.floor(seededRandom(`failure bad ${ranks}`)() * 2 ** 31);
     const run = await launchRanks(ranks, fixture, [String(seed), 'bad'], 150);
-    process.stdout.write(`# failure-check ${seed} bad:\n${indent(run.stdout)}\n`);
-    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
-    assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+    const detail = expectCleanExit(`failure-check ${seed} bad`, run);
     const cases = [
       'x in host memory',
       'non-contiguous x',
@@ -79,7 +75,7 @@ for (const ranks of rankCounts.filter((r) => r <= 4)) {
     timeout: 120_000,
   }, async () => {
     const run = await launchRanks(ranks, fixture, ['7', 'kill'], 90, { TSEP_TIMEOUT_S: String(TIMEOUT_S) });
-    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+    const detail = runDetail(run);
     assert.equal(run.code, 128 + 9, `exit ${run.code ?? run.signal}${detail}`);
     assert.match(run.stderr, new RegExp(`first failure was rank ${ranks - 1} .*killed by SIGKILL`), detail);
   });

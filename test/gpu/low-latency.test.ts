@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { seededRandom } from './gpu.ts';
-import { indent, launchRanks, rankCounts, skipFor } from './ranks.ts';
+import { expectCleanExit, launchRanks, rankCounts, skipFor } from './ranks.ts';
 
 const JOB_TIMEOUT_S = 240;
 
@@ -29,9 +29,7 @@ for (const ranks of rankCounts.length > 0 ? rankCounts : [2]) {
         args,
         JOB_TIMEOUT_S,
       );
-      process.stdout.write(`# tsep launch -n ${ranks} ll-check ${args.join(' ')}:\n${indent(run.stdout)}\n`);
-      const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
-      assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+      const detail = expectCleanExit(`tsep launch -n ${ranks} ll-check ${args.join(' ')}`, run);
       const want = transport === 'nccl' ? 'nccl' : 'nvlink';
       for (let r = 0; r < ranks; r++) {
         assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] ll-check transport ${want}$`, 'm'), detail);

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { seededRandom } from './gpu.ts';
-import { indent, launchRanks, rankCounts, skipFor } from './ranks.ts';
+import { expectCleanExit, launchRanks, rankCounts, skipFor } from './ranks.ts';
 
 const JOB_TIMEOUT_S = 400;
 
@@ -36,11 +36,7 @@ async function runNormalCheck(
   const envText = Object.entries(env)
     .map(([k, v]) => `${k}=${v} `)
     .join('');
-  process.stdout.write(
-    `# ${envText}tsep launch -n ${ranks} normal-check ${args.join(' ')}:\n${indent(run.stdout)}\n`,
-  );
-  const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
-  assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+  const detail = expectCleanExit(`${envText}tsep launch -n ${ranks} normal-check ${args.join(' ')}`, run);
   for (let r = 0; r < ranks; r++) {
     assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] normal all ok rank ${r}$`, 'm'), detail);
   }

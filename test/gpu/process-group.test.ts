@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { gpuSkip, seededRandom } from './gpu.ts';
-import { indent, launchRanks, rankCounts, skipFor } from './ranks.ts';
+import { indent, launchRanks, rankCounts, runDetail, skipFor } from './ranks.ts';
 
 /** The launcher's own bound on the job (it stops every rank and exits 124 after it). */
 const JOB_TIMEOUT_S = 240;
@@ -24,7 +24,7 @@ for (const ranks of rankCounts) {
     const seed = Math.floor(rand() * 2 ** 31);
     const run = await launchRanks(ranks, FIXTURE, [String(seed)], JOB_TIMEOUT_S);
     process.stdout.write(`# tsep launch -n ${ranks} (seed ${seed}) output:\n${indent(run.stdout)}\n`);
-    const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+    const detail = runDetail(run);
     assert.equal(run.signal, null, `the launcher was killed by ${run.signal}${detail}`);
     assert.equal(run.code, 0, `tsep launch exited with ${run.code}${detail}`);
     for (let r = 0; r < ranks; r++) {
@@ -40,7 +40,7 @@ test('2 ranks on one GPU: the NCCL communicator refuses with a ValidationError n
 }, async () => {
   const fixture = new URL('./fixtures/nccl-shared.ts', import.meta.url);
   const run = await launchRanks(2, fixture, [], 60, { CUDA_VISIBLE_DEVICES: '0' });
-  const detail = `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+  const detail = runDetail(run);
   assert.equal(run.code, 0, `tsep launch exited with ${run.code}${detail}`);
   for (let r = 0; r < 2; r++) {
     assert.match(

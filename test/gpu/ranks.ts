@@ -6,10 +6,11 @@
 // results are checked the same way, timings mean nothing, and NCCL refuses two ranks on one GPU, so its
 // cases skip (`skipFor(ranks, { nccl: true })`).
 
+import assert from 'node:assert/strict';
 import { fileURLToPath } from 'node:url';
 import { Device } from '../../src/device/context.ts';
 import { freePort, type LaunchRun, startLaunch } from '../unit/helpers/launch.ts';
-import { gpuSkip } from './gpu.ts';
+import { gpuSkip, indent } from './gpu.ts';
 
 export { indent } from './gpu.ts';
 
@@ -64,6 +65,22 @@ export function launchRanks(
     60,
     { TSEP_POISON_OUTPUTS: '1', ...extraEnv },
   ).done;
+}
+
+/** A run's output, to append to assertion messages. */
+export function runDetail(run: RankRun): string {
+  return `\n--- stdout ---\n${run.stdout}\n--- stderr ---\n${run.stderr}`;
+}
+
+/**
+ * Echoes a fixture run's output as test comments under `label`, asserts that it exited 0, and returns
+ * runDetail(run) for the test's further assertions.
+ */
+export function expectCleanExit(label: string, run: RankRun): string {
+  process.stdout.write(`# ${label}:\n${indent(run.stdout)}\n`);
+  const detail = runDetail(run);
+  assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
+  return detail;
 }
 
 /**

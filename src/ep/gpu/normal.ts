@@ -478,7 +478,7 @@ export class NormalPath {
     if (perSource) {
       this.copyBlocks(kernels, x, weights, perSource);
       this.copyEngineCombines++;
-    } else if (this.R > 1) {
+    } else if (!sendless) {
       kernels.combineSend(stream, G.send, {
         peers: this.peers,
         me: this.me,
