@@ -9,8 +9,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { seededRandom } from './gpu.ts';
-import { expectCleanExit, launchRanks, rankCounts, skipFor } from './ranks.ts';
+import { rankCounts, runCheckFixture, skipFor } from './ranks.ts';
 
 const JOB_TIMEOUT_S = 240;
 
@@ -21,19 +20,11 @@ for (const ranks of rankCounts.length > 0 ? rankCounts : [2]) {
       skip: skipFor(ranks, { nccl: transport === 'nccl' }),
       timeout: (JOB_TIMEOUT_S + 30) * 1000,
     }, async () => {
-      const seed = Math.floor(seededRandom(name)() * 2 ** 31);
-      const args = [String(seed), 'full', transport];
-      const run = await launchRanks(
-        ranks,
-        new URL('./fixtures/ll-check.ts', import.meta.url),
-        args,
-        JOB_TIMEOUT_S,
-      );
-      const detail = expectCleanExit(`tsep launch -n ${ranks} ll-check ${args.join(' ')}`, run);
+      const { stdout, detail } = await runCheckFixture('ll-check', name, ranks, transport, JOB_TIMEOUT_S);
       const want = transport === 'nccl' ? 'nccl' : 'nvlink';
       for (let r = 0; r < ranks; r++) {
-        assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] ll-check transport ${want}$`, 'm'), detail);
-        assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] ll all ok rank ${r}$`, 'm'), detail);
+        assert.match(stdout, new RegExp(`^\\[rank ${r}\\] ll-check transport ${want}$`, 'm'), detail);
+        assert.match(stdout, new RegExp(`^\\[rank ${r}\\] ll all ok rank ${r}$`, 'm'), detail);
       }
     });
   }

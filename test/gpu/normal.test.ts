@@ -8,15 +8,14 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { seededRandom } from './gpu.ts';
-import { expectCleanExit, launchRanks, rankCounts, skipFor } from './ranks.ts';
+import { rankCounts, runCheckFixture, skipFor } from './ranks.ts';
 
 const JOB_TIMEOUT_S = 400;
 
 /**
- * Runs fixtures/normal-check.ts (seed from the test's name, the full matrix) on `ranks` ranks over
- * `transport` with `env` added, echoes its output, and asserts that it exited 0 with every rank's
- * "normal all ok". Returns its stdout and the detail to append to further assertion messages.
+ * Runs fixtures/normal-check.ts (the full matrix) on `ranks` ranks over `transport` with `env` added
+ * (runCheckFixture) and asserts every rank's "normal all ok". Returns its stdout and the detail to append
+ * to further assertion messages.
  */
 async function runNormalCheck(
   name: string,
@@ -24,23 +23,18 @@ async function runNormalCheck(
   transport: string,
   env: Record<string, string> = {},
 ): Promise<{ stdout: string; detail: string }> {
-  const seed = Math.floor(seededRandom(name)() * 2 ** 31);
-  const args = [String(seed), 'full', transport];
-  const run = await launchRanks(
+  const { stdout, detail } = await runCheckFixture(
+    'normal-check',
+    name,
     ranks,
-    new URL('./fixtures/normal-check.ts', import.meta.url),
-    args,
+    transport,
     JOB_TIMEOUT_S,
     env,
   );
-  const envText = Object.entries(env)
-    .map(([k, v]) => `${k}=${v} `)
-    .join('');
-  const detail = expectCleanExit(`${envText}tsep launch -n ${ranks} normal-check ${args.join(' ')}`, run);
   for (let r = 0; r < ranks; r++) {
-    assert.match(run.stdout, new RegExp(`^\\[rank ${r}\\] normal all ok rank ${r}$`, 'm'), detail);
+    assert.match(stdout, new RegExp(`^\\[rank ${r}\\] normal all ok rank ${r}$`, 'm'), detail);
   }
-  return { stdout: run.stdout, detail };
+  return { stdout, detail };
 }
 
 // With TSEP_NORMAL_COMBINE_PIECES the exact-size combines move their rows with the copy engines; 'mixed'

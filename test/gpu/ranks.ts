@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { fileURLToPath } from 'node:url';
 import { Device } from '../../src/device/context.ts';
 import { freePort, type LaunchRun, startLaunch } from '../unit/helpers/launch.ts';
-import { gpuSkip, indent } from './gpu.ts';
+import { gpuSkip, indent, seededRandom } from './gpu.ts';
 
 export { indent } from './gpu.ts';
 
@@ -81,6 +81,34 @@ export function expectCleanExit(label: string, run: RankRun): string {
   const detail = runDetail(run);
   assert.equal(run.code, 0, `exit ${run.code ?? run.signal}${detail}`);
   return detail;
+}
+
+/**
+ * Runs fixtures/<fixture>.ts with `<seed> full <transport>` on `ranks` ranks (the seed drawn from the test's
+ * name; TSEP_TEST_SEED replays one), `env` added, then expectCleanExit. Returns its stdout and detail.
+ */
+export async function runCheckFixture(
+  fixture: string,
+  testName: string,
+  ranks: number,
+  transport: string,
+  timeoutS: number,
+  env: Record<string, string> = {},
+): Promise<{ stdout: string; detail: string }> {
+  const seed = Math.floor(seededRandom(testName)() * 2 ** 31);
+  const args = [String(seed), 'full', transport];
+  const run = await launchRanks(
+    ranks,
+    new URL(`./fixtures/${fixture}.ts`, import.meta.url),
+    args,
+    timeoutS,
+    env,
+  );
+  const envText = Object.entries(env)
+    .map(([k, v]) => `${k}=${v} `)
+    .join('');
+  const detail = expectCleanExit(`${envText}tsep launch -n ${ranks} ${fixture} ${args.join(' ')}`, run);
+  return { stdout: run.stdout, detail };
 }
 
 /**
